@@ -1,0 +1,304 @@
+"""Stage 2 values: the validated, typed model of a manifest set.
+
+Built only from documents that passed the JSON schemas (see validate.py), so construction here
+can trust types and apply defaults without re-checking them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from .documents import Document
+from .errors import Location
+from .units import parse_size
+
+KINDS = ("StoragePool", "Image", "Disk", "Network", "VirtualMachine")
+# The order objects are created in; deletes go the other way.
+APPLY_ORDER = {kind: i for i, kind in enumerate(KINDS)}
+
+
+@dataclass(frozen=True)
+class Meta:
+    kind: str
+    name: str
+    labels: tuple[tuple[str, str], ...]
+    spec_hash: str
+    source: Location = field(compare=False)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.kind}/{self.name}"
+
+
+@dataclass(frozen=True)
+class StoragePool:
+    meta: Meta
+    type: str
+    path: str
+    autostart: bool
+
+
+@dataclass(frozen=True)
+class Image:
+    meta: Meta
+    pool: str
+    format: str
+    url: str | None
+    sha256: str | None
+    path: str | None
+
+    @property
+    def source(self) -> str:
+        return self.url or self.path or ""
+
+
+@dataclass(frozen=True)
+class Disk:
+    meta: Meta
+    pool: str
+    size: int
+    format: str
+    image: str | None
+    clone: bool
+    shareable: bool
+    protect: bool
+
+
+@dataclass(frozen=True)
+class DnsHost:
+    ip: str
+    hostnames: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class IPv4:
+    network: ipaddress.IPv4Network
+    gateway: ipaddress.IPv4Address
+    dhcp_start: ipaddress.IPv4Address | None
+    dhcp_end: ipaddress.IPv4Address | None
+
+
+@dataclass(frozen=True)
+class Network:
+    meta: Meta
+    mode: str
+    bridge: str | None
+    ipv4: IPv4 | None
+    dns_domain: str | None
+    dns_hosts: tuple[DnsHost, ...]
+    mtu: int | None
+    autostart: bool
+    protect: bool
+
+
+@dataclass(frozen=True)
+class DiskAttachment:
+    disk: str
+    bus: str
+    readonly: bool
+
+
+@dataclass(frozen=True)
+class Interface:
+    network: str | None
+    bridge: str | None
+    mac: str
+    mac_given: bool
+    ip: str | None
+    model: str
+    link_state: str
+
+
+@dataclass(frozen=True)
+class CloudInit:
+    hostname: str | None
+    user_data: Any
+    network_config: Any
+    ssh_authorized_keys: tuple[str, ...]
+    instance_id: str | None
+
+
+@dataclass(frozen=True)
+class Graphics:
+    type: str
+    listen: str
+
+
+@dataclass(frozen=True)
+class VirtualMachine:
+    meta: Meta
+    vcpus: int
+    max_vcpus: int
+    memory: int
+    max_memory: int
+    machine: str
+    firmware: str
+    domain_type: str | None
+    cpu_mode: str | None
+    cpu_model: str | None
+    boot_order: tuple[str, ...]
+    kernel: str | None
+    initrd: str | None
+    cmdline: str | None
+    disks: tuple[DiskAttachment, ...]
+    interfaces: tuple[Interface, ...]
+    cloud_init: CloudInit | None
+    graphics: Graphics | None
+    console_log: str | None
+    guest_agent: bool
+    autostart: bool
+    state: str
+    protect: bool
+    on_restart_needed: str
+    shutdown_timeout: int
+
+
+Resource = StoragePool | Image | Disk | Network | VirtualMachine
+
+
+@dataclass(frozen=True)
+class ManifestSet:
+    """Every object of one apply, by kind, in a stable order."""
+
+    pools: tuple[StoragePool, ...] = ()
+    images: tuple[Image, ...] = ()
+    disks: tuple[Disk, ...] = ()
+    networks: tuple[Network, ...] = ()
+    vms: tuple[VirtualMachine, ...] = ()
+
+    def all(self) -> Iterator[Resource]:
+        yield from self.pools
+        yield from self.images
+        yield from self.disks
+        yield from self.networks
+        yield from self.vms
+
+    def find(self, kind: str, name: str) -> Resource | None:
+        for obj in self.all():
+            if obj.meta.kind == kind and obj.meta.name == name:
+                return obj
+        return None
+
+
+def spec_hash(spec: Any) -> str:
+    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def derived_mac(vm_name: str, index: int) -> str:
+    """A MAC that is the same on every run for the same VM and NIC position.
+
+    Identity must not depend on libvirt's random choice: a redefinition, a replace, or a fresh
+    CI runner gives the guest the same MAC, hence the same DHCP lease.
+    """
+    digest = hashlib.sha256(f"kvmctl:{vm_name}:{index}".encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
+def _meta(doc: Document) -> Meta:
+    labels = (doc.body.get("metadata") or {}).get("labels") or {}
+    return Meta(doc.kind, doc.name, tuple(sorted((str(k), str(v)) for k, v in labels.items())),
+                spec_hash(doc.body.get("spec")), doc.source)
+
+
+def _pool(doc: Document, spec: dict[str, Any]) -> StoragePool:
+    return StoragePool(_meta(doc), spec.get("type", "dir"), spec["path"],
+                       spec.get("autostart", True))
+
+
+def _image(doc: Document, spec: dict[str, Any]) -> Image:
+    return Image(_meta(doc), spec["pool"], spec.get("format", "qcow2"), spec.get("url"),
+                 spec.get("sha256"), spec.get("path"))
+
+
+def _disk(doc: Document, spec: dict[str, Any]) -> Disk:
+    return Disk(_meta(doc), spec["pool"], parse_size(spec["size"]), spec.get("format", "qcow2"),
+                spec.get("image"), spec.get("clone", False), spec.get("shareable", False),
+                spec.get("protect", False))
+
+
+def _ipv4(spec: dict[str, Any] | None) -> IPv4 | None:
+    if not spec:
+        return None
+    net = ipaddress.IPv4Network(spec["cidr"], strict=False)
+    gateway = ipaddress.IPv4Address(spec["gateway"]) if spec.get("gateway") else net[1]
+    dhcp = spec.get("dhcp") or {}
+    start = ipaddress.IPv4Address(dhcp["start"]) if dhcp.get("start") else None
+    end = ipaddress.IPv4Address(dhcp["end"]) if dhcp.get("end") else None
+    return IPv4(net, gateway, start, end)
+
+
+def _network(doc: Document, spec: dict[str, Any]) -> Network:
+    dns = spec.get("dns") or {}
+    hosts = tuple(DnsHost(h["ip"], tuple(h["hostnames"])) for h in dns.get("hosts", ()))
+    return Network(_meta(doc), spec.get("mode", "nat"), spec.get("bridge"),
+                   _ipv4(spec.get("ipv4")), dns.get("domain"), hosts, spec.get("mtu"),
+                   spec.get("autostart", True), spec.get("protect", False))
+
+
+def _count_and_max(value: Any, key: str, parse: Any) -> tuple[int, int]:
+    if isinstance(value, dict):
+        current = parse(value[key])
+        return current, parse(value["max"]) if "max" in value else current
+    return parse(value), parse(value)
+
+
+def _interfaces(vm_name: str, items: list[dict[str, Any]]) -> tuple[Interface, ...]:
+    return tuple(
+        Interface(i.get("network"), i.get("bridge"),
+                  (i.get("mac") or derived_mac(vm_name, n)).lower(), "mac" in i, i.get("ip"),
+                  i.get("model", "virtio"), i.get("linkState", "up"))
+        for n, i in enumerate(items))
+
+
+def _cloud_init(spec: dict[str, Any] | None) -> CloudInit | None:
+    if spec is None:
+        return None
+    return CloudInit(spec.get("hostname"), spec.get("userData"), spec.get("networkConfig"),
+                     tuple(spec.get("sshAuthorizedKeys", ())), spec.get("instanceId"))
+
+
+def _graphics(value: Any) -> Graphics | None:
+    if value is None or value == "none":
+        return None
+    if isinstance(value, str):
+        return Graphics(value, "127.0.0.1")
+    return Graphics(value["type"], value.get("listen", "127.0.0.1"))
+
+
+def _vm(doc: Document, spec: dict[str, Any]) -> VirtualMachine:
+    vcpus, max_vcpus = _count_and_max(spec.get("cpus", 1), "count", int)
+    memory, max_memory = _count_and_max(spec.get("memory", "512MiB"), "size", parse_size)
+    boot = spec.get("boot") or {}
+    cpu = spec.get("cpu") or {}
+    return VirtualMachine(
+        meta=_meta(doc), vcpus=vcpus, max_vcpus=max_vcpus, memory=memory, max_memory=max_memory,
+        machine=spec.get("machine", "q35"), firmware=spec.get("firmware", "bios"),
+        domain_type=spec.get("domainType"), cpu_mode=cpu.get("mode"), cpu_model=cpu.get("model"),
+        boot_order=tuple(boot.get("order", ())), kernel=boot.get("kernel"),
+        initrd=boot.get("initrd"), cmdline=boot.get("cmdline"),
+        disks=tuple(DiskAttachment(d["disk"], d.get("bus", "virtio"), d.get("readonly", False))
+                    for d in spec.get("disks", ())),
+        interfaces=_interfaces(doc.name, spec.get("interfaces", [])),
+        cloud_init=_cloud_init(spec.get("cloudInit")), graphics=_graphics(spec.get("graphics")),
+        console_log=(spec.get("console") or {}).get("log"),
+        guest_agent=spec.get("guestAgent", False), autostart=spec.get("autostart", False),
+        state=spec.get("state", "running"), protect=spec.get("protect", False),
+        on_restart_needed=spec.get("onRestartNeeded", "defer"),
+        shutdown_timeout=spec.get("shutdownTimeout", 120))
+
+
+_BUILDERS = {"StoragePool": _pool, "Image": _image, "Disk": _disk, "Network": _network,
+             "VirtualMachine": _vm}
+
+
+def build(documents: list[Document]) -> ManifestSet:
+    """The typed model of schema-valid documents (semantic checks come after, in checks.py)."""
+    by_kind: dict[str, list[Resource]] = {kind: [] for kind in KINDS}
+    for doc in documents:
+        by_kind[doc.kind].append(_BUILDERS[doc.kind](doc, doc.body.get("spec") or {}))
+    return ManifestSet(*(tuple(by_kind[kind]) for kind in KINDS))  # type: ignore[arg-type]

@@ -1,0 +1,173 @@
+"""Stage 2: documents -> validated model.
+
+First the JSON schemas (one per kind, strict), then the semantic checks that a schema cannot
+express (checks.py). Every problem in every document is collected; nothing is built from a
+document set that has any error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from functools import lru_cache
+from importlib import resources
+from typing import Any, Iterable
+
+import jsonschema
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+from . import checks
+from .documents import Document, json_path
+from .errors import ManifestError, Problem
+from .model import KINDS, ManifestSet, build
+from .units import SizeError, parse_size
+
+API_VERSION = "kvmctl/v1"
+SCHEMA_FILES = {kind: f"{kind.lower()}.schema.json" for kind in KINDS}
+
+
+def _schema_texts() -> dict[str, dict[str, Any]]:
+    folder = resources.files("kvmctl.schemas")
+    return {entry.name: json.loads(entry.read_text(encoding="utf-8"))
+            for entry in folder.iterdir() if entry.name.endswith(".schema.json")}
+
+
+@lru_cache(maxsize=1)
+def validators() -> dict[str, Draft202012Validator]:
+    """One compiled validator per kind; shared definitions resolve through their $id."""
+    texts = _schema_texts()
+    registry: Registry = Registry().with_resources(
+        (schema["$id"], Resource.from_contents(schema, default_specification=DRAFT202012))
+        for schema in texts.values() if "$id" in schema)
+    return {kind: Draft202012Validator(texts[file], registry=registry,
+                                       format_checker=Draft202012Validator.FORMAT_CHECKER)
+            for kind, file in SCHEMA_FILES.items()}
+
+
+def schema_for(kind: str) -> dict[str, Any]:
+    return validators()[kind].schema
+
+
+def _envelope_problems(doc: Document) -> list[Problem]:
+    body = doc.body
+    if body.get("apiVersion") != API_VERSION:
+        got = body.get("apiVersion")
+        message = "missing apiVersion" if got is None else f"unsupported apiVersion {got!r}"
+        return [Problem(message, doc.locate(("apiVersion",)), "apiVersion",
+                        hint=f"use apiVersion: {API_VERSION}")]
+    kind = body.get("kind")
+    if kind not in KINDS:
+        close = difflib.get_close_matches(str(kind), KINDS, n=1)
+        message = "missing kind" if kind is None else f"unknown kind {kind!r}"
+        hint = f"did you mean {close[0]}?" if close else "one of: " + ", ".join(KINDS)
+        return [Problem(message, doc.locate(("kind",)), "kind", hint=hint)]
+    return []
+
+
+def _unexpected_keys(error: jsonschema.ValidationError) -> list[str]:
+    if error.validator != "additionalProperties" or not isinstance(error.instance, dict):
+        return []
+    allowed = set(error.schema.get("properties", {}))
+    return [key for key in error.instance if key not in allowed]
+
+
+def _problems_from(error: jsonschema.ValidationError, doc: Document) -> Iterable[Problem]:
+    path = tuple(error.absolute_path)
+    unexpected = _unexpected_keys(error)
+    if unexpected:
+        known = list(error.schema.get("properties", {}))
+        for key in unexpected:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "allowed: " + ", ".join(known)
+            yield Problem(f"unknown field {key!r}", doc.locate(path + (key,)),
+                          json_path(path + (key,)), hint=hint)
+        return
+    yield Problem(_message(error), doc.locate(path + ("<value>",)) if path else doc.source,
+                  json_path(path), hint=_hint(error))
+
+
+def _best_leaf(error: jsonschema.ValidationError) -> jsonschema.ValidationError:
+    """For oneOf/anyOf, the sub-error that went deepest is the one a user can act on."""
+    if error.context:
+        return _best_leaf(jsonschema.exceptions.best_match(error.context))
+    return error
+
+
+def _message(error: jsonschema.ValidationError) -> str:
+    custom = error.schema.get("errorMessage") if isinstance(error.schema, dict) else None
+    if custom:
+        return str(custom)
+    leaf = _best_leaf(error)
+    if leaf.validator == "required":
+        return leaf.message.replace("is a required property", "is required")
+    if leaf.validator == "enum":
+        return f"{leaf.instance!r} is not one of " + ", ".join(map(repr, leaf.validator_value))
+    if leaf.validator == "pattern":
+        return f"{leaf.instance!r} is not valid here"
+    return leaf.message
+
+
+def _hint(error: jsonschema.ValidationError) -> str:
+    leaf = _best_leaf(error)
+    if isinstance(leaf.instance, (int, float)) and not isinstance(leaf.instance, bool):
+        path = [p for p in error.absolute_path if isinstance(p, str)]
+        if path and path[-1] in ("size", "memory", "max"):
+            return f"sizes need a unit: write {leaf.instance}MiB or {leaf.instance}GiB"
+    examples = leaf.schema.get("examples") if isinstance(leaf.schema, dict) else None
+    if leaf.validator in ("pattern", "format", "type") and examples:
+        return "for example: " + ", ".join(json.dumps(e) for e in examples[:2])
+    return ""
+
+
+def _size_problems(doc: Document) -> list[Problem]:
+    """Sizes matched the schema's pattern; their units and exactness are checked here."""
+    spec = doc.body.get("spec") or {}
+    candidates: list[tuple[tuple[str, ...], Any]] = []
+    if doc.kind == "Disk":
+        candidates.append((("spec", "size"), spec.get("size")))
+    if doc.kind == "VirtualMachine":
+        memory = spec.get("memory")
+        if isinstance(memory, dict):
+            candidates += [(("spec", "memory", k), memory[k]) for k in ("size", "max") if k in memory]
+        elif memory is not None:
+            candidates.append((("spec", "memory"), memory))
+    problems = []
+    for path, value in candidates:
+        try:
+            parse_size(value)
+        except SizeError as exc:
+            problems.append(Problem(str(exc), doc.locate(path + ("<value>",)), json_path(path)))
+    return problems
+
+
+def schema_problems(doc: Document) -> list[Problem]:
+    problems = _envelope_problems(doc)
+    if problems:
+        return problems
+    validator = validators()[doc.kind]
+    for error in sorted(validator.iter_errors(doc.body), key=lambda e: list(map(str, e.path))):
+        problems.extend(_problems_from(error, doc))
+    return problems or _size_problems(doc)
+
+
+def validate(documents: list[Document], host: checks.HostFacts | None = None) -> ManifestSet:
+    """The model of `documents`, or ManifestError listing every problem in them."""
+    problems: list[Problem] = []
+    for doc in documents:
+        problems.extend(schema_problems(doc))
+    if problems:
+        raise ManifestError(_sorted(problems))
+    problems.extend(checks.duplicates(documents))
+    if problems:
+        raise ManifestError(problems)
+    manifest = build(documents)
+    problems.extend(checks.semantic(manifest, {(d.kind, d.name): d for d in documents}, host))
+    if problems:
+        raise ManifestError(_sorted(problems))
+    return manifest
+
+
+def _sorted(problems: list[Problem]) -> list[Problem]:
+    return sorted(problems, key=lambda p: (p.location.file, p.location.line, p.location.column))
