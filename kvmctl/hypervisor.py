@@ -1,0 +1,362 @@
+"""The only module that imports libvirt: reads live state and performs single operations.
+
+Every libvirt error is wrapped into HypervisorError naming the object and the operation. Nothing
+here decides anything: plan.py decides, apply.py sequences, this module does one call at a time.
+Everything goes through the libvirt connection (streams for file content), so remote URIs work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import Any, Callable, Iterator, TypeVar
+
+import libvirt
+from lxml import etree
+
+from .errors import HypervisorError
+from .render import NAMESPACE
+from .state import (RECORD_PREFIX, LiveDomain, LiveNetwork, LivePool, LiveState, LiveVolume,
+                    OwnershipRecord, owner_from_xml)
+
+T = TypeVar("T")
+_STATES = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+           libvirt.VIR_DOMAIN_PAUSED: "paused", libvirt.VIR_DOMAIN_SHUTDOWN: "shutting-down",
+           libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
+           libvirt.VIR_DOMAIN_BLOCKED: "running"}
+LIVE = libvirt.VIR_DOMAIN_AFFECT_LIVE
+CONFIG = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+_libvirt_quiet = threading.Lock()
+
+
+def _silence_default_handler() -> None:
+    # libvirt prints every error to stderr by default; we report them ourselves.
+    with _libvirt_quiet:
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+def call(what: str, fn: Callable[..., T], *args: Any) -> T:
+    try:
+        return fn(*args)
+    except libvirt.libvirtError as exc:
+        raise HypervisorError(f"{what}: {exc.get_error_message() or exc}") from None
+
+
+class Hypervisor:
+    """One libvirt connection."""
+
+    def __init__(self, uri: str) -> None:
+        _silence_default_handler()
+        self.uri = uri
+        self.conn = call(f"cannot connect to {uri}", libvirt.open, uri)
+
+    def close(self) -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            self.conn.close()
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def read(self) -> LiveState:
+        domains = {d.name: d for d in map(self._domain, call("list domains",
+                                                            self.conn.listAllDomains, 0))}
+        networks = {n.name: n for n in map(self._network, call("list networks",
+                                                              self.conn.listAllNetworks, 0))}
+        pools = {p.name: p for p in map(self._pool, call("list storage pools",
+                                                        self.conn.listAllStoragePools, 0))}
+        return LiveState(domains, networks, pools, self.host_bridges(), self.host_has_virt())
+
+    def _domain(self, dom: Any) -> LiveDomain:
+        name = dom.name()
+        inactive = call(f"read domain {name}", dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE)
+        state = _STATES.get(call(f"read domain {name}", dom.state)[0], "other")
+        live = call(f"read domain {name}", dom.XMLDesc, 0) if state != "shutoff" else None
+        return LiveDomain(name, dom.UUIDString(), inactive, live, state,
+                          bool(call(f"read domain {name}", dom.autostart)),
+                          owner_from_xml(inactive))
+
+    def _network(self, net: Any) -> LiveNetwork:
+        name = net.name()
+        xml = call(f"read network {name}", net.XMLDesc, libvirt.VIR_NETWORK_XML_INACTIVE)
+        return LiveNetwork(name, net.UUIDString(), xml, bool(net.isActive()),
+                           bool(call(f"read network {name}", net.autostart)), owner_from_xml(xml))
+
+    def _pool(self, pool: Any) -> LivePool:
+        name = pool.name()
+        xml = call(f"read pool {name}", pool.XMLDesc, 0)
+        active = bool(pool.isActive())
+        path = etree.fromstring(xml.encode()).findtext("target/path") or ""
+        volumes: list[LiveVolume] = []
+        records: list[OwnershipRecord] = []
+        if active:
+            for vol in call(f"list volumes of pool {name}", pool.listAllVolumes, 0):
+                if vol.name().startswith(RECORD_PREFIX):
+                    record = OwnershipRecord.from_json(self._download(vol))
+                    if record:
+                        records.append(record)
+                    continue
+                volumes.append(self._volume(name, vol))
+        owners = {v: o for r in records for v, o in r.volumes.items()}
+        pool_owner = next((r.project for r in records if r.owns_pool), None)
+        from .state import Owner
+        return LivePool(name, pool.UUIDString(), xml, path, active,
+                        bool(call(f"read pool {name}", pool.autostart)),
+                        Owner(pool_owner, "StoragePool", name) if pool_owner else None,
+                        tuple(LiveVolume(v.pool, v.name, v.path, v.capacity, v.format,
+                                         v.backing_path, owners.get(v.name)) for v in volumes))
+
+    def _volume(self, pool: str, vol: Any) -> LiveVolume:
+        xml = etree.fromstring(call(f"read volume {vol.name()}", vol.XMLDesc, 0).encode())
+        capacity = int(xml.findtext("capacity") or 0)
+        fmt = xml.find("target/format")
+        return LiveVolume(pool, vol.name(), vol.path(), capacity,
+                          fmt.get("type") if fmt is not None else "raw",
+                          xml.findtext("backingStore/path"))
+
+    def host_bridges(self) -> frozenset[str]:
+        """Network interface names on the hypervisor host (bridges included), via libvirt."""
+        names = set()
+        flags = libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_NET
+        for dev in call("list host network devices", self.conn.listAllDevices, flags):
+            with contextlib.suppress(libvirt.libvirtError, etree.XMLSyntaxError):
+                iface = etree.fromstring(dev.XMLDesc(0).encode()).findtext("capability/interface")
+                if iface:
+                    names.add(iface)
+        return frozenset(names)
+
+    def host_has_virt(self) -> bool:
+        caps = etree.fromstring(call("read host capabilities", self.conn.getCapabilities).encode())
+        features = {f.get("name") for f in caps.iterfind("host/cpu/feature")}
+        return bool(features & {"vmx", "svm"})
+
+    def dhcp_leases(self, network: str) -> list[dict[str, Any]]:
+        net = call(f"look up network {network}", self.conn.networkLookupByName, network)
+        return call(f"read DHCP leases of {network}", net.DHCPLeases) if net.isActive() else []
+
+    def agent_addresses(self, domain: str) -> dict[str, list[str]]:
+        dom = self._dom(domain)
+        try:
+            ifaces = dom.interfaceAddresses(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT, 0)
+        except libvirt.libvirtError:
+            return {}
+        return {(i.get("hwaddr") or "").lower(): [a["addr"] for a in (i.get("addrs") or [])]
+                for i in ifaces.values()}
+
+    def domain_state(self, name: str) -> str:
+        return _STATES.get(call(f"read domain {name}", self._dom(name).state)[0], "other")
+
+    # ---- domains ---------------------------------------------------------------------------
+
+    def _dom(self, name: str) -> Any:
+        return call(f"look up domain {name}", self.conn.lookupByName, name)
+
+    def define_domain(self, name: str, xml: str) -> None:
+        call(f"define domain {name}", self.conn.defineXMLFlags, xml,
+             libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+
+    def start_domain(self, name: str) -> None:
+        call(f"start domain {name}", self._dom(name).create)
+
+    def shutdown_domain(self, name: str, timeout: float) -> bool:
+        """ACPI shutdown, waiting up to `timeout`; then power off. True if it was graceful."""
+        dom = self._dom(name)
+        if not dom.isActive():
+            return True
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.shutdown()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not dom.isActive():
+                return True
+            time.sleep(0.5)
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.destroy()
+        return False
+
+    def undefine_domain(self, name: str) -> None:
+        dom = self._dom(name)
+        if dom.isActive():
+            call(f"power off domain {name}", dom.destroy)
+        flags = (libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+        call(f"undefine domain {name}", dom.undefineFlags, flags)
+
+    def set_domain_autostart(self, name: str, on: bool) -> None:
+        call(f"set autostart of domain {name}", self._dom(name).setAutostart, int(on))
+
+    def set_vcpus_live(self, name: str, count: int) -> None:
+        call(f"set vCPUs of running domain {name} to {count}", self._dom(name).setVcpusFlags,
+             count, LIVE)
+
+    def set_memory_live(self, name: str, kib: int) -> None:
+        call(f"set memory of running domain {name}", self._dom(name).setMemoryFlags, kib, LIVE)
+
+    def attach_device_live(self, name: str, xml: str) -> None:
+        call(f"hot-plug a device into domain {name}", self._dom(name).attachDeviceFlags, xml, LIVE)
+
+    def detach_device_live(self, name: str, xml: str) -> None:
+        call(f"hot-unplug a device from domain {name}", self._dom(name).detachDeviceFlags, xml,
+             LIVE)
+
+    def update_device_live(self, name: str, xml: str) -> None:
+        call(f"update a device of domain {name}", self._dom(name).updateDeviceFlags, xml, LIVE)
+
+    def set_metadata_live(self, name: str, xml: str) -> None:
+        call(f"set metadata of domain {name}", self._dom(name).setMetadata,
+             libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, "kvmctl", NAMESPACE, LIVE)
+
+    def block_resize(self, name: str, target: str, size: int) -> None:
+        call(f"grow disk {target} of running domain {name}", self._dom(name).blockResize,
+             target, size, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+
+    # ---- networks --------------------------------------------------------------------------
+
+    def _net(self, name: str) -> Any:
+        return call(f"look up network {name}", self.conn.networkLookupByName, name)
+
+    def define_network(self, name: str, xml: str) -> None:
+        call(f"define network {name}", self.conn.networkDefineXML, xml)
+
+    def start_network(self, name: str) -> None:
+        net = self._net(name)
+        if not net.isActive():
+            call(f"start network {name}", net.create)
+
+    def set_network_autostart(self, name: str, on: bool) -> None:
+        call(f"set autostart of network {name}", self._net(name).setAutostart, int(on))
+
+    def delete_network(self, name: str) -> None:
+        net = self._net(name)
+        if net.isActive():
+            call(f"stop network {name}", net.destroy)
+        call(f"undefine network {name}", net.undefine)
+
+    def update_network(self, name: str, command: str, section: str, xml: str) -> None:
+        """Live and persistent update of one DHCP host or DNS host entry (no restart)."""
+        commands = {"add": libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
+                    "delete": libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE,
+                    "modify": libvirt.VIR_NETWORK_UPDATE_COMMAND_MODIFY}
+        sections = {"dhcp-host": libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
+                    "dns-host": libvirt.VIR_NETWORK_SECTION_DNS_HOST,
+                    "dhcp-range": libvirt.VIR_NETWORK_SECTION_IP_DHCP_RANGE}
+        net = self._net(name)
+        flags = libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
+        if net.isActive():
+            flags |= libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE
+        call(f"update {section} of network {name}", net.update, commands[command],
+             sections[section], -1, xml, flags)
+
+    # ---- pools and volumes -----------------------------------------------------------------
+
+    def _pool_obj(self, name: str) -> Any:
+        return call(f"look up pool {name}", self.conn.storagePoolLookupByName, name)
+
+    def define_pool(self, name: str, xml: str) -> None:
+        pool = call(f"define pool {name}", self.conn.storagePoolDefineXML, xml, 0)
+        call(f"build pool {name}", pool.build, 0)
+
+    def start_pool(self, name: str) -> None:
+        pool = self._pool_obj(name)
+        if not pool.isActive():
+            call(f"start pool {name}", pool.create, 0)
+
+    def set_pool_autostart(self, name: str, on: bool) -> None:
+        call(f"set autostart of pool {name}", self._pool_obj(name).setAutostart, int(on))
+
+    def delete_pool(self, name: str) -> None:
+        pool = self._pool_obj(name)
+        if pool.isActive():
+            for vol in call(f"list volumes of pool {name}", pool.listAllVolumes, 0):
+                if vol.name().startswith(RECORD_PREFIX):
+                    call(f"delete ownership record in {name}", vol.delete, 0)
+            call(f"stop pool {name}", pool.destroy)
+        with contextlib.suppress(HypervisorError):  # the directory may hold foreign files
+            call(f"remove directory of pool {name}", pool.delete, 0)
+        call(f"undefine pool {name}", pool.undefine)
+
+    def _vol(self, pool: str, name: str) -> Any:
+        return call(f"look up volume {name} in pool {pool}",
+                    self._pool_obj(pool).storageVolLookupByName, name)
+
+    def create_volume(self, pool: str, name: str, xml: str, clone_from: tuple[str, str] | None
+                      = None) -> None:
+        pool_obj = self._pool_obj(pool)
+        if clone_from:
+            source = self._vol(*clone_from)
+            call(f"copy volume {clone_from[1]} to {name}", pool_obj.createXMLFrom, xml, source, 0)
+        else:
+            call(f"create volume {name} in pool {pool}", pool_obj.createXML, xml, 0)
+
+    def resize_volume(self, pool: str, name: str, capacity: int) -> None:
+        call(f"grow volume {name} in pool {pool}", self._vol(pool, name).resize, capacity, 0)
+
+    def delete_volume(self, pool: str, name: str) -> None:
+        call(f"delete volume {name} in pool {pool}", self._vol(pool, name).delete, 0)
+
+    def volume_path(self, pool: str, name: str) -> str:
+        return call(f"read volume {name}", self._vol(pool, name).path)
+
+    def upload(self, pool: str, name: str, chunks: Iterator[bytes], length: int) -> None:
+        """Write `length` bytes into a volume through libvirt's stream API."""
+        vol = self._vol(pool, name)
+        stream = call("open a stream", self.conn.newStream, 0)
+        try:
+            call(f"upload into volume {name}", vol.upload, stream, 0, length, 0)
+            for chunk in chunks:
+                call(f"upload into volume {name}", stream.send, chunk)
+            call(f"finish upload into volume {name}", stream.finish)
+        except BaseException:
+            with contextlib.suppress(libvirt.libvirtError):
+                stream.abort()
+            raise
+
+    def _download(self, vol: Any) -> bytes:
+        stream = self.conn.newStream(0)
+        data = bytearray()
+        try:
+            vol.download(stream, 0, 0, 0)
+            while chunk := stream.recv(65536):
+                if isinstance(chunk, int):  # -2: would block; not used with a blocking stream
+                    break
+                data += chunk
+            stream.finish()
+        except libvirt.libvirtError:
+            with contextlib.suppress(libvirt.libvirtError):
+                stream.abort()
+        return bytes(data)
+
+    def write_record(self, pool: str, record: OwnershipRecord) -> None:
+        """Store a project's ownership record as a small volume inside the pool it describes."""
+        name = f"{RECORD_PREFIX}{record.project}.json"
+        data = record.to_json()
+        pool_obj = self._pool_obj(pool)
+        with contextlib.suppress(libvirt.libvirtError):
+            pool_obj.storageVolLookupByName(name).delete(0)
+        if not record.owns_pool and not record.volumes:
+            return
+        from .render import VolumeSpec, volume_xml
+        xml = volume_xml(VolumeSpec(pool, name, len(data), "raw", allocation=len(data)))
+        call(f"write ownership record in pool {pool}", pool_obj.createXML, xml, 0)
+        self.upload(pool, name, iter([data]), len(data))
+
+    def import_host_file(self, pool: str, name: str, xml: str, path: str) -> None:
+        """Copy a file that lives on the hypervisor host into a pool, through libvirt.
+
+        A transient dir pool over the file's directory lets libvirt copy it (createXMLFrom),
+        so this works on remote hosts too; the transient pool disappears afterwards.
+        """
+        import hashlib
+        import posixpath
+        folder, filename = posixpath.split(path)
+        tmp_name = "kvmctl-import-" + hashlib.sha256(path.encode()).hexdigest()[:10]
+        from .model import Meta, StoragePool
+        from .render import pool_xml
+        tmp_xml = pool_xml(StoragePool(Meta("StoragePool", tmp_name, (), "", None), "dir",  # type: ignore[arg-type]
+                                       folder, False))
+        tmp = call(f"open {folder} on the host", self.conn.storagePoolCreateXML, tmp_xml, 0)
+        try:
+            source = call(f"find {path} on the host", tmp.storageVolLookupByName, filename)
+            call(f"import {path} into pool {pool}", self._pool_obj(pool).createXMLFrom, xml,
+                 source, 0)
+        finally:
+            with contextlib.suppress(libvirt.libvirtError):
+                tmp.destroy()
