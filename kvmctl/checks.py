@@ -14,9 +14,19 @@ from typing import Iterable, Iterator, Mapping
 
 from .documents import Document, json_path
 from .errors import Problem
-from .model import ManifestSet, VirtualMachine
+from .model import ManifestSet, Resource, VirtualMachine
+from .units import format_size
 
 DocIndex = Mapping[tuple[str, str], Document]
+ObjIndex = Mapping[tuple[str, str], Resource]
+
+
+def index(m: ManifestSet) -> dict[tuple[str, str], Resource]:
+    """(kind, name) -> object; the first of duplicates wins, as in ManifestSet.find."""
+    found: dict[tuple[str, str], Resource] = {}
+    for obj in m.all():
+        found.setdefault((obj.meta.kind, obj.meta.name), obj)
+    return found
 
 
 @dataclass(frozen=True)
@@ -74,13 +84,15 @@ def references(m: ManifestSet, docs: DocIndex, host: HostFacts | None) -> Iterat
         yield _problem(docs, kind, name, path, f"unknown {target_kind} {target!r}", hint)
 
 
-def shared_disks(m: ManifestSet, docs: DocIndex) -> Iterator[Problem]:
+def shared_disks(m: ManifestSet, docs: DocIndex, objs: ObjIndex | None = None
+                 ) -> Iterator[Problem]:
+    objs = index(m) if objs is None else objs
     users: dict[str, list[tuple[VirtualMachine, int]]] = defaultdict(list)
     for vm in m.vms:
         for i, att in enumerate(vm.disks):
             users[att.disk].append((vm, i))
     for disk_name, uses in users.items():
-        disk = m.find("Disk", disk_name)
+        disk = objs.get(("Disk", disk_name))
         shareable = bool(disk and getattr(disk, "shareable", False))
         if len(uses) < 2 or shareable or all(vm.disks[i].readonly for vm, i in uses):
             continue
@@ -123,7 +135,8 @@ def overlapping_subnets(m: ManifestSet, docs: DocIndex, host: HostFacts | None) 
         for where, host_net in (host.subnets if host else ()):
             if where != name and cidr.overlaps(host_net):
                 yield _problem(docs, "Network", name, ("spec", "ipv4", "cidr"),
-                               f"{cidr} overlaps {host_net} already used on the host by {where}")
+                               f"{cidr} overlaps {host_net} of libvirt network {where!r} on the "
+                               "host")
 
 
 def _mac_problem(mac: str) -> str:
@@ -134,7 +147,9 @@ def _mac_problem(mac: str) -> str:
     return ""
 
 
-def interfaces(m: ManifestSet, docs: DocIndex) -> Iterator[Problem]:
+def interfaces(m: ManifestSet, docs: DocIndex, objs: ObjIndex | None = None
+               ) -> Iterator[Problem]:
+    objs = index(m) if objs is None else objs
     macs: dict[str, str] = {}
     reserved: dict[tuple[str, str], str] = {}
     for vm in m.vms:
@@ -148,13 +163,13 @@ def interfaces(m: ManifestSet, docs: DocIndex) -> Iterator[Problem]:
                                f"MAC {nic.mac} is also used by {macs[nic.mac]}")
             macs.setdefault(nic.mac, f"VirtualMachine {name!r}")
             if nic.ip:
-                yield from _reservation(m, docs, vm, i, reserved)
+                yield from _reservation(objs, docs, vm, i, reserved)
 
 
-def _reservation(m: ManifestSet, docs: DocIndex, vm: VirtualMachine, i: int,
+def _reservation(objs: ObjIndex, docs: DocIndex, vm: VirtualMachine, i: int,
                  reserved: dict[tuple[str, str], str]) -> Iterator[Problem]:
     nic, name, path = vm.interfaces[i], vm.meta.name, ("spec", "interfaces", i, "ip")
-    net = m.find("Network", nic.network) if nic.network else None
+    net = objs.get(("Network", nic.network)) if nic.network else None
     if net is None or net.ipv4 is None or net.ipv4.dhcp_start is None:  # type: ignore[union-attr]
         where = f"Network {nic.network!r}" if nic.network else f"host bridge {nic.bridge!r}"
         yield _problem(docs, "VirtualMachine", name, path,
@@ -163,12 +178,20 @@ def _reservation(m: ManifestSet, docs: DocIndex, vm: VirtualMachine, i: int,
         return
     ip4 = net.ipv4  # type: ignore[union-attr]
     addr = ipaddress.IPv4Address(nic.ip)
-    if addr not in ip4.network or addr in (ip4.network.network_address,
-                                           ip4.network.broadcast_address, ip4.gateway):
-        yield _problem(docs, "VirtualMachine", name, path,
-                       f"ip {addr} is not a free host address of {ip4.network} "
-                       f"(Network {net.meta.name!r}, gateway {ip4.gateway})")
-    key = (net.meta.name, str(addr))
+    net_name = net.meta.name  # type: ignore[union-attr]
+    wrong = ""
+    if addr not in ip4.network:
+        wrong = f"is outside {ip4.network} of Network {net_name!r}"
+    elif addr == ip4.gateway:
+        wrong = f"is the gateway of Network {net_name!r}"
+    elif addr == ip4.network.network_address and ip4.network.prefixlen < 31:
+        wrong = f"is the network address of {ip4.network}"
+    elif addr == ip4.network.broadcast_address and ip4.network.prefixlen < 31:
+        wrong = f"is the broadcast address of {ip4.network}"
+    if wrong:
+        yield _problem(docs, "VirtualMachine", name, path, f"ip {addr} {wrong}",
+                       f"use a free host address of {ip4.network} other than {ip4.gateway}")
+    key = (net_name, str(addr))
     if key in reserved:
         yield _problem(docs, "VirtualMachine", name, path,
                        f"ip {addr} is already reserved for {reserved[key]}")
@@ -182,14 +205,31 @@ def limits(m: ManifestSet, docs: DocIndex) -> Iterator[Problem]:
                            f"cpus.max ({vm.max_vcpus}) is smaller than cpus.count ({vm.vcpus})")
         if vm.max_memory < vm.memory:
             yield _problem(docs, "VirtualMachine", vm.meta.name, ("spec", "memory", "max"),
-                           "memory.max is smaller than memory.size")
+                           f"memory.max ({format_size(vm.max_memory)}) is smaller than "
+                           f"memory.size ({format_size(vm.memory)})")
+
+
+def cloud_init(m: ManifestSet, docs: DocIndex) -> Iterator[Problem]:
+    """The seed content is built here too, so that `validate` catches what `render` would."""
+    from .seed import SeedError, seed_content  # pycdlib is only needed by a VM with cloudInit
+    for vm in m.vms:
+        ci = vm.cloud_init
+        if ci is None:
+            continue
+        try:
+            seed_content(vm.meta.name, ci.hostname, ci.user_data, ci.network_config,
+                         list(ci.ssh_authorized_keys), ci.instance_id)
+        except SeedError as exc:
+            yield _problem(docs, "VirtualMachine", vm.meta.name, ("spec", "cloudInit"), str(exc))
 
 
 def semantic(m: ManifestSet, docs: DocIndex, host: HostFacts | None = None) -> list[Problem]:
     found: list[Problem] = []
+    objs = index(m)
     checks: Iterable[Iterator[Problem]] = (
-        references(m, docs, host), shared_disks(m, docs), network_ranges(m, docs),
-        overlapping_subnets(m, docs, host), interfaces(m, docs), limits(m, docs))
+        references(m, docs, host), shared_disks(m, docs, objs), network_ranges(m, docs),
+        overlapping_subnets(m, docs, host), interfaces(m, docs, objs), limits(m, docs),
+        cloud_init(m, docs))
     for check in checks:
         found.extend(check)
     return found

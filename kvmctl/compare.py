@@ -102,7 +102,8 @@ def domain_facts(xml: str) -> Facts:
         "boot.kernel": root.findtext("os/kernel"),
         "boot.initrd": root.findtext("os/initrd"),
         "boot.cmdline": root.findtext("os/cmdline"),
-        "boot.order": tuple(b.get("dev") for b in root.iterfind("os/boot")),
+        # libvirt writes <boot dev="hd"/> when a definition names no boot device.
+        "boot.order": tuple(b.get("dev") for b in root.iterfind("os/boot")) or ("hd",),
         "console.log": _serial_log(root),
         "guestAgent": any(c.find("target") is not None and c.find("target").get("name")
                           == "org.qemu.guest_agent.0" for c in root.iterfind("devices/channel")),

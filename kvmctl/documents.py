@@ -27,6 +27,17 @@ _FLOAT = re.compile(r"^[-+]?([0-9][0-9_]*)?\.[0-9]+([eE][-+]?[0-9]+)?$")
 _NULLS = {"", "~", "null", "Null", "NULL"}
 _BOOLS = {"true": True, "True": True, "TRUE": True, "false": False, "False": False, "FALSE": False}
 MANIFEST_SUFFIXES = (".yaml", ".yml")
+# Limits that keep hostile input from exhausting the stack or memory. libyaml already refuses
+# more than 1000 nested levels; a manifest never needs more than a few dozen.
+MAX_DEPTH = 100
+# Values built per document. Aliases are shared node references, so `*a` repeated nine times in
+# nine levels ("billion laughs") would expand to 9**9 values: building stops long before.
+MAX_VALUES = 200_000
+_CORE = "tag:yaml.org,2002:"
+# What plain YAML resolves to (merge and value are what `<<` and `=` resolve to). Anything
+# else, such as !!python/object or !!binary, is refused: tags are never constructed.
+_ALLOWED_TAGS = {_CORE + t for t in ("str", "int", "float", "bool", "null", "timestamp",
+                                     "merge", "value", "seq", "map")}
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,18 @@ def _scalar(node: yaml.ScalarNode) -> Any:
     return value
 
 
+class _TooLarge(Exception):
+    """Building a document went past MAX_DEPTH or MAX_VALUES; carries the problem."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem.message)
+        self.problem = problem
+
+
+def _tag_name(tag: str) -> str:
+    return "!!" + tag[len(_CORE):] if tag.startswith(_CORE) else tag
+
+
 class _Builder:
     """Turns a composed node tree into plain values, recording positions and problems."""
 
@@ -90,13 +113,29 @@ class _Builder:
         self.file = file
         self.positions: dict[JsonPath, Location] = {}
         self.problems: list[Problem] = []
+        self.values = 0
 
     def loc(self, node: yaml.Node) -> Location:
         mark = node.start_mark
         return Location(self.file, mark.line + 1, mark.column + 1)
 
     def build(self, node: yaml.Node, path: JsonPath) -> Any:
+        self.values += 1
+        if self.values > MAX_VALUES:
+            raise _TooLarge(Problem(
+                f"document too large: more than {MAX_VALUES} values (too many aliases?)",
+                self.loc(node), _jp(path),
+                hint="YAML aliases (*name) are expanded into copies; repeat less"))
+        if len(path) > MAX_DEPTH:
+            raise _TooLarge(Problem(f"document nested more than {MAX_DEPTH} levels deep",
+                                    self.loc(node)))
         self.positions[path] = self.loc(node)
+        if node.tag not in _ALLOWED_TAGS:
+            self.problems.append(Problem(
+                f"unsupported YAML tag {_tag_name(node.tag)!r}", self.loc(node), _jp(path),
+                hint="remove the tag: only plain YAML values (strings, numbers, booleans, "
+                     "lists, mappings) are allowed"))
+            return None
         if isinstance(node, yaml.MappingNode):
             return self._mapping(node, path)
         if isinstance(node, yaml.SequenceNode):
@@ -110,7 +149,7 @@ class _Builder:
                 self.problems.append(Problem("YAML merge keys (<<) are not supported",
                                              self.loc(key_node), _jp(path)))
                 continue
-            if not isinstance(key_node, yaml.ScalarNode):
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag not in _ALLOWED_TAGS:
                 self.problems.append(Problem("mapping keys must be plain strings",
                                              self.loc(key_node), _jp(path)))
                 continue
@@ -142,14 +181,32 @@ def parse_text(text: str, file: str) -> list[Document]:
         mark = exc.problem_mark or exc.context_mark
         where = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file)
         message = " ".join(part for part in (exc.context, exc.problem) if part)
-        raise ManifestError([Problem(f"invalid YAML: {message}", where)]) from None
+        hint = ""
+        line = text.split("\n", mark.line + 1)[mark.line] if mark else ""
+        if mark and "\t" in line[:mark.column + 1]:
+            hint = "indent YAML with spaces: tabs are not allowed"
+        raise ManifestError([Problem(f"invalid YAML: {message}", where, hint=hint)]) from None
+    except yaml.reader.ReaderError as exc:  # a control character; position is an offset
+        before = text.encode("utf-8")[:exc.position] if _Loader is not yaml.SafeLoader \
+            else text[:exc.position].encode("utf-8")  # libyaml counts bytes, Python characters
+        lines = before.split(b"\n")
+        where = Location(file, len(lines), len(lines[-1].decode("utf-8", "replace")) + 1)
+        char = f"#x{exc.character:04x}" if isinstance(exc.character, int) else repr(exc.character)
+        raise ManifestError([Problem(f"invalid YAML: unacceptable character {char}: {exc.reason}",
+                                     where)]) from None
     except yaml.YAMLError as exc:
         raise ManifestError([Problem(f"invalid YAML: {exc}", Location(file))]) from None
+    except RecursionError:  # the pure-Python composer recurses per nesting level
+        raise ManifestError([Problem("invalid YAML: nested too deeply", Location(file))]) from None
     for node in nodes:
         if node is None:
             continue
         builder = _Builder(file)
-        body = builder.build(node, ())
+        try:
+            body = builder.build(node, ())
+        except _TooLarge as exc:
+            problems.append(exc.problem)
+            continue
         problems.extend(builder.problems)
         where = builder.loc(node)
         if body is None:
@@ -192,12 +249,34 @@ def _expand(target: str, recursive: bool) -> Iterator[Path]:
 
 def _read(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ManifestError([Problem(f"not UTF-8 text ({exc.reason} at byte {exc.start})",
-                                     Location(str(path)))]) from None
+        data = path.read_bytes()
     except OSError as exc:
-        raise ManifestError([Problem(f"cannot read: {exc.strerror}", Location(str(path)))]) from None
+        raise ManifestError([Problem(f"cannot read: {exc.strerror}", Location(_display(path)))]
+                            ) from None
+    return _decode(data, _display(path))
+
+
+def _decode(data: bytes, file: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        before = data[:exc.start]
+        line = before.count(b"\n") + 1
+        column = len(before) - (before.rfind(b"\n") + 1) + 1
+        raise ManifestError([Problem(f"not UTF-8 text ({exc.reason} at byte {exc.start})",
+                                     Location(file, line, column),
+                                     hint="manifests are UTF-8 YAML text")]) from None
+
+
+def _read_stdin(stream: Any) -> str:
+    raw = getattr(stream, "buffer", None)
+    if raw is not None:  # the real standard input: decode it ourselves, whatever the locale
+        return _decode(raw.read(), "<stdin>")
+    try:
+        return stream.read()
+    except UnicodeDecodeError as exc:
+        raise ManifestError([Problem(f"not UTF-8 text ({exc.reason})", Location("<stdin>"))]
+                            ) from None
 
 
 def load(targets: Iterable[str], recursive: bool = False, stdin: Any = None) -> list[Document]:
@@ -211,7 +290,7 @@ def load(targets: Iterable[str], recursive: bool = False, stdin: Any = None) -> 
         try:
             if target == "-":
                 stream = stdin if stdin is not None else sys.stdin
-                documents.extend(parse_text(stream.read(), "<stdin>"))
+                documents.extend(parse_text(_read_stdin(stream), "<stdin>"))
                 continue
             for path in _expand(target, recursive):
                 documents.extend(parse_text(_read(path), _display(path)))

@@ -64,7 +64,7 @@ class Hypervisor:
                                                               self.conn.listAllNetworks, 0))}
         pools = {p.name: p for p in map(self._pool, call("list storage pools",
                                                         self.conn.listAllStoragePools, 0))}
-        return LiveState(domains, networks, pools, self.host_bridges(), self.host_has_virt())
+        return LiveState(domains, networks, pools, self.host_bridges())
 
     def _domain(self, dom: Any) -> LiveDomain:
         name = dom.name()
@@ -125,6 +125,7 @@ class Hypervisor:
         return frozenset(names)
 
     def host_has_virt(self) -> bool:
+        """Whether the host CPU has VT-x/AMD-V (slow: libvirt probes the host each time)."""
         caps = etree.fromstring(call("read host capabilities", self.conn.getCapabilities).encode())
         features = {f.get("name") for f in caps.iterfind("host/cpu/feature")}
         return bool(features & {"vmx", "svm"})

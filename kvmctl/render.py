@@ -7,6 +7,7 @@ structure of the XML it lands in. No XML is built any other way.
 from __future__ import annotations
 
 import string
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -15,7 +16,7 @@ from typing import Any, Iterator
 import jinja2
 
 from .errors import RenderError
-from .model import Disk, Image, ManifestSet, Network, StoragePool, VirtualMachine
+from .model import Disk, Image, ManifestSet, Network, Resource, StoragePool, VirtualMachine
 from .seed import SeedContent, seed_content
 
 NAMESPACE = "https://kvmctl.dev/xmlns/resource/v1"
@@ -65,6 +66,24 @@ class _DiskDevice:
     shareable: bool
 
 
+# (kind, name) -> object per live ManifestSet: ManifestSet.find is a linear scan, and rendering
+# a set looks objects up once per VM disk and NIC. Keyed by id (hashing a frozen ManifestSet
+# hashes every object in it); the weak reference drops the entry with the set.
+_INDEXES: dict[int, tuple["weakref.ref[ManifestSet]", dict[tuple[str, str], Resource]]] = {}
+
+
+def _find(m: ManifestSet, kind: str, name: str) -> Resource | None:
+    key = id(m)
+    entry = _INDEXES.get(key)
+    if entry is None or entry[0]() is not m:
+        index: dict[tuple[str, str], Resource] = {}
+        for obj in m.all():
+            index.setdefault((obj.meta.kind, obj.meta.name), obj)
+        entry = (weakref.ref(m, lambda _, key=key: _INDEXES.pop(key, None)), index)
+        _INDEXES[key] = entry
+    return entry[1].get((kind, name))
+
+
 def _load_template(name: str) -> str:
     try:
         return resources.files("kvmctl.templates").joinpath(name).read_text(encoding="utf-8")
@@ -105,7 +124,7 @@ def _disk_devices(vm: VirtualMachine, m: ManifestSet) -> list[_DiskDevice]:
     virtio, sd = _targets("vd"), _targets("sd")
     devices = []
     for att in vm.disks:
-        disk = m.find("Disk", att.disk)
+        disk = _find(m, "Disk", att.disk)
         if not isinstance(disk, Disk):
             raise RenderError(f"VirtualMachine {vm.meta.name}: Disk {att.disk} is not defined")
         target = next(virtio) if att.bus == "virtio" else next(sd)
@@ -117,7 +136,7 @@ def _disk_devices(vm: VirtualMachine, m: ManifestSet) -> list[_DiskDevice]:
 def seed_pool(vm: VirtualMachine, m: ManifestSet) -> str | None:
     """Where a VM's cloud-init seed lives: the pool of its first disk, else the first pool."""
     for att in vm.disks:
-        disk = m.find("Disk", att.disk)
+        disk = _find(m, "Disk", att.disk)
         if isinstance(disk, Disk):
             return disk.pool
     return m.pools[0].meta.name if m.pools else None
@@ -186,7 +205,7 @@ def volume_xml(volume: VolumeSpec) -> str:
 
 def disk_volume(disk: Disk, m: ManifestSet, image_path: str | None = None) -> VolumeSpec:
     """The volume of a Disk; `image_path` is where its Image's volume lives on the host."""
-    image = m.find("Image", disk.image) if disk.image else None
+    image = _find(m, "Image", disk.image) if disk.image else None
     if image is not None and not disk.clone:
         assert isinstance(image, Image)
         path = image_path or _image_path_guess(image, m)
@@ -196,7 +215,7 @@ def disk_volume(disk: Disk, m: ManifestSet, image_path: str | None = None) -> Vo
 
 
 def _image_path_guess(image: Image, m: ManifestSet) -> str:
-    pool = m.find("StoragePool", image.pool)
+    pool = _find(m, "StoragePool", image.pool)
     base = pool.path if isinstance(pool, StoragePool) else f"<pool {image.pool}>"
     return f"{base.rstrip('/')}/{volume_name(image.meta.name, image.format)}"
 

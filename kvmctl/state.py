@@ -85,7 +85,6 @@ class LiveState:
     networks: dict[str, LiveNetwork] = field(default_factory=dict)
     pools: dict[str, LivePool] = field(default_factory=dict)
     host_bridges: frozenset[str] = frozenset()
-    host_has_virt: bool = False
 
     def volume(self, pool: str, name: str) -> LiveVolume | None:
         live_pool = self.pools.get(pool)

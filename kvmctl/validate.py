@@ -12,6 +12,7 @@ import json
 from functools import lru_cache
 from importlib import resources
 from typing import Any, Iterable
+from urllib.parse import urldefrag, urljoin
 
 import jsonschema
 from jsonschema import Draft202012Validator
@@ -36,18 +37,80 @@ def _schema_texts() -> dict[str, dict[str, Any]]:
 
 @lru_cache(maxsize=1)
 def validators() -> dict[str, Draft202012Validator]:
-    """One compiled validator per kind; shared definitions resolve through their $id."""
+    """One compiled validator per kind; shared definitions resolve through their $id.
+
+    Each kind schema is validated in its inlined form (see _inline_refs): resolving a $ref
+    through the registry on every use was two thirds of the validation time.
+    """
     texts = _schema_texts()
     registry: Registry = Registry().with_resources(
         (schema["$id"], Resource.from_contents(schema, default_specification=DRAFT202012))
         for schema in texts.values() if "$id" in schema)
-    return {kind: Draft202012Validator(texts[file], registry=registry,
-                                       format_checker=Draft202012Validator.FORMAT_CHECKER)
-            for kind, file in SCHEMA_FILES.items()}
+    result = {}
+    for kind, file in SCHEMA_FILES.items():
+        schema = texts[file]
+        base = schema.get("$id", "")
+        inlined = _inline_refs(schema, registry.resolver(base_uri=base), base, ())
+        result[kind] = Draft202012Validator(inlined, registry=registry,
+                                            format_checker=Draft202012Validator.FORMAT_CHECKER)
+    return result
 
 
+@lru_cache(maxsize=None)
 def schema_for(kind: str) -> dict[str, Any]:
-    return validators()[kind].schema
+    """The schema of `kind` as written (with its $refs)."""
+    return _schema_texts()[SCHEMA_FILES[kind]]
+
+
+# Keywords whose values are schemas, maps of schemas, or lists of schemas (JSON Schema 2020-12).
+_SCHEMA_ONE = ("items", "additionalProperties", "propertyNames", "contains", "not", "if", "then",
+               "else", "unevaluatedProperties", "unevaluatedItems", "contentSchema")
+_SCHEMA_MAP = ("properties", "patternProperties", "$defs", "dependentSchemas")
+_SCHEMA_LIST = ("allOf", "anyOf", "oneOf", "prefixItems")
+
+
+def _inline_refs(schema: Any, resolver: Any, base: str, seen: tuple[str, ...]) -> Any:
+    """`schema` with every `$ref` replaced by its target, as `allOf: [target]`.
+
+    `{"$ref": X, ...siblings}` and `{"allOf": [X], ...siblings}` validate identically in
+    2020-12 and report the same errors (both pass the target's errors up unchanged). A
+    recursive reference is left in place, made absolute, for the registry to resolve.
+    """
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _SCHEMA_ONE:
+            out[key] = _inline_refs(value, resolver, base, seen)
+        elif key in _SCHEMA_MAP and isinstance(value, dict):
+            out[key] = {name: _inline_refs(sub, resolver, base, seen) for name, sub in value.items()}
+        elif key in _SCHEMA_LIST and isinstance(value, list):
+            out[key] = [_inline_refs(sub, resolver, base, seen) for sub in value]
+        else:
+            out[key] = value
+    ref = out.get("$ref")
+    if isinstance(ref, str):
+        resolved = resolver.lookup(ref)
+        uri = urljoin(base, ref)
+        if uri in seen:
+            out["$ref"] = uri
+        else:
+            del out["$ref"]
+            target_base = urldefrag(uri).url
+            if isinstance(resolved.contents, dict) and isinstance(resolved.contents.get("$id"), str):
+                target_base = urljoin(target_base, resolved.contents["$id"])
+            target = _inline_refs(resolved.contents, resolved.resolver, target_base,
+                                  seen + (uri,))
+            if isinstance(target, dict) and set(out) <= _ANNOTATIONS and "$id" not in target:
+                # Only annotations beside the $ref: use the target itself (one level less to
+                # descend into); the target's own annotations win, as they would in its errors.
+                return {**out, **target}
+            out["allOf"] = [target] + list(out.get("allOf", []))
+    return out
+
+
+_ANNOTATIONS = {"title", "description", "examples", "default", "$comment", "deprecated",
+                "readOnly", "writeOnly"}
 
 
 def _envelope_problems(doc: Document) -> list[Problem]:
@@ -75,6 +138,17 @@ def _unexpected_keys(error: jsonschema.ValidationError) -> list[str]:
 
 def _problems_from(error: jsonschema.ValidationError, doc: Document) -> Iterable[Problem]:
     path = tuple(error.absolute_path)
+    if "propertyNames" in error.schema_path and isinstance(error.instance, str):
+        # A key refused by propertyNames: point at the key, say which keys are allowed.
+        key, where = error.instance, path + (error.instance,)
+        if error.validator == "enum":
+            yield Problem(f"field {key!r} is not allowed here", doc.locate(where),
+                          json_path(where),
+                          hint="allowed here: " + ", ".join(map(str, error.validator_value)))
+        else:
+            yield Problem(f"{key!r} is not a valid key here", doc.locate(where), json_path(where),
+                          hint=_hint(error))
+        return
     unexpected = _unexpected_keys(error)
     if unexpected:
         known = list(error.schema.get("properties", {}))
@@ -105,16 +179,32 @@ def _message(error: jsonschema.ValidationError) -> str:
     if leaf.validator == "enum":
         return f"{leaf.instance!r} is not one of " + ", ".join(map(repr, leaf.validator_value))
     if leaf.validator == "pattern":
+        if isinstance(leaf.instance, str) and _is_size_path(error):
+            try:
+                parse_size(leaf.instance)
+            except SizeError as exc:  # unknown unit, no number...: say exactly what is wrong
+                return str(exc)
         return f"{leaf.instance!r} is not valid here"
     return leaf.message
+
+
+_SIZE_KEYS = ("size", "memory", "max")
+_YAML11_BOOLS = {"yes", "no", "on", "off", "y", "n"}
+
+
+def _is_size_path(error: jsonschema.ValidationError) -> bool:
+    path = [p for p in error.absolute_path if isinstance(p, str)]
+    return bool(path) and path[-1] in _SIZE_KEYS
 
 
 def _hint(error: jsonschema.ValidationError) -> str:
     leaf = _best_leaf(error)
     if isinstance(leaf.instance, (int, float)) and not isinstance(leaf.instance, bool):
-        path = [p for p in error.absolute_path if isinstance(p, str)]
-        if path and path[-1] in ("size", "memory", "max"):
+        if _is_size_path(error):
             return f"sizes need a unit: write {leaf.instance}MiB or {leaf.instance}GiB"
+    if (leaf.validator == "type" and leaf.validator_value == "boolean"
+            and isinstance(leaf.instance, str) and leaf.instance.lower() in _YAML11_BOOLS):
+        return "write true or false (yes/no/on/off are strings in kvmctl manifests)"
     examples = leaf.schema.get("examples") if isinstance(leaf.schema, dict) else None
     if leaf.validator in ("pattern", "format", "type") and examples:
         return "for example: " + ", ".join(json.dumps(e) for e in examples[:2])
@@ -136,9 +226,17 @@ def _size_problems(doc: Document) -> list[Problem]:
     problems = []
     for path, value in candidates:
         try:
-            parse_size(value)
+            size = parse_size(value)
         except SizeError as exc:
             problems.append(Problem(str(exc), doc.locate(path + ("<value>",)), json_path(path)))
+            continue
+        message = ""
+        if size == 0:
+            message = f"{value!r} is zero: a size must be more than 0"
+        elif doc.kind == "VirtualMachine" and size % 1024:
+            message = f"{value!r} is not a whole number of KiB (libvirt counts memory in KiB)"
+        if message:
+            problems.append(Problem(message, doc.locate(path + ("<value>",)), json_path(path)))
     return problems
 
 

@@ -1,0 +1,302 @@
+"""Stage 6: run a plan's steps against the hypervisor -> result.
+
+Changes run in dependency order (pools, images, disks and seeds, networks, VMs; deletes in the
+reverse order afterwards), independent changes of one level in parallel. A failure stops later
+levels; what was done stays done, and a new plan picks up from there because every object's
+ownership is recorded before (volumes) or together with (domains, networks) its creation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from lxml import etree
+
+from . import render, seed
+from .errors import ApplyError, KvmctlError
+from .hypervisor import Hypervisor
+from .model import ManifestSet, VirtualMachine
+from .plan import SEED_KIND
+from .plan_types import DELETE, NOOP, Change, Plan, Step
+from .state import LiveState, OwnershipRecord, Owner
+
+LEVELS = {"StoragePool": 0, "Image": 1, "Disk": 2, SEED_KIND: 2, "Network": 3,
+          "VirtualMachine": 4}
+SEED_CAPACITY = 1024 * 1024
+CHUNK = 1024 * 1024
+
+Progress = Callable[[Change, str, str], None]  # change, "start" | "done" | "failed", detail
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    done: tuple[str, ...]
+    failed: tuple[tuple[str, str], ...]
+    skipped: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def levels(plan: Plan) -> list[list[Change]]:
+    """Groups of changes that may run in parallel, in the order they must run."""
+    todo = [c for c in plan.changes if c.steps and c.klass != NOOP or c.steps]
+    forward = [c for c in todo if c.klass != DELETE]
+    backward = [c for c in todo if c.klass == DELETE]
+    groups: list[list[Change]] = []
+    for level in sorted({LEVELS[c.kind] for c in forward}):
+        groups.append([c for c in forward if LEVELS[c.kind] == level])
+    for level in sorted({LEVELS[c.kind] for c in backward}, reverse=True):
+        groups.append([c for c in backward if LEVELS[c.kind] == level])
+    return groups
+
+
+def run(plan: Plan, hv: Hypervisor, m: ManifestSet, live: LiveState, parallelism: int = 8,
+        progress: Progress | None = None) -> ApplyResult:
+    executor = Executor(hv, m, live, plan.project)
+    done: list[str] = []
+    failed: list[tuple[str, str]] = []
+    groups = levels(plan)
+    for i, group in enumerate(groups):
+        with ThreadPoolExecutor(max_workers=max(1, parallelism)) as pool:
+            outcomes = list(pool.map(lambda c: _run_change(executor, c, progress), group))
+        for change, error in zip(group, outcomes):
+            (failed.append((change.ref, error)) if error else done.append(change.ref))
+        if failed:
+            skipped = tuple(c.ref for g in groups[i + 1:] for c in g)
+            return ApplyResult(tuple(done), tuple(failed), skipped)
+    return ApplyResult(tuple(done), (), ())
+
+
+def _run_change(executor: "Executor", change: Change, progress: Progress | None) -> str:
+    if progress:
+        progress(change, "start", "")
+    try:
+        for step in change.steps:
+            getattr(executor, step.op)(*step.args)
+    except KvmctlError as exc:
+        if progress:
+            progress(change, "failed", str(exc))
+        return str(exc)
+    if progress:
+        progress(change, "done", "")
+    return ""
+
+
+class Executor:
+    """One method per step operation; ownership records are kept per pool under a lock."""
+
+    def __init__(self, hv: Hypervisor, m: ManifestSet, live: LiveState, project: str) -> None:
+        self.hv, self.m, self.project = hv, m, project
+        self._lock = threading.Lock()
+        self._records: dict[str, OwnershipRecord] = {}
+        for name, pool in live.pools.items():
+            owned = {v.name: v.owner for v in pool.volumes
+                     if v.owner is not None and v.owner.project == project}
+            owns = pool.owner is not None and pool.owner.project == project
+            self._records[name] = OwnershipRecord(project, owns, owned)  # type: ignore[arg-type]
+
+    # ---- ownership records ----
+    def _update_record(self, pool: str, volume: str | None, owner: Owner | None,
+                       owns_pool: bool | None = None) -> None:
+        with self._lock:
+            record = self._records.get(pool, OwnershipRecord(self.project, False, {}))
+            volumes = dict(record.volumes)
+            if volume is not None:
+                if owner is None:
+                    volumes.pop(volume, None)
+                else:
+                    volumes[volume] = owner
+            record = OwnershipRecord(self.project, record.owns_pool if owns_pool is None
+                                     else owns_pool, volumes)
+            self._records[pool] = record
+            self.hv.write_record(pool, record)
+
+    def claim_pool(self, name: str) -> None:
+        self._update_record(name, None, None, owns_pool=True)
+
+    def claim_volume(self, pool: str, volume: str, kind: str, name: str, spec_hash: str,
+                     protect: bool = False) -> None:
+        self._update_record(pool, volume, Owner(self.project, kind, name, spec_hash, "", protect))
+
+    # ---- pools ----
+    def define_pool(self, name: str, xml: str) -> None:
+        self.hv.define_pool(name, xml)
+
+    def start_pool(self, name: str) -> None:
+        self.hv.start_pool(name)
+
+    def pool_autostart(self, name: str, on: bool) -> None:
+        self.hv.set_pool_autostart(name, on)
+
+    def delete_pool(self, name: str) -> None:
+        self.hv.delete_pool(name)
+        with self._lock:
+            self._records.pop(name, None)
+
+    # ---- volumes ----
+    def create_volume(self, pool: str, volume: str, xml: str, clone: tuple[str, str] | None,
+                      kind: str, name: str, spec_hash: str, protect: bool, size: int) -> None:
+        self.claim_volume(pool, volume, kind, name, spec_hash, protect)
+        self.hv.create_volume(pool, volume, xml, clone)
+        if clone:
+            self.hv.resize_volume(pool, volume, size)
+
+    def grow_volume(self, pool: str, volume: str, size: int,
+                    attached: tuple[tuple[str, str], ...]) -> None:
+        self.hv.resize_volume(pool, volume, size)
+        for domain, target in attached:
+            self.hv.block_resize(domain, target, size)
+
+    def delete_volume(self, pool: str, volume: str, kind: str, name: str) -> None:
+        self.hv.delete_volume(pool, volume)
+        self._update_record(pool, volume, None)
+
+    def import_image(self, pool: str, volume: str, fmt: str, url: str | None,
+                     sha256: str | None, path: str | None, name: str, spec_hash: str) -> None:
+        self.claim_volume(pool, volume, "Image", name, spec_hash)
+        spec = render.VolumeSpec(pool, volume, 0, fmt)
+        if path:
+            self.hv.import_host_file(pool, volume, render.volume_xml(spec), path)
+            return
+        assert url and sha256
+        with _download(url, sha256) as (filename, size):
+            xml = render.volume_xml(render.VolumeSpec(pool, volume, size, "raw", allocation=size))
+            self.hv.create_volume(pool, volume, xml)
+            try:
+                self.hv.upload(pool, volume, _chunks(filename), size)
+            except KvmctlError:
+                self.hv.delete_volume(pool, volume)
+                raise
+
+    def write_seed(self, pool: str, volume: str, vm_name: str, digest: str) -> None:
+        vm = self.m.find("VirtualMachine", vm_name)
+        assert isinstance(vm, VirtualMachine)
+        spec = render.seed_spec(vm, self.m)
+        assert spec is not None
+        data = seed.build_seed_iso(spec.content)
+        capacity = max(SEED_CAPACITY, -(-len(data) // SEED_CAPACITY) * SEED_CAPACITY)
+        self.claim_volume(pool, volume, SEED_KIND, vm_name, digest)
+        try:
+            self.hv.delete_volume(pool, volume)
+        except KvmctlError:
+            pass  # not there yet
+        xml = render.volume_xml(render.VolumeSpec(pool, volume, capacity, "raw"))
+        self.hv.create_volume(pool, volume, xml)
+        padded = data + b"\0" * (capacity - len(data))
+        self.hv.upload(pool, volume, iter([padded]), capacity)
+
+    # ---- networks ----
+    def define_network(self, name: str, xml: str) -> None:
+        self.hv.define_network(name, xml)
+
+    def start_network(self, name: str) -> None:
+        self.hv.start_network(name)
+
+    def network_autostart(self, name: str, on: bool) -> None:
+        self.hv.set_network_autostart(name, on)
+
+    def delete_network(self, name: str) -> None:
+        self.hv.delete_network(name)
+
+    def network_dhcp_host(self, name: str, command: str, xml: str, mac: str) -> None:
+        hosts = etree.fromstring(xml.encode()).iterfind("ip/dhcp/host")
+        host = next(h for h in hosts if h.get("mac", "").lower() == mac)
+        self.hv.update_network(name, command, "dhcp-host", etree.tostring(host, encoding="unicode"))
+
+    def network_dns_host(self, name: str, command: str, xml: str, ip: str) -> None:
+        host = next(h for h in etree.fromstring(xml.encode()).iterfind("dns/host")
+                    if h.get("ip") == ip)
+        self.hv.update_network(name, command, "dns-host", etree.tostring(host, encoding="unicode"))
+
+    def network_dhcp_range(self, name: str, actual: str, desired: str) -> None:
+        for command, xml in (("delete", actual), ("add", desired)):
+            found = etree.fromstring(xml.encode()).find("ip/dhcp/range")
+            if found is not None:
+                self.hv.update_network(name, command, "dhcp-range",
+                                       etree.tostring(found, encoding="unicode"))
+
+    # ---- domains ----
+    def define_domain(self, name: str, xml: str) -> None:
+        self.hv.define_domain(name, xml)
+
+    def domain_autostart(self, name: str, on: bool) -> None:
+        self.hv.set_domain_autostart(name, on)
+
+    def start_domain(self, name: str) -> None:
+        if self.hv.domain_state(name) != "running":
+            self.hv.start_domain(name)
+
+    def shutdown_domain(self, name: str, timeout: float) -> None:
+        self.hv.shutdown_domain(name, timeout)
+
+    def restart_domain(self, name: str, timeout: float) -> None:
+        self.hv.shutdown_domain(name, timeout)
+        self.hv.start_domain(name)
+
+    def delete_domain(self, name: str, timeout: float) -> None:
+        self.hv.shutdown_domain(name, timeout)
+        self.hv.undefine_domain(name)
+
+    def set_vcpus_live(self, name: str, count: int) -> None:
+        self.hv.set_vcpus_live(name, count)
+
+    def set_memory_live(self, name: str, kib: int) -> None:
+        self.hv.set_memory_live(name, kib)
+
+    def set_metadata_live(self, name: str, xml: str) -> None:
+        self.hv.set_metadata_live(name, xml)
+
+    def attach_device(self, name: str, xml: str) -> None:
+        self.hv.attach_device_live(name, xml)
+
+    def detach_device(self, name: str, xml: str) -> None:
+        self.hv.detach_device_live(name, xml)
+
+    def update_device(self, name: str, xml: str) -> None:
+        self.hv.update_device_live(name, xml)
+
+
+class _download:
+    """Fetch a URL into a temporary file, verifying its sha256; removed on exit."""
+
+    def __init__(self, url: str, sha256: str) -> None:
+        self.url, self.sha256 = url, sha256.lower()
+        self.path = ""
+
+    def __enter__(self) -> tuple[str, int]:
+        digest = hashlib.sha256()
+        fd, self.path = tempfile.mkstemp(prefix="kvmctl-image-")
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(self.url, timeout=60) as resp:
+                while chunk := resp.read(CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+        except OSError as exc:
+            self.__exit__()
+            raise ApplyError(f"cannot download {self.url}: {exc}") from None
+        if digest.hexdigest() != self.sha256:
+            self.__exit__()
+            raise ApplyError(f"checksum mismatch for {self.url}: expected sha256 {self.sha256}, "
+                             f"got {digest.hexdigest()}; nothing was imported")
+        return self.path, size
+
+    def __exit__(self, *_: object) -> None:
+        if self.path and os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+def _chunks(path: str) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            yield chunk
