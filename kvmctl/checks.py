@@ -211,14 +211,15 @@ def limits(m: ManifestSet, docs: DocIndex) -> Iterator[Problem]:
 
 def cloud_init(m: ManifestSet, docs: DocIndex) -> Iterator[Problem]:
     """The seed content is built here too, so that `validate` catches what `render` would."""
-    from .seed import SeedError, seed_content  # pycdlib is only needed by a VM with cloudInit
+    if not any(vm.cloud_init for vm in m.vms):
+        return
+    from .render import seed_content_of  # imported only when a VM has cloudInit
+    from .seed import SeedError
     for vm in m.vms:
-        ci = vm.cloud_init
-        if ci is None:
+        if vm.cloud_init is None:
             continue
         try:
-            seed_content(vm.meta.name, ci.hostname, ci.user_data, ci.network_config,
-                         list(ci.ssh_authorized_keys), ci.instance_id)
+            seed_content_of(vm)
         except SeedError as exc:
             yield _problem(docs, "VirtualMachine", vm.meta.name, ("spec", "cloudInit"), str(exc))
 

@@ -120,8 +120,10 @@ def print_problems(problems: Sequence[Problem], fmt: str, out: TextIO) -> None:
         for p in problems:
             message = p.message + (f" ({p.path})" if p.path else "") + \
                 (f" hint: {p.hint}" if p.hint else "")
-            out.write(f"::error file={p.location.file},line={p.location.line},"
-                      f"col={p.location.column}::{_gh_escape(message)}\n")
+            where = f"file={_gh_escape(p.location.file, True)}"
+            if p.location.line:  # a problem of a whole file has no line
+                where += f",line={p.location.line},col={p.location.column}"
+            out.write(f"::error {where}::{_gh_escape(message)}\n")
     else:
         for p in problems:
             out.write(f"{p}\n")
@@ -129,8 +131,11 @@ def print_problems(problems: Sequence[Problem], fmt: str, out: TextIO) -> None:
         out.write(f"{count} problem{'s' if count != 1 else ''} found\n")
 
 
-def _gh_escape(text: str) -> str:
-    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+def _gh_escape(text: str, property_value: bool = False) -> str:
+    text = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    if property_value:  # workflow command properties are separated by , and end at ::
+        text = text.replace(":", "%3A").replace(",", "%2C")
+    return text
 
 
 def _problem_json(p: Problem) -> dict[str, Any]:

@@ -106,12 +106,35 @@ def _tag_name(tag: str) -> str:
     return "!!" + tag[len(_CORE):] if tag.startswith(_CORE) else tag
 
 
+class _Positions(Mapping[JsonPath, Location]):
+    """path -> Location, stored as (line, column) pairs: a document has a position per value,
+    and only the few that end up in a problem are ever looked at."""
+
+    def __init__(self, file: str, marks: dict[JsonPath, tuple[int, int]]) -> None:
+        self._file = file
+        self._marks = marks
+
+    def __getitem__(self, path: JsonPath) -> Location:
+        line, column = self._marks[path]
+        return Location(self._file, line, column)
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._marks
+
+    def __iter__(self) -> Iterator[JsonPath]:
+        return iter(self._marks)
+
+    def __len__(self) -> int:
+        return len(self._marks)
+
+
 class _Builder:
     """Turns a composed node tree into plain values, recording positions and problems."""
 
     def __init__(self, file: str) -> None:
         self.file = file
-        self.positions: dict[JsonPath, Location] = {}
+        self.marks: dict[JsonPath, tuple[int, int]] = {}
+        self.positions = _Positions(file, self.marks)
         self.problems: list[Problem] = []
         self.values = 0
 
@@ -129,7 +152,8 @@ class _Builder:
         if len(path) > MAX_DEPTH:
             raise _TooLarge(Problem(f"document nested more than {MAX_DEPTH} levels deep",
                                     self.loc(node)))
-        self.positions[path] = self.loc(node)
+        mark = node.start_mark
+        self.marks[path] = (mark.line + 1, mark.column + 1)
         if node.tag not in _ALLOWED_TAGS:
             self.problems.append(Problem(
                 f"unsupported YAML tag {_tag_name(node.tag)!r}", self.loc(node), _jp(path),
@@ -160,10 +184,12 @@ class _Builder:
                     f"duplicate key {key!r}", self.loc(key_node), _jp(path + (key,)),
                     hint=f"first defined at line {first.line}" if first else ""))
                 continue
-            result[key] = self.build(value_node, path + (key,))
+            where = path + (key,)
+            result[key] = self.build(value_node, where)
             # A key's own position is more useful than its value's for "unexpected key" errors.
-            self.positions[path + (key,)] = self.loc(key_node)
-            self.positions[path + (key, "<value>")] = self.loc(value_node)
+            self.marks[where + ("<value>",)] = self.marks[where]
+            mark = key_node.start_mark
+            self.marks[where] = (mark.line + 1, mark.column + 1)
         return result
 
 
@@ -182,7 +208,8 @@ def parse_text(text: str, file: str) -> list[Document]:
         where = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file)
         message = " ".join(part for part in (exc.context, exc.problem) if part)
         hint = ""
-        line = text.split("\n", mark.line + 1)[mark.line] if mark else ""
+        lines = text.split("\n", mark.line + 1) if mark else []
+        line = lines[mark.line] if mark and mark.line < len(lines) else ""  # EOF: past the end
         if mark and "\t" in line[:mark.column + 1]:
             hint = "indent YAML with spaces: tabs are not allowed"
         raise ManifestError([Problem(f"invalid YAML: {message}", where, hint=hint)]) from None

@@ -151,9 +151,30 @@ def seed_spec(vm: VirtualMachine, m: ManifestSet) -> SeedSpec | None:
         raise RenderError(f"VirtualMachine {vm.meta.name}: cloudInit needs a StoragePool")
     used = sum(1 for att in vm.disks if att.bus != "virtio")
     target = list(_targets_upto("sd", used + 1))[-1]
-    content = seed_content(vm.meta.name, ci.hostname, ci.user_data, ci.network_config,
-                           list(ci.ssh_authorized_keys), ci.instance_id)
+    content = seed_content_of(vm)
     return SeedSpec(pool, seed_volume_name(vm.meta.name), target, content)
+
+
+# Seed content by (VM name, repr of its cloudInit): `validate` builds it to check it and
+# rendering builds it again, and serializing user-data is the slowest step of both. Equal reprs
+# of plain YAML values mean equal values in the same key order, hence the same content.
+_SEED_CACHE: dict[tuple[str, str], SeedContent] = {}
+_SEED_CACHE_SIZE = 4096
+
+
+def seed_content_of(vm: VirtualMachine) -> SeedContent:
+    """The cloud-init seed content of `vm` (which must have cloudInit); raises SeedError."""
+    ci = vm.cloud_init
+    assert ci is not None
+    key = (vm.meta.name, repr(ci))
+    content = _SEED_CACHE.get(key)
+    if content is None:
+        content = seed_content(vm.meta.name, ci.hostname, ci.user_data, ci.network_config,
+                               list(ci.ssh_authorized_keys), ci.instance_id)
+        if len(_SEED_CACHE) >= _SEED_CACHE_SIZE:
+            _SEED_CACHE.clear()
+        _SEED_CACHE[key] = content
+    return content
 
 
 def _targets_upto(prefix: str, count: int) -> Iterator[str]:

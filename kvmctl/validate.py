@@ -70,7 +70,8 @@ _SCHEMA_LIST = ("allOf", "anyOf", "oneOf", "prefixItems")
 
 
 def _inline_refs(schema: Any, resolver: Any, base: str, seen: tuple[str, ...]) -> Any:
-    """`schema` with every `$ref` replaced by its target, as `allOf: [target]`.
+    """`schema` with every `$ref` replaced by its target: merged in when only annotations sit
+    beside the `$ref`, else as `allOf: [target]`.
 
     `{"$ref": X, ...siblings}` and `{"allOf": [X], ...siblings}` validate identically in
     2020-12 and report the same errors (both pass the target's errors up unchanged). A
@@ -83,7 +84,8 @@ def _inline_refs(schema: Any, resolver: Any, base: str, seen: tuple[str, ...]) -
         if key in _SCHEMA_ONE:
             out[key] = _inline_refs(value, resolver, base, seen)
         elif key in _SCHEMA_MAP and isinstance(value, dict):
-            out[key] = {name: _inline_refs(sub, resolver, base, seen) for name, sub in value.items()}
+            out[key] = {name: _inline_refs(sub, resolver, base, seen)
+                        for name, sub in value.items()}
         elif key in _SCHEMA_LIST and isinstance(value, list):
             out[key] = [_inline_refs(sub, resolver, base, seen) for sub in value]
         else:
@@ -97,8 +99,9 @@ def _inline_refs(schema: Any, resolver: Any, base: str, seen: tuple[str, ...]) -
         else:
             del out["$ref"]
             target_base = urldefrag(uri).url
-            if isinstance(resolved.contents, dict) and isinstance(resolved.contents.get("$id"), str):
-                target_base = urljoin(target_base, resolved.contents["$id"])
+            own_id = resolved.contents.get("$id") if isinstance(resolved.contents, dict) else None
+            if isinstance(own_id, str):
+                target_base = urljoin(target_base, own_id)
             target = _inline_refs(resolved.contents, resolved.resolver, target_base,
                                   seen + (uri,))
             if isinstance(target, dict) and set(out) <= _ANNOTATIONS and "$id" not in target:
@@ -247,7 +250,18 @@ def schema_problems(doc: Document) -> list[Problem]:
     validator = validators()[doc.kind]
     for error in sorted(validator.iter_errors(doc.body), key=lambda e: list(map(str, e.path))):
         problems.extend(_problems_from(error, doc))
-    return problems or _size_problems(doc)
+    return problems or _size_problems(doc) + _cidr_problems(doc)
+
+
+def _cidr_problems(doc: Document) -> list[Problem]:
+    """A /31 or /32 has no room for the host's address and a guest (and the model needs one)."""
+    ipv4 = (doc.body.get("spec") or {}).get("ipv4") if doc.kind == "Network" else None
+    cidr = ipv4.get("cidr") if isinstance(ipv4, dict) else None
+    if isinstance(cidr, str) and int(cidr.rpartition("/")[2]) > 30:
+        return [Problem(f"cidr {cidr} is too small for a libvirt network",
+                        doc.locate(("spec", "ipv4", "cidr", "<value>")), "spec.ipv4.cidr",
+                        hint="use a /30 or larger: the host needs an address, and so do guests")]
+    return []
 
 
 def validate(documents: list[Document], host: checks.HostFacts | None = None) -> ManifestSet:
