@@ -8,6 +8,7 @@ ownership is recorded before (volumes) or together with (domains, networks) its 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -146,7 +147,8 @@ class Executor:
     def create_volume(self, pool: str, volume: str, xml: str, clone: tuple[str, str] | None,
                       kind: str, name: str, spec_hash: str, protect: bool, size: int) -> None:
         self.claim_volume(pool, volume, kind, name, spec_hash, protect)
-        self.hv.create_volume(pool, volume, xml, clone)
+        with self._unclaim_on_failure(pool, volume):
+            self.hv.create_volume(pool, volume, xml, clone)
         if clone:
             self.hv.resize_volume(pool, volume, size)
 
@@ -162,20 +164,35 @@ class Executor:
 
     def import_image(self, pool: str, volume: str, fmt: str, url: str | None,
                      sha256: str | None, path: str | None, name: str, spec_hash: str) -> None:
-        self.claim_volume(pool, volume, "Image", name, spec_hash)
         spec = render.VolumeSpec(pool, volume, 0, fmt)
         if path:
-            self.hv.import_host_file(pool, volume, render.volume_xml(spec), path)
+            self.claim_volume(pool, volume, "Image", name, spec_hash)
+            with self._unclaim_on_failure(pool, volume):
+                self.hv.import_host_file(pool, volume, render.volume_xml(spec), path)
             return
         assert url and sha256
+        # Download and verify first: a bad checksum leaves neither a volume nor a claim.
         with _download(url, sha256) as (filename, size):
             xml = render.volume_xml(render.VolumeSpec(pool, volume, size, "raw", allocation=size))
-            self.hv.create_volume(pool, volume, xml)
-            try:
-                self.hv.upload(pool, volume, _chunks(filename), size)
-            except KvmctlError:
-                self.hv.delete_volume(pool, volume)
-                raise
+            self.claim_volume(pool, volume, "Image", name, spec_hash)
+            with self._unclaim_on_failure(pool, volume):
+                self.hv.create_volume(pool, volume, xml)
+                try:
+                    self.hv.upload(pool, volume, _chunks(filename), size)
+                except KvmctlError:
+                    self.hv.delete_volume(pool, volume)
+                    raise
+
+    @contextlib.contextmanager
+    def _unclaim_on_failure(self, pool: str, volume: str) -> Iterator[None]:
+        """Drop the ownership claim of a volume whose creation failed (it does not exist)."""
+        try:
+            yield
+        except KvmctlError:
+            with contextlib.suppress(KvmctlError):
+                if volume not in self.hv.volume_names(pool):
+                    self._update_record(pool, volume, None)
+            raise
 
     def write_seed(self, pool: str, volume: str, vm_name: str, digest: str) -> None:
         vm = self.m.find("VirtualMachine", vm_name)

@@ -319,7 +319,7 @@ def cmd_destroy(args: argparse.Namespace, env: Env) -> int:
         named = {o.meta.ref for o in session.manifest.all()}
         named |= {f"CloudInitSeed/{vm.meta.name}" for vm in session.manifest.vms if vm.cloud_init}
         opts = session.options(prune=True, allow_empty=True, prune_disks=args.with_disks,
-                               targets=())
+                               targets=(), scope=tuple(sorted(named)))
         everything = make_plan(ManifestSet(), session.live, opts, session.uri)
         changes = tuple(c for c in everything.changes if c.ref in named)
         plan = replace(everything, changes=changes)

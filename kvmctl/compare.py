@@ -15,6 +15,7 @@ from typing import Any
 from lxml import etree
 
 from .render import NAMESPACE
+from .state import resource_fields
 
 Facts = dict[str, Any]
 _UNITS = {"b": 1, "bytes": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1024**2, "mib": 1024**2,
@@ -48,11 +49,10 @@ def machine_alias(machine: str | None) -> str | None:
 
 
 def _metadata(root: etree._Element) -> tuple[str, str] | None:
-    found = root.find(f"metadata/{{{NAMESPACE}}}resource")
-    if found is None:
+    fields = resource_fields(root)
+    if fields is None:
         return None
-    return (found.findtext(f"{{{NAMESPACE}}}spec-hash") or "",
-            found.findtext(f"{{{NAMESPACE}}}seed-hash") or "")
+    return fields.get("spec-hash", ""), fields.get("seed-hash", "")
 
 
 def _disk_fact(disk: etree._Element) -> tuple[str, Any] | None:
@@ -260,5 +260,14 @@ def device_element(xml: str, key: str) -> str | None:
 
 
 def metadata_element(xml: str) -> str | None:
+    """kvmctl's metadata element without namespaces, as libvirt's setMetadata wants it (it
+    puts the element into the namespace given with the call)."""
     found = _tree(xml).find(f"metadata/{{{NAMESPACE}}}resource")
-    return etree.tostring(found, encoding="unicode") if found is not None else None
+    if found is None:
+        return None
+    plain = copy.deepcopy(found)
+    for el in plain.iter():
+        if isinstance(el.tag, str):
+            el.tag = etree.QName(el).localname
+    etree.cleanup_namespaces(plain)
+    return etree.tostring(plain, encoding="unicode")

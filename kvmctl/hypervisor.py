@@ -43,6 +43,33 @@ def call(what: str, fn: Callable[..., T], *args: Any) -> T:
         raise HypervisorError(f"{what}: {exc.get_error_message() or exc}") from None
 
 
+_VANISHED = {libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_NO_NETWORK,
+             libvirt.VIR_ERR_NO_STORAGE_POOL, libvirt.VIR_ERR_NO_STORAGE_VOL}
+
+
+def _each(read: Callable[[Any], T], objects: list[Any]) -> Iterator[T]:
+    """Read every listed object, skipping those deleted by someone else in the meantime."""
+    for obj in objects:
+        try:
+            yield read(obj)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() in _VANISHED:
+                continue
+            raise HypervisorError(f"read {obj.name()}: {exc.get_error_message()}") from None
+        except HypervisorError:
+            if not _exists(obj):
+                continue
+            raise
+
+
+def _exists(obj: Any) -> bool:
+    try:
+        obj.XMLDesc(0)
+        return True
+    except libvirt.libvirtError:
+        return False
+
+
 class Hypervisor:
     """One libvirt connection."""
 
@@ -58,12 +85,12 @@ class Hypervisor:
     # ---- reading -------------------------------------------------------------------------
 
     def read(self) -> LiveState:
-        domains = {d.name: d for d in map(self._domain, call("list domains",
-                                                            self.conn.listAllDomains, 0))}
-        networks = {n.name: n for n in map(self._network, call("list networks",
-                                                              self.conn.listAllNetworks, 0))}
-        pools = {p.name: p for p in map(self._pool, call("list storage pools",
-                                                        self.conn.listAllStoragePools, 0))}
+        domains = {d.name: d for d in _each(self._domain, call("list domains",
+                                                              self.conn.listAllDomains, 0))}
+        networks = {n.name: n for n in _each(self._network, call("list networks",
+                                                                self.conn.listAllNetworks, 0))}
+        pools = {p.name: p for p in _each(self._pool, call("list storage pools",
+                                                          self.conn.listAllStoragePools, 0))}
         return LiveState(domains, networks, pools, self.host_bridges())
 
     def _domain(self, dom: Any) -> LiveDomain:
@@ -95,7 +122,7 @@ class Hypervisor:
                     if record:
                         records.append(record)
                     continue
-                volumes.append(self._volume(name, vol))
+                volumes.extend(_each(lambda v: self._volume(name, v), [vol]))
         owners = {v: o for r in records for v, o in r.volumes.items()}
         pool_owner = next((r.project for r in records if r.owns_pool), None)
         from .state import Owner
@@ -116,6 +143,11 @@ class Hypervisor:
     def host_bridges(self) -> frozenset[str]:
         """Network interface names on the hypervisor host (bridges included), via libvirt."""
         names = set()
+        # The interface driver enumerates the host's links on every call; the node device
+        # driver only learns of links created after libvirtd started through udev events, which
+        # hosts without a running udevd never send. Ask both.
+        with contextlib.suppress(libvirt.libvirtError):
+            names.update(i.name() for i in self.conn.listAllInterfaces(0))
         flags = libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_NET
         for dev in call("list host network devices", self.conn.listAllDevices, flags):
             with contextlib.suppress(libvirt.libvirtError, etree.XMLSyntaxError):
@@ -266,6 +298,12 @@ class Hypervisor:
     def delete_pool(self, name: str) -> None:
         pool = self._pool_obj(name)
         if pool.isActive():
+            call(f"refresh pool {name}", pool.refresh, 0)
+            left = [v.name() for v in call(f"list volumes of pool {name}", pool.listAllVolumes, 0)
+                    if not v.name().startswith(RECORD_PREFIX)]
+            if left:  # undefining it would orphan them
+                raise HypervisorError(f"pool {name} is not empty ({', '.join(left[:5])}); "
+                                      "not deleted")
             for vol in call(f"list volumes of pool {name}", pool.listAllVolumes, 0):
                 if vol.name().startswith(RECORD_PREFIX):
                     call(f"delete ownership record in {name}", vol.delete, 0)
@@ -292,6 +330,11 @@ class Hypervisor:
 
     def delete_volume(self, pool: str, name: str) -> None:
         call(f"delete volume {name} in pool {pool}", self._vol(pool, name).delete, 0)
+
+    def volume_names(self, pool: str) -> set[str]:
+        pool_obj = self._pool_obj(pool)
+        call(f"refresh pool {pool}", pool_obj.refresh, 0)
+        return {v.name() for v in call(f"list volumes of pool {pool}", pool_obj.listAllVolumes, 0)}
 
     def volume_path(self, pool: str, name: str) -> str:
         return call(f"read volume {name}", self._vol(pool, name).path)

@@ -30,6 +30,8 @@ class Options:
     adopt: bool = False
     allow_empty: bool = False
     targets: tuple[str, ...] = ()
+    # With prune: only these refs (KIND/NAME) may be deleted (destroy: what its manifests name).
+    scope: tuple[str, ...] = ()
 
 
 class _Ctx:
@@ -319,12 +321,17 @@ def _update_vm(ctx: _Ctx, vm: VirtualMachine, live: LiveDomain, xml: str,
     config_changes = compare.diff(desired, compare.domain_facts(live.inactive_xml))
     steps: list[Step] = [Step("define_domain", (name, xml))] if config_changes else []
     reasons: list[str] = []
-    fields = [FieldDiff(c.field, c.old, c.new) for c in config_changes]
+    fields = [FieldDiff(c.field, describe(c.field, c.old), describe(c.field, c.new))
+              for c in config_changes]
     pending: list[str] = []
     if live.running:
-        live_changes = compare.diff(desired, compare.domain_facts(live.live_xml or ""))
         live_facts = compare.domain_facts(live.live_xml or "")
-        for c in live_changes:
+        changed_in_config = {c.field for c in config_changes}
+        for c in compare.diff(desired, live_facts):
+            # A running guest's memory is what its balloon reports, which trails the target
+            # for a while after boot: only a change of the definition is acted on.
+            if c.field == "memory" and c.field not in changed_in_config:
+                continue
             step = _live_step(name, c, xml, live.live_xml or "", live_facts)
             if step is None:
                 pending.append(c.field)
@@ -354,6 +361,27 @@ def _update_vm(ctx: _Ctx, vm: VirtualMachine, live: LiveDomain, xml: str,
     klass = NOOP if not steps else (RESTART if pending else LIVE)
     return Change("VirtualMachine", name, klass, tuple(reasons), tuple(fields), tuple(steps),
                   pending_restart=deferred, fingerprint=fp, depends=deps)
+
+
+def describe(field: str, value: object) -> object:
+    """A domain fact as a person reads it in a plan."""
+    if value is None or value == ():
+        return None
+    if field in ("memory", "memory.max") and isinstance(value, int):
+        return format_size(value * 1024)
+    if field == "metadata" and isinstance(value, tuple):
+        return f"spec {value[0][:8]}" + (f", seed {value[1][:8]}" if value[1] else "")
+    if field.startswith("disk:") and isinstance(value, tuple):
+        device, bus, source, fmt, readonly, shareable = value
+        where = "/".join(source) if isinstance(source, tuple) else source
+        return f"{device} on {bus}: {where} ({fmt})" + (", readonly" if readonly else "") + (
+            ", shareable" if shareable else "")
+    if field.startswith("nic:") and isinstance(value, tuple):
+        kind, source, model, link = value
+        return f"{kind} {source}, model {model}, link {link}"
+    if isinstance(value, tuple):
+        return ", ".join(map(str, value))
+    return value
 
 
 def _state_steps(vm: VirtualMachine, live: LiveDomain, restarting: bool) -> list[Step]:
@@ -390,21 +418,33 @@ def plan_prune(ctx: _Ctx) -> list[Change]:
     wanted = {(o.meta.kind, o.meta.name) for o in m.all()}
     wanted |= {(SEED_KIND, vm.meta.name) for vm in m.vms if vm.cloud_init}
     out: list[Change] = []
+    in_scope = lambda kind, name: not ctx.opts.scope or f"{kind}/{name}" in ctx.opts.scope  # noqa: E731
     for dom in ctx.live.domains.values():
-        if _mine(dom.owner, project) and ("VirtualMachine", dom.name) not in wanted:
+        if _mine(dom.owner, project) and ("VirtualMachine", dom.name) not in wanted \
+                and in_scope("VirtualMachine", dom.name):
             out.append(_delete(dom.owner, "VirtualMachine", dom.name,
                                Step("delete_domain", (dom.name, 60)),
                                fingerprint(dom.inactive_xml, dom.state)))
     for net in ctx.live.networks.values():
-        if _mine(net.owner, project) and ("Network", net.name) not in wanted:
+        if _mine(net.owner, project) and ("Network", net.name) not in wanted \
+                and in_scope("Network", net.name):
             out.append(_delete(net.owner, "Network", net.name,
                                Step("delete_network", (net.name,)), fingerprint(net.xml)))
+    doomed = [vol for pool in ctx.live.pools.values() for vol in pool.volumes
+              if _mine(vol.owner, project) and (vol.owner.kind, vol.owner.name) not in wanted
+              and in_scope(vol.owner.kind, vol.owner.name)]
+    # Images last: a disk deleted by this same plan no longer keeps its base image.
+    going: set[str] = set()
+    decided: dict[str, Change] = {}
+    for vol in sorted(doomed, key=lambda v: v.owner.kind == "Image"):  # type: ignore[union-attr]
+        decided[vol.path] = _prune_volume(ctx, vol, going)
+        if decided[vol.path].steps:
+            going.add(vol.path)
     for pool in ctx.live.pools.values():
-        for vol in pool.volumes:
-            if _mine(vol.owner, project) and (vol.owner.kind, vol.owner.name) not in wanted:
-                out.append(_prune_volume(ctx, vol))
-        if _mine(pool.owner, project) and ("StoragePool", pool.name) not in wanted:
-            out.append(_prune_pool(ctx, pool))
+        out += [decided[vol.path] for vol in pool.volumes if vol.path in decided]
+        if _mine(pool.owner, project) and ("StoragePool", pool.name) not in wanted \
+                and in_scope("StoragePool", pool.name):
+            out.append(_prune_pool(ctx, pool, going))
     return out
 
 
@@ -420,24 +460,25 @@ def _delete(owner: Owner | None, kind: str, name: str, step: Step, fp: str,
                   steps=() if blocked else (step,), blocked=blocked, fingerprint=fp)
 
 
-def _prune_volume(ctx: _Ctx, vol: LiveVolume) -> Change:
+def _prune_volume(ctx: _Ctx, vol: LiveVolume, going: set[str]) -> Change:
     owner = vol.owner
     assert owner is not None
     step = Step("delete_volume", (vol.pool, vol.name, owner.kind, owner.name))
     blocked = None
     if owner.kind == "Disk" and not ctx.opts.prune_disks:
         blocked = "disks hold data: deleting one also needs --prune-disks"
-    if owner.kind == "Image" and any(v.backing_path == vol.path for p in ctx.live.pools.values()
-                                     for v in p.volumes):
+    if owner.kind == "Image" and any(v.backing_path == vol.path and v.path not in going
+                                     for p in ctx.live.pools.values() for v in p.volumes):
         blocked = "disks still use it as their base"
     if _attached(ctx, vol.pool, vol.name) and owner.kind != SEED_KIND:
         blocked = "attached to a running VM"
     return _delete(owner, owner.kind, owner.name, step, fingerprint(vol), blocked)
 
 
-def _prune_pool(ctx: _Ctx, pool) -> Change:  # type: ignore[no-untyped-def]
-    foreign = [v.name for v in pool.volumes if not _mine(v.owner, ctx.opts.project)]
-    blocked = f"not empty: {', '.join(foreign[:5])}" if foreign else None
+def _prune_pool(ctx: _Ctx, pool, going: set[str]) -> Change:  # type: ignore[no-untyped-def]
+    # Deleting the pool of volumes that stay would orphan them: only an emptied pool goes.
+    staying = [v.name for v in pool.volumes if v.path not in going]
+    blocked = f"not empty: {', '.join(staying[:5])}" if staying else None
     return _delete(pool.owner, "StoragePool", pool.name, Step("delete_pool", (pool.name,)),
                    fingerprint(pool.xml), blocked)
 

@@ -98,21 +98,30 @@ class LiveState:
         return None
 
 
-def owner_from_xml(xml: str) -> Owner | None:
-    """The kvmctl ownership mark in a domain or network definition, if any."""
-    try:
-        root = etree.fromstring(xml.encode())
-    except etree.XMLSyntaxError:
-        return None
+def resource_fields(root: etree._Element) -> dict[str, str] | None:
+    """The fields of kvmctl's <resource> metadata element, by local name.
+
+    libvirt's setMetadata puts only the element itself in our namespace, not its children, so
+    children are matched by local name whatever their namespace.
+    """
     found = root.find(f"metadata/{{{NAMESPACE}}}resource")
     if found is None:
         return None
+    return {etree.QName(child).localname: (child.text or "").strip() for child in found
+            if isinstance(child.tag, str)}
 
-    def text(tag: str) -> str:
-        return (found.findtext(f"{{{NAMESPACE}}}{tag}") or "").strip()
 
-    return Owner(text("project"), text("kind"), text("name"), text("spec-hash"),
-                 text("seed-hash"), text("protect") == "true")
+def owner_from_xml(xml: str) -> Owner | None:
+    """The kvmctl ownership mark in a domain or network definition, if any."""
+    try:
+        fields = resource_fields(etree.fromstring(xml.encode()))
+    except etree.XMLSyntaxError:
+        return None
+    if fields is None:
+        return None
+    return Owner(fields.get("project", ""), fields.get("kind", ""), fields.get("name", ""),
+                 fields.get("spec-hash", ""), fields.get("seed-hash", ""),
+                 fields.get("protect") == "true")
 
 
 def fingerprint(*parts: Any) -> str:
