@@ -273,16 +273,10 @@ def _confirm(args: argparse.Namespace, env: Env) -> None:
 
 def _execute(args: argparse.Namespace, env: Env, session: Session, plan: Any) -> bool:
     from . import apply as apply_mod
-
-    def progress(change: Any, status: str, detail: str) -> None:
-        line = {"start": f"{change.ref}: {change.klass}...",
-                "done": f"{change.ref}: done",
-                "failed": f"{change.ref}: FAILED: {detail}"}[status]
-        (env.stderr if status == "failed" else env.stdout).write(line + "\n")
-        env.stdout.flush()
-
-    result = apply_mod.run(plan, session.hv, session.manifest, session.live, args.parallelism,
-                           progress)
+    total = sum(1 for group in apply_mod.levels(plan) for _ in group)
+    with _ProgressView(env, total) as view:
+        result = apply_mod.run(plan, session.hv, session.manifest, session.live,
+                               args.parallelism, view.event)
     if result.failed:
         env.stderr.write(f"error: {len(result.failed)} change(s) failed; {len(result.done)} "
                          f"done, {len(result.skipped)} not started. Run apply again to "
@@ -290,6 +284,45 @@ def _execute(args: argparse.Namespace, env: Env, session: Session, plan: Any) ->
         return False
     env.stdout.write(f"Apply complete: {len(result.done)} change(s) made.\n")
     return True
+
+
+class _ProgressView:
+    """A rich progress bar on a terminal; one plain line per event otherwise (CI logs)."""
+
+    def __init__(self, env: Env, total: int) -> None:
+        self.env, self.total = env, total
+        self.progress: Any = None
+        self.task: Any = None
+
+    def __enter__(self) -> "_ProgressView":
+        if self.env.interactive:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
+            console = Console(file=self.env.stdout)
+            self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                                     BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                     console=console, transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task("applying", total=self.total)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def event(self, change: Any, status: str, detail: str) -> None:
+        line = {"start": f"{change.ref}: {change.klass}...",
+                "done": f"{change.ref}: done",
+                "failed": f"{change.ref}: FAILED: {detail}"}[status]
+        if self.progress is None:
+            (self.env.stderr if status == "failed" else self.env.stdout).write(line + "\n")
+            self.env.stdout.flush()
+            return
+        if status == "start":
+            self.progress.update(self.task, description=f"{change.ref}")
+            return
+        self.progress.console.print(line, markup=False, highlight=False)
+        self.progress.advance(self.task)
 
 
 def _after_apply(args: argparse.Namespace, env: Env, session: Session, ok: bool) -> int:

@@ -154,6 +154,11 @@ def plan_disk(ctx: _Ctx, disk: Disk) -> Change:
         return _replace_disk(ctx, disk, owned, spec.name, xml, deps)
     if live is None:
         image = ctx.m.find("Image", disk.image) if disk.image else None
+        base = ctx.live.volume(image.pool, render.volume_name(image.meta.name, image.format)) \
+            if isinstance(image, Image) else None
+        if base is not None and base.capacity > disk.size:
+            ctx.errors.append(f"{disk.meta.ref}: size {format_size(disk.size)} is smaller than "
+                              f"its Image {image.meta.name} ({format_size(base.capacity)})")
         clone = ((image.pool, render.volume_name(image.meta.name, image.format))
                  if disk.clone and isinstance(image, Image) else None)
         how = f"{format_size(disk.size)} {disk.format}" + (

@@ -205,9 +205,15 @@ class Reservation:
 def reservations(net: Network, m: ManifestSet) -> list[Reservation]:
     found = []
     for vm in m.vms:
-        for nic in vm.interfaces:
+        named = False
+        for position, nic in enumerate(vm.interfaces):
             if nic.network == net.meta.name and nic.ip:
-                found.append(Reservation(nic.mac, vm.meta.name, nic.ip))
+                # libvirt refuses a second DHCP host entry with a name already in use (and
+                # dnsmasq would give the name one address): a VM's further reserved NICs on the
+                # same network are named after their position.
+                name = f"{vm.meta.name}-{position}" if named else vm.meta.name
+                found.append(Reservation(nic.mac, name, nic.ip))
+                named = True
     return found
 
 
