@@ -154,7 +154,11 @@ class Executor:
 
     def grow_volume(self, pool: str, volume: str, size: int,
                     attached: tuple[tuple[str, str], ...]) -> None:
-        self.hv.resize_volume(pool, volume, size)
+        if not attached:
+            self.hv.resize_volume(pool, volume, size)
+            return
+        # A running QEMU holds the image's write lock (qemu-img resize would be refused): it
+        # grows the image itself, and the guest sees the new size at once.
         for domain, target in attached:
             self.hv.block_resize(domain, target, size)
 

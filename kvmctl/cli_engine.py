@@ -54,6 +54,7 @@ def register(sub: Any, manifest_options: Callable, engine_options: Callable) -> 
     p.add_argument("what", nargs="?", default="vms",
                    choices=("vms", "networks", "disks", "pools", "images"))
     engine_options(p)
+    manifest_options(p)
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
     p.set_defaults(run=cmd_get)
 
@@ -375,6 +376,15 @@ def cmd_get(args: argparse.Namespace, env: Env) -> int:
     hv = Hypervisor(args.connect or default_uri())
     live = hv.read()
     rows = _rows(args.what, live, hv, args.project)
+    if args.filename:  # with manifests: show how each object differs from them (drift)
+        kinds = {"vms": "VirtualMachine", "networks": "Network", "disks": "Disk",
+                 "pools": "StoragePool", "images": "Image"}
+        plan = Session(args, env).plan()
+        drift = {c.name: c.klass for c in plan.changes if c.kind == kinds[args.what]}
+        for row in rows:
+            row["drift"] = drift.get(row["name"], "not in manifests")
+            if row["drift"] == "no-op":
+                row["drift"] = None
     if args.output == "json":
         json.dump(rows, env.stdout, indent=2)
         env.stdout.write("\n")

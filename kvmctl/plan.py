@@ -315,24 +315,30 @@ def plan_vm(ctx: _Ctx, vm: VirtualMachine) -> Change:
                       steps=tuple(steps), depends=deps)
     if not ctx.check_owner(vm.meta.ref, live.owner):
         return Change("VirtualMachine", name, NOOP)
-    return _update_vm(ctx, vm, live, compare.carry_identity(xml, live.inactive_xml), deps)
+    return _update_vm(ctx, vm, live, xml, deps)
 
 
 def _update_vm(ctx: _Ctx, vm: VirtualMachine, live: LiveDomain, xml: str,
                deps: tuple[str, ...]) -> Change:
+    """`xml` is the rendered definition. It takes the current one's device addresses and
+    controllers (compare.carry_identity) only when a step sends it to libvirt: those are not
+    facts, so both have the same facts, and a no-op VM is spared the work."""
     name = vm.meta.name
     fp = fingerprint(live.inactive_xml, live.state, live.autostart)
     desired = compare.domain_facts(xml)
     config_changes = compare.diff(desired, compare.domain_facts(live.inactive_xml))
+    live_facts = compare.domain_facts(live.live_xml or "") if live.running else {}
+    live_changes = compare.diff(desired, live_facts) if live.running else []
+    if config_changes or live_changes:
+        xml = compare.carry_identity(xml, live.inactive_xml)
     steps: list[Step] = [Step("define_domain", (name, xml))] if config_changes else []
     reasons: list[str] = []
     fields = [FieldDiff(c.field, describe(c.field, c.old), describe(c.field, c.new))
               for c in config_changes]
     pending: list[str] = []
     if live.running:
-        live_facts = compare.domain_facts(live.live_xml or "")
         changed_in_config = {c.field for c in config_changes}
-        for c in compare.diff(desired, live_facts):
+        for c in live_changes:
             # A running guest's memory is what its balloon reports, which trails the target
             # for a while after boot: only a change of the definition is acted on.
             if c.field == "memory" and c.field not in changed_in_config:
