@@ -366,7 +366,11 @@ def _update_vm(ctx: _Ctx, vm: VirtualMachine, live: LiveDomain, xml: str,
     if not steps and not pending:
         return Change("VirtualMachine", name, NOOP, fingerprint=fp, depends=deps)
     if live.running and not reasons and steps:
-        reasons.append("applied to the running guest and to its definition, no restart")
+        touches_guest = any(step.op not in ("define_domain", "domain_autostart")
+                            for step in steps)
+        reasons.append("applied to the running guest and to its definition, no restart"
+                       if touches_guest else
+                       "the definition changes; the running guest already has these values")
     deferred = bool(pending) and vm.on_restart_needed == "defer"
     # A restart that is only pending (nothing left to apply) is reported, but is not a change.
     klass = NOOP if not steps else (RESTART if pending else LIVE)
