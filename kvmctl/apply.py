@@ -25,7 +25,7 @@ from .errors import ApplyError, KvmctlError
 from .hypervisor import Hypervisor
 from .model import ManifestSet, VirtualMachine
 from .plan import SEED_KIND
-from .plan_types import DELETE, NOOP, Change, Plan, Step
+from .plan_types import DELETE, Change, Plan
 from .state import LiveState, OwnershipRecord, Owner
 
 LEVELS = {"StoragePool": 0, "Image": 1, "Disk": 2, SEED_KIND: 2, "Network": 3,
@@ -49,7 +49,7 @@ class ApplyResult:
 
 def levels(plan: Plan) -> list[list[Change]]:
     """Groups of changes that may run in parallel, in the order they must run."""
-    todo = [c for c in plan.changes if c.steps and c.klass != NOOP or c.steps]
+    todo = [c for c in plan.changes if c.steps]
     forward = [c for c in todo if c.klass != DELETE]
     backward = [c for c in todo if c.klass == DELETE]
     groups: list[list[Change]] = []
