@@ -213,11 +213,16 @@ def cloud_init(m: ManifestSet, docs: DocIndex) -> Iterator[Problem]:
     """The seed content is built here too, so that `validate` catches what `render` would."""
     if not any(vm.cloud_init for vm in m.vms):
         return
-    from .render import seed_content_of  # imported only when a VM has cloudInit
+    from .render import seed_content_of, seed_pool  # imported only when a VM has cloudInit
     from .seed import SeedError
     for vm in m.vms:
         if vm.cloud_init is None:
             continue
+        if seed_pool(vm, m) is None:
+            yield _problem(docs, "VirtualMachine", vm.meta.name, ("spec", "cloudInit"),
+                           "cloudInit needs a StoragePool to hold the seed, and this VM has no "
+                           "disk and the manifests define no StoragePool",
+                           "add a StoragePool document, or a disk to the VM")
         try:
             seed_content_of(vm)
         except SeedError as exc:

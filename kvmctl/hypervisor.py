@@ -85,22 +85,32 @@ class Hypervisor:
     # ---- reading -------------------------------------------------------------------------
 
     def read(self) -> LiveState:
-        domains = {d.name: d for d in _each(self._domain, call("list domains",
-                                                              self.conn.listAllDomains, 0))}
+        listed = call("list domains", self.conn.listAllDomains, 0)
+        # Two filtered lists instead of a state and an autostart call per domain: a domain that
+        # is not active is shut off; only the active ones are asked for their exact state.
+        active, autostart = ({d.UUIDString() for d in call("list domains",
+                                                          self.conn.listAllDomains, flags)}
+                             for flags in (libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE,
+                                           libvirt.VIR_CONNECT_LIST_DOMAINS_AUTOSTART))
+        domains = {d.name: d for d in _each(lambda dom: self._domain(dom, active, autostart),
+                                            listed)}
         networks = {n.name: n for n in _each(self._network, call("list networks",
                                                                 self.conn.listAllNetworks, 0))}
         pools = {p.name: p for p in _each(self._pool, call("list storage pools",
                                                           self.conn.listAllStoragePools, 0))}
         return LiveState(domains, networks, pools, self.host_bridges())
 
-    def _domain(self, dom: Any) -> LiveDomain:
-        name = dom.name()
+    def _domain(self, dom: Any, active: set[str] | None = None,
+                autostart: set[str] | None = None) -> LiveDomain:
+        """One domain; `active` and `autostart` (UUIDs, from filtered lists) spare two calls."""
+        name, uuid = dom.name(), dom.UUIDString()
         inactive = call(f"read domain {name}", dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE)
-        state = _STATES.get(call(f"read domain {name}", dom.state)[0], "other")
+        state = _STATES.get(call(f"read domain {name}", dom.state)[0], "other") \
+            if active is None or uuid in active else "shutoff"
         live = call(f"read domain {name}", dom.XMLDesc, 0) if state != "shutoff" else None
-        return LiveDomain(name, dom.UUIDString(), inactive, live, state,
-                          bool(call(f"read domain {name}", dom.autostart)),
-                          owner_from_xml(inactive))
+        auto = uuid in autostart if autostart is not None else \
+            bool(call(f"read domain {name}", dom.autostart))
+        return LiveDomain(name, uuid, inactive, live, state, auto, owner_from_xml(inactive))
 
     def _network(self, net: Any) -> LiveNetwork:
         name = net.name()
