@@ -126,6 +126,11 @@ def test_legitimate_aliases_still_work(write: Any, cli: Any) -> None:
                 - path: /etc/a
                   content: a
               bootcmd: *files
+        ---
+        apiVersion: kvmctl/v1
+        kind: StoragePool
+        metadata: {name: seeds}
+        spec: {path: /var/lib/kvmctl/seeds}
         """))
     assert cli(["validate", "-f", path]).code == 0
     docs = documents.load([str(path)])
