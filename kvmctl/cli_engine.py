@@ -154,12 +154,13 @@ def cmd_plan(args: argparse.Namespace, env: Env) -> int:
 
 
 def print_plan(plan: Any, env: Env) -> None:
-    from rich.console import Console
     from .plan_types import MASK, SYMBOLS
-    console = Console(file=env.stdout, highlight=False, soft_wrap=True)
     colors = {"create": "green", "update-live": "yellow", "update-restart": "yellow",
               "replace": "magenta", "delete": "red", "no-op": "cyan"}
     shown = [c for c in plan.changes if c.is_change]
+    if shown:  # rich is imported only when there is something to print in colour
+        from rich.console import Console
+        console = Console(file=env.stdout, highlight=False, soft_wrap=True)
     for c in shown:
         tag = "pending restart" if c.klass == "no-op" else c.klass
         console.print(f"[{colors[c.klass]}]{SYMBOLS[c.klass]:>3} {c.ref}[/] [dim]({tag})[/]",
@@ -355,7 +356,9 @@ def cmd_destroy(args: argparse.Namespace, env: Env) -> int:
         opts = session.options(prune=True, allow_empty=True, prune_disks=args.with_disks,
                                targets=(), scope=tuple(sorted(named)))
         everything = make_plan(ManifestSet(), session.live, opts, session.uri)
-        changes = tuple(c for c in everything.changes if c.ref in named)
+        # The planner's advice names prune's flag; destroy's own is --with-disks.
+        changes = tuple(replace(c, blocked=c.blocked.replace("--prune-disks", "--with-disks"))
+                        if c.blocked else c for c in everything.changes if c.ref in named)
         plan = replace(everything, changes=changes)
         print_plan(plan, env)
         if not plan.changes_present:

@@ -220,6 +220,11 @@ def carry_identity(desired_xml: str, current_xml: str) -> str:
     devices (and renames its NICs) at the next boot.
     """
     desired, current = _tree(desired_xml), _tree(current_xml)
+    if machine_alias(desired.find("os/type").get("machine")) != \
+            machine_alias(current.find("os/type").get("machine")):
+        # Another machine type has another PCI topology (pc: pci-root, q35: pcie-root and
+        # root ports): the old controllers and addresses do not fit it, libvirt lays it out anew.
+        return desired_xml
     addresses = {}
     for el in current.iterfind("devices/*"):
         key = _device_key(el)

@@ -406,11 +406,36 @@ class Hypervisor:
         from .render import pool_xml
         tmp_xml = pool_xml(StoragePool(Meta("StoragePool", tmp_name, (), "", None), "dir",  # type: ignore[arg-type]
                                        folder, False))
-        tmp = call(f"open {folder} on the host", self.conn.storagePoolCreateXML, tmp_xml, 0)
+        # libvirt refuses a second pool over a directory that already is one (another pool,
+        # or the transient pool of a concurrent import): use that pool then.
+        tmp = self._pool_over(folder)
+        if tmp is None:
+            try:
+                tmp = self.conn.storagePoolCreateXML(tmp_xml, 0)
+            except libvirt.libvirtError as exc:
+                tmp = self._pool_over(folder)
+                if tmp is None:
+                    raise HypervisorError(f"open {folder} on the host: "
+                                          f"{exc.get_error_message() or exc}") from None
+        else:
+            call(f"refresh pool {tmp.name()}", tmp.refresh, 0)
         try:
             source = call(f"find {path} on the host", tmp.storageVolLookupByName, filename)
             call(f"import {path} into pool {pool}", self._pool_obj(pool).createXMLFrom, xml,
                  source, 0)
         finally:
-            with contextlib.suppress(libvirt.libvirtError):
-                tmp.destroy()
+            # Only a transient import pool goes; if a concurrent import still copies from it,
+            # this fails and that import removes it when it is done.
+            if tmp.name().startswith("kvmctl-import-") and not tmp.isPersistent():
+                with contextlib.suppress(libvirt.libvirtError):
+                    tmp.destroy()
+
+    def _pool_over(self, folder: str) -> Any | None:
+        """The active pool whose directory is `folder`, if there is one."""
+        flags = libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE
+        for pool in call("list storage pools", self.conn.listAllStoragePools, flags):
+            with contextlib.suppress(libvirt.libvirtError, etree.XMLSyntaxError):
+                target = etree.fromstring(pool.XMLDesc(0).encode()).findtext("target/path")
+                if (target or "").rstrip("/") == folder.rstrip("/"):
+                    return pool
+        return None

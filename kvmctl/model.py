@@ -10,6 +10,7 @@ import hashlib
 import ipaddress
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Iterator
 
 from .documents import Document
@@ -178,10 +179,15 @@ class ManifestSet:
         yield from self.vms
 
     def find(self, kind: str, name: str) -> Resource | None:
+        return self._index.get((kind, name))
+
+    @cached_property
+    def _index(self) -> dict[tuple[str, str], Resource]:
+        """(kind, name) -> object, the first of duplicates; built once (the set is frozen)."""
+        index: dict[tuple[str, str], Resource] = {}
         for obj in self.all():
-            if obj.meta.kind == kind and obj.meta.name == name:
-                return obj
-        return None
+            index.setdefault((obj.meta.kind, obj.meta.name), obj)
+        return index
 
 
 def spec_hash(spec: Any) -> str:

@@ -38,6 +38,8 @@ class _Ctx:
     def __init__(self, m: ManifestSet, live: LiveState, opts: Options) -> None:
         self.m, self.live, self.opts = m, live, opts
         self.errors: list[str] = []
+        # disk source -> (running domain, target dev), built on first use by _attached
+        self.attachments: dict[object, list[tuple[str, str]]] | None = None
 
     def check_owner(self, ref: str, owner: Owner | None) -> bool:
         """True when kvmctl may change the object; records a conflict error otherwise."""
@@ -133,14 +135,15 @@ def _image_path(ctx: _Ctx, disk: Disk) -> str | None:
 
 def _attached(ctx: _Ctx, pool: str, volume: str) -> list[tuple[str, str]]:
     """(running domain, target dev) pairs that use this volume right now."""
-    found = []
-    for dom in ctx.live.domains.values():
-        if not dom.running:
-            continue
-        for key, value in compare.domain_facts(dom.live_xml or "").items():
-            if key.startswith("disk:") and value[2] == (pool, volume):
-                found.append((dom.name, key[5:]))
-    return found
+    if ctx.attachments is None:  # every running domain is parsed once, not once per volume
+        ctx.attachments = {}
+        for dom in ctx.live.domains.values():
+            if not dom.running:
+                continue
+            for key, value in compare.domain_facts(dom.live_xml or "").items():
+                if key.startswith("disk:"):
+                    ctx.attachments.setdefault(value[2], []).append((dom.name, key[5:]))
+    return list(ctx.attachments.get((pool, volume), ()))
 
 
 def plan_disk(ctx: _Ctx, disk: Disk) -> Change:
@@ -247,8 +250,10 @@ def plan_network(ctx: _Ctx, net: Network) -> Change:
     fields = tuple(FieldDiff(c.field, c.old, c.new) for c in changes)
     hard = [c for c in changes if c.field not in compare.NETWORK_LIVE_FIELDS]
     if hard:
-        users = [d.name for d in ctx.live.domains.values() if d.running
-                 and f'network="{name}"' in (d.live_xml or "")]
+        # libvirt writes attributes in single quotes: compare the parsed NIC sources.
+        users = [d.name for d in ctx.live.domains.values() if d.running and any(
+            k.startswith("nic:") and v[:2] == ("network", name)
+            for k, v in compare.domain_facts(d.live_xml or "").items())]
         blocked = "the network is protected (protect: true)" if net.protect or (
             live.owner and live.owner.protect) else None
         reason = ("libvirt cannot change " + ", ".join(c.field for c in hard) +
@@ -445,6 +450,8 @@ def plan_prune(ctx: _Ctx) -> list[Change]:
                 and in_scope("Network", net.name):
             out.append(_delete(net.owner, "Network", net.name,
                                Step("delete_network", (net.name,)), fingerprint(net.xml)))
+    # VMs this plan deletes (before any volume) do not keep their disks in use.
+    leaving = {c.name for c in out if c.kind == "VirtualMachine" and c.steps}
     doomed = [vol for pool in ctx.live.pools.values() for vol in pool.volumes
               if _mine(vol.owner, project) and (vol.owner.kind, vol.owner.name) not in wanted
               and in_scope(vol.owner.kind, vol.owner.name)]
@@ -452,7 +459,7 @@ def plan_prune(ctx: _Ctx) -> list[Change]:
     going: set[str] = set()
     decided: dict[str, Change] = {}
     for vol in sorted(doomed, key=lambda v: v.owner.kind == "Image"):  # type: ignore[union-attr]
-        decided[vol.path] = _prune_volume(ctx, vol, going)
+        decided[vol.path] = _prune_volume(ctx, vol, going, leaving)
         if decided[vol.path].steps:
             going.add(vol.path)
     for pool in ctx.live.pools.values():
@@ -475,7 +482,8 @@ def _delete(owner: Owner | None, kind: str, name: str, step: Step, fp: str,
                   steps=() if blocked else (step,), blocked=blocked, fingerprint=fp)
 
 
-def _prune_volume(ctx: _Ctx, vol: LiveVolume, going: set[str]) -> Change:
+def _prune_volume(ctx: _Ctx, vol: LiveVolume, going: set[str],
+                  leaving: set[str] | frozenset[str] = frozenset()) -> Change:
     owner = vol.owner
     assert owner is not None
     step = Step("delete_volume", (vol.pool, vol.name, owner.kind, owner.name))
@@ -485,7 +493,8 @@ def _prune_volume(ctx: _Ctx, vol: LiveVolume, going: set[str]) -> Change:
     if owner.kind == "Image" and any(v.backing_path == vol.path and v.path not in going
                                      for p in ctx.live.pools.values() for v in p.volumes):
         blocked = "disks still use it as their base"
-    if _attached(ctx, vol.pool, vol.name) and owner.kind != SEED_KIND:
+    users = [dom for dom, _ in _attached(ctx, vol.pool, vol.name) if dom not in leaving]
+    if users and owner.kind != SEED_KIND:
         blocked = "attached to a running VM"
     return _delete(owner, owner.kind, owner.name, step, fingerprint(vol), blocked)
 

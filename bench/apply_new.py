@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Benchmark: `kvmctl apply` of N new stopped VMs against a bare defineXML loop.
+
+Sets up one NAT network `kb-<runid>-net` (project `kb-<runid>`), then, --repeat times:
+
+  (a) times the whole `kvmctl apply -y -f DIR --project kb-<runid> --domain-type qemu`
+      process that defines N new stopped VMs (default 100; the network is already there and
+      unchanged), then removes the VMs again (`kvmctl destroy -y`, not timed);
+  (b) times a bare `python -c` process that opens the connection and defines the same XML
+      (`kvmctl render` output, the VMs renamed `kb-<runid>-raw-NNNN`) with
+      virDomainDefineXMLFlags(VALIDATE), as kvmctl does, then undefines them (not timed);
+
+and prints the best of each and their ratio. Then it removes everything it created, also when
+a step fails or it is interrupted (see plan_noop.py, whose helpers it shares).
+
+Prints figures only; it never fails on a slow result.
+
+    .venv/bin/python bench/apply_new.py [-n 100] [--repeat 3] [--profile FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from plan_noop import (BenchError, Run, child_env, free_subnet, kvmctl_command,  # noqa: E402
+                       leftovers, network_yaml, run, terminate_as_exit, timed, write_vms)
+
+BARE_DEFINE = """
+import json, sys, libvirt
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+with open(sys.argv[2], encoding="utf-8") as f:
+    xmls = json.load(f)
+conn = libvirt.open(sys.argv[1])
+for xml in xmls:
+    conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+conn.close()
+"""
+
+
+def rendered_vms(r: Run, directory: Path) -> dict[str, str]:
+    """name -> domain XML, as `kvmctl render` prints it for these manifests."""
+    out = run(kvmctl_command() + ["render", "-f", str(directory), "--kind", "VirtualMachine",
+                                  "--project", r.project, "--domain-type", "qemu"]).stdout
+    parts = re.split(r"^<!-- VirtualMachine/(\S+) -->\n", out, flags=re.M)
+    if len(parts) == 1:  # a single VM is printed without the comment
+        raise BenchError("kvmctl render printed a single document; use -n 2 or more")
+    return {parts[i]: parts[i + 1] for i in range(1, len(parts), 2)}
+
+
+def undefine_all(uri: str, prefix: str) -> int:
+    import libvirt
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    conn = libvirt.open(uri)
+    try:
+        gone = 0
+        for dom in conn.listAllDomains(0):
+            if dom.name().startswith(prefix):
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+                gone += 1
+        return gone
+    finally:
+        conn.close()
+
+
+def count(uri: str, prefix: str) -> int:
+    return sum(1 for item in leftovers(uri, prefix) if item.startswith("domain "))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-n", "--vms", type=int, default=100)
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each measurement (best is "
+                    "reported)")
+    ap.add_argument("--connect", default="qemu:///system", metavar="URI")
+    ap.add_argument("--profile", metavar="FILE",
+                    help="profile one more `kvmctl apply` into FILE and print its top")
+    args = ap.parse_args(argv)
+
+    with terminate_as_exit():
+        r = Run(args.connect)
+        clean = False
+        try:
+            measure(r, args)
+        finally:
+            clean = r.cleanup()
+    return 0 if clean else 1
+
+
+def measure(r: Run, args: argparse.Namespace) -> None:
+    n = args.vms
+    subnet = free_subnet(r.uri, 24)
+    net_dir, vms_dir, full_dir = r.dir / "net", r.dir / "vms", r.dir / "full"
+    for d in (net_dir, full_dir):
+        d.mkdir()
+        (d / "network.yaml").write_text(network_yaml(r.network, subnet), encoding="utf-8")
+    names = [r.vm_name(i) for i in range(1, n + 1)]
+    write_vms(vms_dir, names, r.network, [None] * n)
+    write_vms(full_dir, names, r.network, [None] * n)
+    print(f"run {r.id}: project {r.project}, {n} new stopped VMs on network {r.network} "
+          f"({subnet}), manifests in {r.dir}", flush=True)
+
+    print("setting up the network: kvmctl apply -y ...", flush=True)
+    r.apply(net_dir)
+    r.applied_dirs.append(full_dir)  # cleanup destroys the VMs and the network
+
+    xmls = rendered_vms(r, full_dir)
+    raw_prefix = f"{r.prefix}raw-"
+    bare_xml = [re.sub(r"<name>[^<]*</name>", f"<name>{raw_prefix}{name[-4:]}</name>", xml,
+                       count=1) for name, xml in sorted(xmls.items())]
+    xml_file = r.dir / "bare.json"
+    xml_file.write_text(json.dumps(bare_xml), encoding="utf-8")
+    bare = [sys.executable, "-c", BARE_DEFINE, r.uri, str(xml_file)]
+    apply = r.kvmctl("apply", "-y", "-f", str(full_dir))
+    destroy_vms = r.kvmctl("destroy", "-y", "-f", str(vms_dir))
+
+    apply_times: list[float] = []
+    bare_times: list[float] = []
+    for i in range(args.repeat):
+        apply_times.append(timed(apply))
+        made = count(r.uri, f"{r.prefix}vm-")
+        if made != n:
+            raise BenchError(f"kvmctl apply made {made} VMs, not {n}")
+        run(destroy_vms)
+        bare_times.append(timed(bare))
+        made = undefine_all(r.uri, raw_prefix)
+        if made != n:
+            raise BenchError(f"the bare loop defined {made} VMs, not {n}")
+        print(f"  round {i + 1}/{args.repeat}: kvmctl apply {apply_times[-1]:.3f} s, bare "
+              f"defineXML loop {bare_times[-1]:.3f} s", flush=True)
+
+    apply_best, bare_best = min(apply_times), min(bare_times)
+    ratio = apply_best / bare_best
+    print(f"\napply of {n} new stopped VMs, best of {args.repeat}:")
+    print(f"  (a) kvmctl apply -y (whole process):       {apply_best:8.3f} s")
+    print(f"  (b) bare defineXMLFlags loop (process):    {bare_best:8.3f} s")
+    print(f"  ratio a/b: {ratio:.2f} (target <= 2): "
+          f"{'meets the target' if ratio <= 2 else 'MISSES the target'}")
+    if args.profile:
+        profile(r, args.profile, full_dir, destroy_vms)
+
+
+def profile(r: Run, out: str, directory: Path, destroy: list[str]) -> None:
+    import pstats
+    import subprocess
+    argv = [sys.executable, "-m", "cProfile", "-o", out, "-m", "kvmctl", "apply", "-y", "-f",
+            str(directory), "--connect", r.uri, "--project", r.project, "--domain-type", "qemu"]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=child_env(),
+                          stdin=subprocess.DEVNULL)
+    run(destroy)
+    if proc.returncode != 0:
+        raise BenchError(f"profiled apply exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+    print(f"\nprofile of one `kvmctl apply` (saved in {out}):")
+    stats = pstats.Stats(out)
+    stats.sort_stats("cumulative").print_stats(30)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
