@@ -91,10 +91,21 @@ class Session:
         self.uri = args.connect or default_uri()
         if documents is None and not getattr(args, "filename", None):
             raise UsageError("no manifests given: use -f FILE, -f DIR or -f -")
-        self.documents = documents if documents is not None else docs_mod.load(
-            args.filename, recursive=args.recursive, stdin=env.stdin)
+        from concurrent.futures import ThreadPoolExecutor
+        from .memo import open_memo, open_parse_memo
         self.hv = Hypervisor(self.uri)
-        self.live = self.hv.read()
+        # Reading the host is mostly waiting for libvirtd: it overlaps with parsing manifests.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            reading = pool.submit(self.hv.read)
+            try:
+                self.documents = documents if documents is not None else docs_mod.load(
+                    args.filename, recursive=args.recursive, stdin=env.stdin,
+                    memo=open_parse_memo())
+            except BaseException:
+                reading.cancel()
+                raise  # a manifest problem is reported first, whatever the host says
+            self.live = reading.result()
+        self.memo = open_memo("verdicts")
         self.manifest = self._validate()
 
     def _validate(self) -> Any:
@@ -109,7 +120,7 @@ class Session:
                     f"{ip.get('address')}/{ip.get('prefix')}", strict=False)))
         facts = checks.HostFacts(frozenset(self.live.networks), frozenset(self.live.pools),
                                  tuple(subnets))
-        return validate.validate(self.documents, facts)
+        return validate.validate(self.documents, facts, self.memo)
 
     @property
     def domain_type(self) -> str:
@@ -130,7 +141,10 @@ class Session:
 
     def plan(self, **overrides: Any) -> Any:
         from .plan import make_plan
-        return make_plan(self.manifest, self.live, self.options(**overrides), self.uri)
+        plan = make_plan(self.manifest, self.live, self.options(**overrides), self.uri,
+                         self.memo)
+        self.memo.save()
+        return plan
 
 
 # ---- plan ---------------------------------------------------------------------------------------

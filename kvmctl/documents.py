@@ -197,8 +197,45 @@ def _jp(path: JsonPath) -> str:
     return json_path(path)
 
 
-def parse_text(text: str, file: str) -> list[Document]:
-    """Parse one file's text; raise ManifestError with every problem found in it."""
+class _Positions(Mapping[JsonPath, Location]):
+    """Positions kept as (line, column) pairs; a Location is made only when one is asked for."""
+
+    def __init__(self, file: str, raw: dict[JsonPath, tuple[int, int]]) -> None:
+        self.file, self.raw = file, raw
+
+    def __getitem__(self, path: JsonPath) -> Location:
+        line, column = self.raw[path]
+        return Location(self.file, line, column)
+
+    def __contains__(self, path: object) -> bool:
+        return path in self.raw
+
+    def __iter__(self) -> Iterator[JsonPath]:
+        return iter(self.raw)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+
+def parse_text(text: str, file: str, memo: Any = None) -> list[Document]:
+    """Parse one file's text; raise ManifestError with every problem found in it.
+
+    `memo` (memo.ParseMemo) returns what an identical text parsed to before: the values and
+    positions of a text that parsed without problems depend on nothing else."""
+    digest = memo.digest(text) if memo is not None else ""
+    cached = memo.get(digest) if memo is not None else None
+    if cached is not None:
+        return [Document(body, Location(file, line, column), _Positions(file, raw))
+                for body, (line, column), raw in cached]
+    documents = _parse_text(text, file)
+    if memo is not None:
+        memo.put(digest, [(d.body, (d.source.line, d.source.column),
+                           {path: (loc.line, loc.column) for path, loc in d.positions.items()})
+                          for d in documents])
+    return documents
+
+
+def _parse_text(text: str, file: str) -> list[Document]:
     documents: list[Document] = []
     problems: list[Problem] = []
     try:
@@ -306,7 +343,8 @@ def _read_stdin(stream: Any) -> str:
                             ) from None
 
 
-def load(targets: Iterable[str], recursive: bool = False, stdin: Any = None) -> list[Document]:
+def load(targets: Iterable[str], recursive: bool = False, stdin: Any = None,
+         memo: Any = None) -> list[Document]:
     """Load every document from files, directories and `-` (standard input).
 
     All files are read even when one fails, so that every problem is reported at once.
@@ -320,7 +358,7 @@ def load(targets: Iterable[str], recursive: bool = False, stdin: Any = None) -> 
                 documents.extend(parse_text(_read_stdin(stream), "<stdin>"))
                 continue
             for path in _expand(target, recursive):
-                documents.extend(parse_text(_read(path), _display(path)))
+                documents.extend(parse_text(_read(path), _display(path), memo))
         except ManifestError as exc:
             problems.extend(exc.problems)
     if problems:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace as dc_replace
 
 from . import compare, render
 from .errors import PlanError
+from .memo import Memo
+from .memo import key as memo_key
 from .model import Disk, Image, ManifestSet, Network, StoragePool, VirtualMachine
 from .plan_types import (CREATE, DELETE, LIVE, NOOP, REPLACE, RESTART, Change, FieldDiff, Plan,
                          Step)
@@ -35,8 +37,9 @@ class Options:
 
 
 class _Ctx:
-    def __init__(self, m: ManifestSet, live: LiveState, opts: Options) -> None:
-        self.m, self.live, self.opts = m, live, opts
+    def __init__(self, m: ManifestSet, live: LiveState, opts: Options,
+                 memo: Memo | None = None) -> None:
+        self.m, self.live, self.opts, self.memo = m, live, opts, memo
         self.errors: list[str] = []
         # disk source -> (running domain, target dev), built on first use by _attached
         self.attachments: dict[object, list[tuple[str, str]]] | None = None
@@ -323,6 +326,28 @@ def plan_vm(ctx: _Ctx, vm: VirtualMachine) -> Change:
     return _update_vm(ctx, vm, live, xml, deps)
 
 
+def _vm_differences(ctx: _Ctx, xml: str, live: LiveDomain
+                    ) -> tuple[list[compare.FactChange], list[compare.FactChange], dict]:
+    """Owned differences of the desired definition from the persistent and the running one.
+
+    A definition pair already known to have none (ctx.memo) is not parsed again."""
+    memo = ctx.memo
+    config_key = memo_key("domain", xml, live.inactive_xml) if memo is not None else ""
+    live_key = memo_key("domain", xml, live.live_xml or "") if memo is not None and \
+        live.running else ""
+    if memo is not None and config_key in memo and (not live_key or live_key in memo):
+        return [], [], {}
+    desired = compare.domain_facts(xml)
+    config_changes = compare.diff(desired, compare.domain_facts(live.inactive_xml))
+    live_facts = compare.domain_facts(live.live_xml or "") if live.running else {}
+    live_changes = compare.diff(desired, live_facts) if live.running else []
+    if memo is not None and not config_changes:
+        memo.add(config_key)
+    if memo is not None and live_key and not live_changes:
+        memo.add(live_key)
+    return config_changes, live_changes, live_facts
+
+
 def _update_vm(ctx: _Ctx, vm: VirtualMachine, live: LiveDomain, xml: str,
                deps: tuple[str, ...]) -> Change:
     """`xml` is the rendered definition. It takes the current one's device addresses and
@@ -330,10 +355,7 @@ def _update_vm(ctx: _Ctx, vm: VirtualMachine, live: LiveDomain, xml: str,
     facts, so both have the same facts, and a no-op VM is spared the work."""
     name = vm.meta.name
     fp = fingerprint(live.inactive_xml, live.state, live.autostart)
-    desired = compare.domain_facts(xml)
-    config_changes = compare.diff(desired, compare.domain_facts(live.inactive_xml))
-    live_facts = compare.domain_facts(live.live_xml or "") if live.running else {}
-    live_changes = compare.diff(desired, live_facts) if live.running else []
+    config_changes, live_changes, live_facts = _vm_differences(ctx, xml, live)
     if config_changes or live_changes:
         xml = compare.carry_identity(xml, live.inactive_xml)
     steps: list[Step] = [Step("define_domain", (name, xml))] if config_changes else []
@@ -524,8 +546,10 @@ def host_problems(m: ManifestSet, live: LiveState) -> list[str]:
     return errors
 
 
-def make_plan(m: ManifestSet, live: LiveState, opts: Options, uri: str = "") -> Plan:
-    ctx = _Ctx(m, live, opts)
+def make_plan(m: ManifestSet, live: LiveState, opts: Options, uri: str = "",
+              memo: Memo | None = None) -> Plan:
+    """The plan; `memo` remembers definition pairs known to be equal (see memo.py)."""
+    ctx = _Ctx(m, live, opts, memo)
     ctx.errors.extend(host_problems(m, live))
     changes: list[Change] = [plan_pool(ctx, p) for p in m.pools]
     changes += [plan_image(ctx, i) for i in m.images]

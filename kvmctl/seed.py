@@ -24,7 +24,6 @@ from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
-import pycdlib
 import yaml
 
 from kvmctl.errors import KvmctlError
@@ -202,6 +201,7 @@ def build_seed_iso(c: SeedContent) -> bytes:
     if c.network_config is not None:
         files.append((_NETWORK_CONFIG, c.network_config))
     payloads = [(names, _encode(names[0], text)) for names, text in files]
+    import pycdlib  # noqa: F401  (imported here: only apply builds seeds; _fixed_clock needs it)
     with _fixed_clock():
         return _master_iso(payloads)
 
@@ -214,6 +214,7 @@ def _encode(name: str, text: str) -> bytes:
 
 
 def _master_iso(payloads: list[tuple[tuple[str, str], bytes]]) -> bytes:
+    import pycdlib
     iso = pycdlib.PyCdlib()
     iso.new(interchange_level=1, vol_ident=VOLUME_LABEL, joliet=3, rock_ridge="1.09")
     try:

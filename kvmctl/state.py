@@ -113,10 +113,16 @@ def resource_fields(root: etree._Element) -> dict[str, str] | None:
 
 def owner_from_xml(xml: str) -> Owner | None:
     """The kvmctl ownership mark in a domain or network definition, if any."""
+    # Only the <metadata> element is parsed: it is self-contained (libvirt writes the namespace
+    # declarations on its children), and most of a definition is not needed here.
+    start, end = xml.find("<metadata>"), xml.find("</metadata>")
+    if start < 0 or end < 0 or NAMESPACE not in xml[start:end]:
+        return None
     try:
-        fields = resource_fields(etree.fromstring(xml.encode()))
+        fragment = etree.fromstring(("<x>" + xml[start:end + 11] + "</x>").encode())
     except etree.XMLSyntaxError:
         return None
+    fields = resource_fields(fragment)
     if fields is None:
         return None
     return Owner(fields.get("project", ""), fields.get("kind", ""), fields.get("name", ""),

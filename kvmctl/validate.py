@@ -14,14 +14,16 @@ from importlib import resources
 from typing import Any, Iterable
 from urllib.parse import urldefrag, urljoin
 
-import jsonschema
-from jsonschema import Draft202012Validator
-from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT202012
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # jsonschema is imported only when a document is not in the memo
+    import jsonschema
+    from jsonschema import Draft202012Validator
 
 from . import checks
 from .documents import Document, json_path
 from .errors import ManifestError, Problem
+from .memo import Memo, key
 from .model import KINDS, ManifestSet, build
 from .units import SizeError, parse_size
 
@@ -36,12 +38,15 @@ def _schema_texts() -> dict[str, dict[str, Any]]:
 
 
 @lru_cache(maxsize=1)
-def validators() -> dict[str, Draft202012Validator]:
+def validators() -> dict[str, "Draft202012Validator"]:
     """One compiled validator per kind; shared definitions resolve through their $id.
 
     Each kind schema is validated in its inlined form (see _inline_refs): resolving a $ref
     through the registry on every use was two thirds of the validation time.
     """
+    from jsonschema import Draft202012Validator
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
     texts = _schema_texts()
     registry: Registry = Registry().with_resources(
         (schema["$id"], Resource.from_contents(schema, default_specification=DRAFT202012))
@@ -168,7 +173,8 @@ def _problems_from(error: jsonschema.ValidationError, doc: Document) -> Iterable
 def _best_leaf(error: jsonschema.ValidationError) -> jsonschema.ValidationError:
     """For oneOf/anyOf, the sub-error that went deepest is the one a user can act on."""
     if error.context:
-        return _best_leaf(jsonschema.exceptions.best_match(error.context))
+        from jsonschema.exceptions import best_match
+        return _best_leaf(best_match(error.context))
     return error
 
 
@@ -243,14 +249,24 @@ def _size_problems(doc: Document) -> list[Problem]:
     return problems
 
 
-def schema_problems(doc: Document) -> list[Problem]:
+def schema_problems(doc: Document, memo: Memo | None = None) -> list[Problem]:
     problems = _envelope_problems(doc)
     if problems:
         return problems
+    known = memo_key(doc) if memo is not None else ""
+    if known and known in memo:  # type: ignore[operator]
+        return []
     validator = validators()[doc.kind]
     for error in sorted(validator.iter_errors(doc.body), key=lambda e: list(map(str, e.path))):
         problems.extend(_problems_from(error, doc))
-    return problems or _size_problems(doc) + _cidr_problems(doc)
+    problems = problems or _size_problems(doc) + _cidr_problems(doc)
+    if known and not problems:
+        memo.add(known)  # type: ignore[union-attr]
+    return problems
+
+
+def memo_key(doc: Document) -> str:
+    return key("schema", json.dumps(doc.body, sort_keys=True, separators=(",", ":"), default=repr))
 
 
 def _cidr_problems(doc: Document) -> list[Problem]:
@@ -264,11 +280,14 @@ def _cidr_problems(doc: Document) -> list[Problem]:
     return []
 
 
-def validate(documents: list[Document], host: checks.HostFacts | None = None) -> ManifestSet:
-    """The model of `documents`, or ManifestError listing every problem in them."""
+def validate(documents: list[Document], host: checks.HostFacts | None = None,
+             memo: Memo | None = None) -> ManifestSet:
+    """The model of `documents`, or ManifestError listing every problem in them.
+
+    `memo` remembers documents that already passed their schema (see memo.py)."""
     problems: list[Problem] = []
     for doc in documents:
-        problems.extend(schema_problems(doc))
+        problems.extend(schema_problems(doc, memo))
     if problems:
         raise ManifestError(_sorted(problems))
     problems.extend(checks.duplicates(documents))
