@@ -9,6 +9,7 @@ ownership is recorded before (volumes) or together with (domains, networks) its 
 from __future__ import annotations
 
 import contextlib
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -129,8 +130,17 @@ class Executor:
         self._update_record(pool, volume, Owner(self.project, kind, name, spec_hash, "", protect))
 
     # ---- pools ----
-    def define_pool(self, name: str, xml: str) -> None:
+    def create_pool(self, name: str, xml: str) -> None:
+        """Define, build, start and claim a new pool; undone if any of it fails, because an
+        unclaimed pool would look like somebody else's to the next plan."""
         self.hv.define_pool(name, xml)
+        try:
+            self.hv.start_pool(name)
+            self.claim_pool(name)
+        except KvmctlError:
+            with contextlib.suppress(KvmctlError):
+                self.hv.delete_pool(name, remove_directory=False)
+            raise
 
     def start_pool(self, name: str) -> None:
         self.hv.start_pool(name)

@@ -114,7 +114,13 @@ class Hypervisor:
 
     def _network(self, net: Any) -> LiveNetwork:
         name = net.name()
-        xml = call(f"read network {name}", net.XMLDesc, libvirt.VIR_NETWORK_XML_INACTIVE)
+        try:
+            xml = net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_INVALID_ARG:
+                raise
+            # Drivers without separate persistent network XML (test:///default) reject the flag.
+            xml = call(f"read network {name}", net.XMLDesc, 0)
         return LiveNetwork(name, net.UUIDString(), xml, bool(net.isActive()),
                            bool(call(f"read network {name}", net.autostart)), owner_from_xml(xml))
 
@@ -305,7 +311,7 @@ class Hypervisor:
     def set_pool_autostart(self, name: str, on: bool) -> None:
         call(f"set autostart of pool {name}", self._pool_obj(name).setAutostart, int(on))
 
-    def delete_pool(self, name: str) -> None:
+    def delete_pool(self, name: str, remove_directory: bool = True) -> None:
         pool = self._pool_obj(name)
         if pool.isActive():
             call(f"refresh pool {name}", pool.refresh, 0)
@@ -318,8 +324,9 @@ class Hypervisor:
                 if vol.name().startswith(RECORD_PREFIX):
                     call(f"delete ownership record in {name}", vol.delete, 0)
             call(f"stop pool {name}", pool.destroy)
-        with contextlib.suppress(HypervisorError):  # the directory may hold foreign files
-            call(f"remove directory of pool {name}", pool.delete, 0)
+        if remove_directory:
+            with contextlib.suppress(HypervisorError):  # the directory may hold foreign files
+                call(f"remove directory of pool {name}", pool.delete, 0)
         call(f"undefine pool {name}", pool.undefine)
 
     def _vol(self, pool: str, name: str) -> Any:

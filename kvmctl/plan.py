@@ -76,8 +76,7 @@ def plan_pool(ctx: _Ctx, pool: StoragePool) -> Change:
     xml = render.pool_xml(pool)
     if live is None:
         return Change("StoragePool", name, CREATE, ("new storage pool at " + pool.path,),
-                      steps=(Step("define_pool", (name, xml)), Step("start_pool", (name,)),
-                             Step("claim_pool", (name,)),
+                      steps=(Step("create_pool", (name, xml)),
                              Step("pool_autostart", (name, pool.autostart))))
     if not ctx.check_owner(pool.meta.ref, live.owner):
         return Change("StoragePool", name, NOOP)
