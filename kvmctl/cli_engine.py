@@ -428,13 +428,22 @@ def _rows(what: str, live: Any, hv: Any, project: str) -> list[dict[str, Any]]:
     from . import compare
     mine = lambda owner: owner is not None and owner.project == project  # noqa: E731
     if what == "vms":
-        leases = {n: hv.dhcp_leases(n) for n, net in live.networks.items() if net.active}
+        leases: dict[str, list] = {}
         rows = []
         for d in live.domains.values():
             if not mine(d.owner):
                 continue
-            macs = [k[4:] for k in compare.domain_facts(d.inactive_xml) if k.startswith("nic:")]
-            ips = [l["ipaddr"] for ls in leases.values() for l in ls if l.get("mac") in macs]
+            # A lease counts only on the network the NIC is on: the same MAC may hold a lease
+            # on another network (another VM, another project).
+            ips = []
+            for key, nic in compare.domain_facts(d.live_xml or d.inactive_xml).items():
+                if not key.startswith("nic:") or nic[0] != "network":
+                    continue
+                if nic[1] not in leases:
+                    net = live.networks.get(nic[1])
+                    leases[nic[1]] = hv.dhcp_leases(nic[1]) if net and net.active else []
+                ips += [l["ipaddr"] for l in leases[nic[1]]
+                        if (l.get("mac") or "").lower() == key[4:]]
             pending = [c.field for c in compare.diff(compare.domain_facts(d.inactive_xml),
                                                      compare.domain_facts(d.live_xml))
                        if compare.domain_field_class(c) == compare.RESTART] if d.running else []

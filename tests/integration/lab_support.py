@@ -18,11 +18,13 @@ import json
 import os
 import subprocess
 import threading
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import libvirt
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -235,20 +237,52 @@ def del_link(name: str) -> None:
         subprocess.run(["ip", "link", "del", "dev", name], check=True)
 
 
+NETWORK_RUN_DIR = Path("/run/libvirt/network")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 def dnsmasq_running(network_name: str) -> list[str]:
-    """Evidence of a dnsmasq still serving ``network_name`` (empty list: none)."""
+    """Evidence of a dnsmasq still serving ``network_name`` (empty list: none).
+
+    libvirt (9.0) leaves the pid file of a stopped network's dnsmasq behind: the file alone is
+    no evidence, a live dnsmasq with that pid is.
+    """
     found = []
-    pidfile = Path(f"/run/libvirt/network/{network_name}.pid")
+    pidfile = NETWORK_RUN_DIR / f"{network_name}.pid"
     if pidfile.exists():
         try:
             pid = int(pidfile.read_text().strip())
-            os.kill(pid, 0)
-            found.append(f"{pidfile} -> live pid {pid}")
-        except (ValueError, ProcessLookupError):
-            pass
-    r = subprocess.run(["pgrep", "-af", f"{network_name}.conf"], capture_output=True, text=True)
-    found += [line for line in r.stdout.splitlines() if "pgrep" not in line]
+        except ValueError:
+            pid = 0
+        if pid and "dnsmasq" in _cmdline(pid):
+            found.append(f"{pidfile} -> live dnsmasq {pid}: {_cmdline(pid)}")
+    r = subprocess.run(["pgrep", "-af", f"/{network_name}.conf"], capture_output=True, text=True)
+    found += [line for line in r.stdout.splitlines() if "dnsmasq" in line]
     return found
+
+
+def forget_stale_network_files(conn, network_name: str) -> None:
+    """Remove what libvirt leaves in /run/libvirt/network of a network that no longer exists:
+    the dead dnsmasq's pid file and the empty ``ports`` directory."""
+    if network_name in {n.name() for n in conn.listAllNetworks(0)}:
+        return
+    deadline = time.monotonic() + 10  # a stopped network's dnsmasq may take a moment to exit
+    while dnsmasq_running(network_name):
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.2)
+    (NETWORK_RUN_DIR / f"{network_name}.pid").unlink(missing_ok=True)
+    ports = NETWORK_RUN_DIR / network_name / "ports"
+    if ports.is_dir() and not any(ports.iterdir()):
+        ports.rmdir()
+    with contextlib.suppress(OSError):
+        (NETWORK_RUN_DIR / network_name).rmdir()
 
 
 def leftovers(conn, prefix: str) -> list[str]:
@@ -260,11 +294,13 @@ def leftovers(conn, prefix: str) -> list[str]:
     for p in conn.listAllStoragePools(0):
         if p.name().startswith(prefix):
             found.append(f"pool {p.name()}")
-        if p.isActive():
-            with contextlib.suppress(Exception):
-                p.refresh(0)
-            found += [f"volume {p.name()}/{v.name()}" for v in p.listAllVolumes(0)
-                      if v.name().startswith(prefix)]
+        # Other tests' pools may vanish while this looks at them.
+        with contextlib.suppress(libvirt.libvirtError):
+            if p.isActive():
+                with contextlib.suppress(libvirt.libvirtError):
+                    p.refresh(0)
+                found += [f"volume {p.name()}/{v.name()}" for v in p.listAllVolumes(0)
+                          if v.name().startswith(prefix)]
     found += [f"link {name}" for name in links() if name.startswith(prefix)]
     r = subprocess.run(["pgrep", "-af", f"{prefix}"], capture_output=True, text=True)
     found += [f"process {line}" for line in r.stdout.splitlines()

@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from guestlog import SerialLog, fields  # noqa: E402
 from lab_support import (Kvmctl, add_bridge, boot, changes_by_ref, del_link, dhcp_leases,  # noqa: E402
-                         disk, dnsmasq_running, download, find, image, leftovers, links,
+                         disk, dnsmasq_running, download, find, forget_stale_network_files, image,
+                         leftovers, links,
                          nat_network, pool, vm, volume_names)
 
 MiB = 1024 * 1024
@@ -267,9 +268,20 @@ def step7_prune_a_vm_keeps_its_disk(lab: Lab) -> None:
     lab.docs.remove(lab.doc("VirtualMachine", "db"))
     lab.write()
     plan = changes_by_ref(lab.k.plan_json("--prune"))
-    assert set(plan) == {f"VirtualMachine/{lab.name('db')}", f"CloudInitSeed/{lab.name('db')}"}
-    assert {c["class"] for c in plan.values()} == {"delete"}
+    net_ref = f"Network/{lab.name('nat')}"
+    assert set(plan) == {f"VirtualMachine/{lab.name('db')}", f"CloudInitSeed/{lab.name('db')}",
+                         net_ref}, sorted(plan)
+    assert {c["class"] for r, c in plan.items() if r != net_ref} == {"delete"}
+    # db's DHCP reservation goes too: live, without restarting the network under web.
+    assert plan[net_ref]["class"] == "update-live", plan[net_ref]
+    assert [f["field"] for f in plan[net_ref]["fields"]] == ["dhcp.hosts"], plan[net_ref]
+    pidfile = Path(f"/run/libvirt/network/{lab.name('nat')}.pid")
+    dnsmasq_pid = pidfile.read_text().strip()
     lab.k.apply("--prune")
+    assert pidfile.read_text().strip() == dnsmasq_pid
+    assert lab.conn.lookupByName(lab.name("web")).isActive()
+    hosts = lab.conn.networkLookupByName(lab.name("nat")).XMLDesc(0)
+    assert lab.ip(10) in hosts and lab.ip(11) not in hosts, hosts
     assert lab.name("db") not in {d.name() for d in lab.conn.listAllDomains(0)}
     names = volume_names(lab.conn, lab.name("pool"))
     assert f"{lab.name('db-data')}.qcow2" in names
@@ -302,8 +314,18 @@ def step8_destroy_leaves_nothing(lab: Lab) -> None:
     assert not {lab.name("vn"), lab.name("vi"), lab.name("br")} & links()
     for net in ("nat", "iso"):
         assert dnsmasq_running(lab.name(net)) == [], net
+        forget_stale_network_files(lab.conn, lab.name(net))  # libvirt's, see dnsmasq_running
         assert not Path(f"/run/libvirt/network/{lab.name(net)}.pid").exists()
     assert not pool_dir.exists(), f"{pool_dir} remains: {list(pool_dir.iterdir())}"
+
+
+def _drop_network(conn, name: str) -> None:
+    for net in conn.listAllNetworks(0):
+        if net.name() == name:
+            if net.isActive():
+                net.destroy()
+            net.undefine()
+    forget_stale_network_files(conn, name)
 
 
 # --- the test ------------------------------------------------------------------------------------
@@ -315,6 +337,8 @@ def test_lab_end_to_end(conn, prefix, cleanup, scratch_dir, free_subnet, test_gu
               scratch_dir, nat=free_subnet(), iso=free_subnet())
     lab.docs = _lab_docs(lab, test_guest)
     cleanup.add(del_link, lab.name("br"))
+    for net in ("nat", "iso"):  # if the test fails before step 8 removed them
+        cleanup.add(_drop_network, conn, lab.name(net))
     step1_apply_the_lab(lab)
     step2_reserved_ips_and_seeds(lab)
     step3_second_plan_is_empty(lab)

@@ -94,6 +94,34 @@ def test_image_from_url_checksum(k, conn, prefix, scratch_dir, tmp_path):
     assert k("plan", "-f", k.dir, "--detailed-exitcode").code == 0
 
 
+def test_qcow2_image_from_url_keeps_its_format(k, conn, prefix, scratch_dir, tmp_path):
+    raw = tmp_path / "content.raw"
+    raw.write_bytes(_pattern(2 * MiB, b"qcow2-url"))
+    served = tmp_path / "srv"
+    served.mkdir()
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw),
+                    str(served / "disk.qcow2")], check=True, capture_output=True)
+    sha = hashlib.sha256((served / "disk.qcow2").read_bytes()).hexdigest()
+    pname, iname = f"{prefix}pool", f"{prefix}img"
+    with http_server(served) as base:
+        k.write([pool(pname, scratch_dir / "pool"),
+                 image(iname, pname, url=f"{base}/disk.qcow2", sha256=sha, format="qcow2"),
+                 disk(f"{prefix}ovl", pname, "4MiB", image=iname),
+                 disk(f"{prefix}cln", pname, "4MiB", image=iname, clone=True)])
+        k.apply()
+    img = volume_xml(conn, pname, f"{iname}.qcow2")
+    assert img.find("target/format").get("type") == "qcow2"
+    ovl = volume_xml(conn, pname, f"{prefix}ovl.qcow2")
+    assert ovl.find("backingStore/format").get("type") == "qcow2"
+    # What a guest reads from either disk is the image's content, not its qcow2 bytes.
+    for name in ("ovl", "cln"):
+        path = volume_xml(conn, pname, f"{prefix}{name}.qcow2").findtext("target/path")
+        cmp = subprocess.run(["qemu-img", "compare", "-U", "-f", "raw", "-F", "qcow2", str(raw),
+                              path], capture_output=True, text=True)
+        assert cmp.returncode == 0, f"{name}: {cmp.stdout}{cmp.stderr}"
+    assert k("plan", "-f", k.dir, "--detailed-exitcode").code == 0
+
+
 def test_overlay_and_clone(k, conn, prefix, scratch_dir):
     base = scratch_dir / "base.raw"
     payload = _pattern(2 * MiB, b"base")
@@ -134,6 +162,28 @@ def test_overlay_and_clone(k, conn, prefix, scratch_dir):
                    check=True, capture_output=True)
     assert download(conn, pname, f"{iname}.raw") == payload
 
+    assert k("plan", "-f", k.dir, "--detailed-exitcode").code == 0
+
+
+def test_image_from_a_directory_that_is_already_a_pool(k, conn, prefix, scratch_dir):
+    # libvirt allows one pool per directory: importing from a folder that already is a pool
+    # (say /var/lib/libvirt/images) must use that pool, and leave it alone.
+    host_dir = scratch_dir / "host"
+    host_dir.mkdir()
+    payload = _pattern(MiB, b"in-a-pool")
+    (host_dir / "base.raw").write_bytes(payload)
+    theirs = conn.storagePoolDefineXML(
+        f"<pool type='dir'><name>{prefix}theirs</name><target><path>{host_dir}</path></target>"
+        "</pool>", 0)
+    theirs.create(0)
+    pname, iname = f"{prefix}pool", f"{prefix}base"
+    k.write([pool(pname, scratch_dir / "pool"),
+             image(iname, pname, path=str(host_dir / "base.raw"), format="raw")])
+    k.apply()
+    assert download(conn, pname, f"{iname}.raw") == payload
+    assert theirs.isActive() and volume_names(conn, f"{prefix}theirs") == {"base.raw"}
+    assert not [p.name() for p in conn.listAllStoragePools(0)
+                if p.name().startswith("kvmctl-import-")]
     assert k("plan", "-f", k.dir, "--detailed-exitcode").code == 0
 
 
@@ -342,8 +392,8 @@ def test_plan_from_a_fresh_process_is_identical(k, conn, prefix, scratch_dir, fr
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(elsewhere),
            "LANG": "C.UTF-8"}
 
-    def fresh(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(k.subprocess_argv(*args), cwd=elsewhere, env=env,
+    def fresh(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(k.subprocess_argv(*args), cwd=elsewhere, env={**env, **extra_env},
                               capture_output=True, text=True, timeout=120)
 
     r = fresh("plan", "-f", str(k.dir), "--detailed-exitcode")
@@ -353,11 +403,12 @@ def test_plan_from_a_fresh_process_is_identical(k, conn, prefix, scratch_dir, fr
     docs[5]["spec"]["memory"] = "96MiB"
     k.write(docs)
     here = k.ok("plan", "-f", k.dir, "-o", "json", "--prune").stdout
-    there = fresh("plan", "-f", str(k.dir), "-o", "json", "--prune")
-    assert there.returncode == 0, there.stderr
-    assert json.loads(there.stdout) == json.loads(here)
     assert {c["kind"] for c in json.loads(here)["changes"]} == {"Disk", "VirtualMachine"}
-    assert list(elsewhere.iterdir()) == [], "kvmctl left local state behind"
+    # A HOME nothing was ever written to, and no local cache at all: the same plan.
+    for extra in ({}, {"KVMCTL_NO_CACHE": "1", "HOME": str(tmp_path / "nowhere")}):
+        there = fresh("plan", "-f", str(k.dir), "-o", "json", "--prune", **extra)
+        assert there.returncode == 0, there.stderr
+        assert json.loads(there.stdout) == json.loads(here), extra
     # Another project, in another fresh process, sees the objects as someone else's.
     other = Kvmctl(k.project + "-other", k.dir)
     r = subprocess.run(other.subprocess_argv("plan", "-f", str(k.dir)), cwd=elsewhere, env=env,
