@@ -251,9 +251,10 @@ class Cleanup:
             name = pool.name()
             if not self.mine(name):
                 continue
+            persistent = pool.isPersistent()  # a transient pool is gone once destroyed
             if pool.isActive():
-                pool.destroy()
-            if pool.isPersistent():
+                _retry(pool.destroy)  # "asynchronous jobs running" passes within seconds
+            if persistent:
                 pool.undefine()
             self.removed.append(f"pool {name}")
 
