@@ -9,7 +9,6 @@ ownership is recorded before (volumes) or together with (domains, networks) its 
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import hashlib
 import os
 import tempfile

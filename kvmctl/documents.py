@@ -112,20 +112,20 @@ class _Positions(Mapping[JsonPath, Location]):
 
     def __init__(self, file: str, marks: dict[JsonPath, tuple[int, int]]) -> None:
         self._file = file
-        self._marks = marks
+        self.marks = marks
 
     def __getitem__(self, path: JsonPath) -> Location:
-        line, column = self._marks[path]
+        line, column = self.marks[path]
         return Location(self._file, line, column)
 
     def __contains__(self, path: object) -> bool:
-        return path in self._marks
+        return path in self.marks
 
     def __iter__(self) -> Iterator[JsonPath]:
-        return iter(self._marks)
+        return iter(self.marks)
 
     def __len__(self) -> int:
-        return len(self._marks)
+        return len(self.marks)
 
 
 class _Builder:
@@ -197,26 +197,6 @@ def _jp(path: JsonPath) -> str:
     return json_path(path)
 
 
-class _Positions(Mapping[JsonPath, Location]):
-    """Positions kept as (line, column) pairs; a Location is made only when one is asked for."""
-
-    def __init__(self, file: str, raw: dict[JsonPath, tuple[int, int]]) -> None:
-        self.file, self.raw = file, raw
-
-    def __getitem__(self, path: JsonPath) -> Location:
-        line, column = self.raw[path]
-        return Location(self.file, line, column)
-
-    def __contains__(self, path: object) -> bool:
-        return path in self.raw
-
-    def __iter__(self) -> Iterator[JsonPath]:
-        return iter(self.raw)
-
-    def __len__(self) -> int:
-        return len(self.raw)
-
-
 def parse_text(text: str, file: str, memo: Any = None) -> list[Document]:
     """Parse one file's text; raise ManifestError with every problem found in it.
 
@@ -230,7 +210,7 @@ def parse_text(text: str, file: str, memo: Any = None) -> list[Document]:
     documents = _parse_text(text, file)
     if memo is not None:
         memo.put(digest, [(d.body, (d.source.line, d.source.column),
-                           {path: (loc.line, loc.column) for path, loc in d.positions.items()})
+                           d.positions.marks)  # type: ignore[attr-defined]
                           for d in documents])
     return documents
 

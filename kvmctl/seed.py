@@ -201,7 +201,7 @@ def build_seed_iso(c: SeedContent) -> bytes:
     if c.network_config is not None:
         files.append((_NETWORK_CONFIG, c.network_config))
     payloads = [(names, _encode(names[0], text)) for names, text in files]
-    import pycdlib  # noqa: F401  (imported here: only apply builds seeds; _fixed_clock needs it)
+    import pycdlib  # noqa: F401  (imported only when a seed is built; _fixed_clock patches it)
     with _fixed_clock():
         return _master_iso(payloads)
 

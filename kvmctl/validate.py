@@ -23,7 +23,8 @@ if TYPE_CHECKING:  # jsonschema is imported only when a document is not in the m
 from . import checks
 from .documents import Document, json_path
 from .errors import ManifestError, Problem
-from .memo import Memo, key
+from .memo import Memo
+from .memo import key as digest_of
 from .model import KINDS, ManifestSet, build
 from .units import SizeError, parse_size
 
@@ -266,7 +267,7 @@ def schema_problems(doc: Document, memo: Memo | None = None) -> list[Problem]:
 
 
 def memo_key(doc: Document) -> str:
-    return key("schema", json.dumps(doc.body, sort_keys=True, separators=(",", ":"), default=repr))
+    return digest_of("schema", json.dumps(doc.body, sort_keys=True, separators=(",", ":"), default=repr))
 
 
 def _cidr_problems(doc: Document) -> list[Problem]:
