@@ -8,18 +8,17 @@ Not fixtures (those are in conftest.py); the ``kvmctl`` fixture of the engine te
 from __future__ import annotations
 
 import glob
-import io
-import json
 import os
 import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import yaml
+
+from cli_support import CliResult, run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv/bin/python").exists() \
@@ -29,28 +28,7 @@ URI = os.environ.get("KVMCTL_TEST_URI", "qemu:///system")
 FORBIDDEN = ("Traceback (most recent call last)", "internal error: ")
 
 
-class _Stdin(io.StringIO):
-    def isatty(self) -> bool:
-        return False
-
-
-@dataclass(frozen=True)
-class Result:
-    argv: tuple[str, ...]
-    code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def output(self) -> str:
-        return self.stdout + self.stderr
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-    def __str__(self) -> str:
-        return (f"kvmctl {' '.join(self.argv)} -> exit {self.code}\n--- stdout\n{self.stdout}"
-                f"--- stderr\n{self.stderr}")
+Result = CliResult
 
 
 def assert_clean(text: str, what: str = "output") -> None:
@@ -73,14 +51,10 @@ class Kvmctl:
 
     # -- running the CLI --
     def run(self, *argv: Any, stdin: str = "", check_clean: bool = True) -> Result:
-        from kvmctl.cli import Env, run
-        out, err = io.StringIO(), io.StringIO()
-        args = tuple(str(a) for a in argv)
-        code = int(run(list(args), Env(_Stdin(stdin), out, err)))
-        result = Result(args, code, out.getvalue(), err.getvalue())
+        result = run_cli(argv, stdin)
         self.history.append(result)
         if check_clean:
-            assert_clean(result.output, f"kvmctl {' '.join(args)}")
+            assert_clean(result.output, f"kvmctl {' '.join(result.argv)}")
         return result
 
     def engine_args(self, project: str | None = None) -> list[str]:

@@ -13,19 +13,19 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
-import io
 import json
 import os
 import subprocess
 import threading
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import libvirt
 import yaml
+
+from cli_support import CliResult, run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 API = "kvmctl/v1"
@@ -33,30 +33,6 @@ RECORD_PREFIX = "kvmctl-owner-"
 
 
 # --- running the CLI -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CliResult:
-    argv: tuple[str, ...]
-    code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def output(self) -> str:
-        return self.stdout + self.stderr
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-    def __str__(self) -> str:
-        return (f"kvmctl {' '.join(self.argv)} -> exit {self.code}\n--- stdout:\n{self.stdout}"
-                f"--- stderr:\n{self.stderr}")
-
-
-class _Stdin(io.StringIO):
-    def isatty(self) -> bool:
-        return False
 
 
 class Kvmctl:
@@ -86,18 +62,15 @@ class Kvmctl:
         return args
 
     def __call__(self, *args: Any) -> CliResult:
-        from kvmctl.cli import Env, run
         argv = self.argv(*args)
-        out, err = io.StringIO(), io.StringIO()
         old = {k: os.environ.pop(k, None) for k in ("KVMCTL_PROJECT", "KVMCTL_DOMAIN_TYPE",
                                                      "KVMCTL_CONNECT")}
         try:
-            code = run(argv, Env(_Stdin(""), out, err))
+            return run_cli(argv)
         finally:
             for k, v in old.items():
                 if v is not None:
                     os.environ[k] = v
-        return CliResult(tuple(argv), int(code), out.getvalue(), err.getvalue())
 
     def ok(self, *args: Any) -> CliResult:
         r = self(*args)

@@ -4,7 +4,6 @@ prefix, free subnets and scratch directory, so nothing on the host can collide w
 
 from __future__ import annotations
 
-import io
 import ipaddress
 import json
 import subprocess
@@ -14,18 +13,16 @@ from typing import Any, Callable
 import pytest
 import yaml
 
-from kvmctl.cli import Env, run
+from cli_support import run_cli
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 pytestmark = pytest.mark.integration
 
 
 def kvmctl(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = run(list(argv), Env(io.StringIO(), out, err))
-    text = out.getvalue() + err.getvalue()
-    assert "Traceback" not in text and "internal error" not in text, text
-    return code, out.getvalue(), err.getvalue()
+    result = run_cli(argv)
+    assert "Traceback" not in result.output and "internal error" not in result.output, result
+    return result.code, result.stdout, result.stderr
 
 
 class Rewriter:
