@@ -343,11 +343,15 @@ class _ProgressView:
 def _after_apply(args: argparse.Namespace, env: Env, session: Session, ok: bool) -> int:
     if ok and getattr(args, "wait", False):
         from .readiness import wait
+        env.stdout.write(f"Waiting up to {args.wait_timeout:g} s for running VMs to have an "
+                         "address...\n")
         ready, problems = wait(session.hv, session.manifest, args.wait_timeout,
-                               lambda line: env.stdout.write(line + "\n"))
+                               lambda line: env.stdout.write(f"  {line}\n"))
+        if ready:
+            env.stdout.write("Addresses:\n")
         for vm in ready:
-            env.stdout.write(f"{vm.name}: " + (", ".join(ip for _, ip in vm.addresses)
-                                               or "running") + "\n")
+            env.stdout.write(f"  {vm.name}: " + (", ".join(ip for _, ip in vm.addresses)
+                                                 or "running, no address needed") + "\n")
         if problems:
             env.stderr.write("error: not ready:\n  " + "\n  ".join(problems) + "\n")
             return ExitStatus.ERROR

@@ -53,7 +53,8 @@ def wait(hv: Hypervisor, m: ManifestSet, timeout: float,
          progress: Callable[[str], None] | None = None) -> tuple[list[VmAddresses], list[str]]:
     """(ready VMs, problems of those that did not come up in time)."""
     wanted = [vm for vm in m.vms if vm.state == "running"]
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    deadline, next_note = start + timeout, start + 15
     ready: dict[str, VmAddresses] = {}
     while True:
         leases = read_leases(hv, m)
@@ -66,9 +67,15 @@ def wait(hv: Hypervisor, m: ManifestSet, timeout: float,
                 ready[vm.meta.name] = seen
                 if progress:
                     ips = ", ".join(ip for _, ip in seen.addresses) or "no address needed"
-                    progress(f"{vm.meta.name}: running, {ips}")
-        if len(ready) == len(wanted) or time.monotonic() >= deadline:
+                    progress(f"{vm.meta.name}: running, {ips} "
+                             f"({time.monotonic() - start:.0f} s)")
+        now = time.monotonic()
+        if len(ready) == len(wanted) or now >= deadline:
             break
+        if progress and now >= next_note:
+            waiting = ", ".join(vm.meta.name for vm in wanted if vm.meta.name not in ready)
+            progress(f"still waiting for {waiting} ({now - start:.0f} s)")
+            next_note = now + 15
         time.sleep(1)
     problems = []
     for vm in wanted:
