@@ -26,6 +26,7 @@ from .hypervisor import Hypervisor
 from .model import ManifestSet, VirtualMachine
 from .plan import SEED_KIND
 from .plan_types import DELETE, Change, Plan
+from .units import format_size
 from .state import LiveState, OwnershipRecord, Owner
 
 LEVELS = {"StoragePool": 0, "Image": 1, "Disk": 2, SEED_KIND: 2, "Network": 3,
@@ -155,10 +156,14 @@ class Executor:
     # ---- volumes ----
     def create_volume(self, pool: str, volume: str, xml: str, clone: tuple[str, str] | None,
                       kind: str, name: str, spec_hash: str, protect: bool, size: int) -> None:
+        if clone and (base := self.hv.volume_capacity(*clone)) > size:
+            raise ApplyError(f"{kind} {name}: its size ({format_size(size)}) is smaller than "
+                             f"the image it copies ({format_size(base)})")
         self.claim_volume(pool, volume, kind, name, spec_hash, protect)
         with self._unclaim_on_failure(pool, volume):
             self.hv.create_volume(pool, volume, xml, clone)
-        if clone:
+        # libvirt gives a copy at least its source's size; a larger request is grown to.
+        if clone and self.hv.volume_capacity(pool, volume) < size:
             self.hv.resize_volume(pool, volume, size)
 
     def grow_volume(self, pool: str, volume: str, size: int,

@@ -77,6 +77,7 @@ class Hypervisor:
         _silence_default_handler()
         self.uri = uri
         self.conn = call(f"cannot connect to {uri}", libvirt.open, uri)
+        self._import_lock = threading.Lock()
 
     def close(self) -> None:
         with contextlib.suppress(libvirt.libvirtError):
@@ -345,6 +346,9 @@ class Hypervisor:
     def resize_volume(self, pool: str, name: str, capacity: int) -> None:
         call(f"grow volume {name} in pool {pool}", self._vol(pool, name).resize, capacity, 0)
 
+    def volume_capacity(self, pool: str, name: str) -> int:
+        return int(call(f"read volume {name} in pool {pool}", self._vol(pool, name).info)[1])
+
     def delete_volume(self, pool: str, name: str) -> None:
         call(f"delete volume {name} in pool {pool}", self._vol(pool, name).delete, 0)
 
@@ -403,8 +407,13 @@ class Hypervisor:
         """Copy a file that lives on the hypervisor host into a pool, through libvirt.
 
         A transient dir pool over the file's directory lets libvirt copy it (createXMLFrom),
-        so this works on remote hosts too; the transient pool disappears afterwards.
+        so this works on remote hosts too; the transient pool disappears afterwards. Imports
+        run one at a time: two over one directory would share, and remove, that pool.
         """
+        with self._import_lock:
+            self._import_host_file(pool, xml, path)
+
+    def _import_host_file(self, pool: str, xml: str, path: str) -> None:
         import hashlib
         import posixpath
         folder, filename = posixpath.split(path)
@@ -433,8 +442,8 @@ class Hypervisor:
         finally:
             # Only a transient import pool goes; if a concurrent import still copies from it,
             # this fails and that import removes it when it is done.
-            if tmp.name().startswith("kvmctl-import-") and not tmp.isPersistent():
-                with contextlib.suppress(libvirt.libvirtError):
+            with contextlib.suppress(libvirt.libvirtError):
+                if tmp.name().startswith("kvmctl-import-") and not tmp.isPersistent():
                     tmp.destroy()
 
     def _pool_over(self, folder: str) -> Any | None:

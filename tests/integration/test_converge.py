@@ -1,6 +1,7 @@
-"""Every runnable example converges: apply, then a plan with no changes, then destroy leaves
-nothing behind. The examples' names, subnets, bridges and paths are rewritten to this test's
-prefix, free subnets and scratch directory, so nothing on the host can collide with them."""
+"""Every runnable example and every rendering fixture converges: apply, then a plan with no
+changes (libvirt's defaults are never a diff), then destroy leaves nothing behind. Names,
+subnets, bridges and paths are rewritten to this test's prefix, free subnets and scratch
+directory, so nothing on the host can collide with them."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import yaml
 from cli_support import run_cli
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "golden" / "render"
 pytestmark = pytest.mark.integration
 
 
@@ -92,9 +94,19 @@ class Rewriter:
             spec["console"]["log"] = str(self.scratch / f"{name}.log")
 
 
+def _offline(docs: list[dict[str, Any]], image: Path) -> list[dict[str, Any]]:
+    """Images from URLs come from the test guest's image instead (no internet here)."""
+    for doc in docs:
+        if doc["kind"] == "Image" and "url" in doc["spec"]:
+            for key in ("url", "sha256"):
+                doc["spec"].pop(key)
+            doc["spec"].update(path=str(image), format="raw")
+    return docs
+
+
 def _docs(folder: Path) -> list[dict[str, Any]]:
     docs: list[dict[str, Any]] = []
-    for path in sorted(folder.glob("*.yaml")):
+    for path in sorted(folder.glob("*.yaml")) or [folder / "manifest.yaml"]:
         docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
     return docs
 
@@ -108,14 +120,19 @@ def _owned_left(conn: Any, prefix: str) -> list[str]:
     return left
 
 
-@pytest.mark.parametrize("example,running", [("quickstart", True), ("lab", False),
-                                             ("bridged", False)])
-def test_example_converges(example: str, running: bool, conn: Any, prefix: str, cleanup: Any,
-                           scratch_dir: Path, free_subnet: Any, test_guest: Any) -> None:
+CASES = [(EXAMPLES / "quickstart", True), (EXAMPLES / "lab", False),
+         (EXAMPLES / "bridged", False)] + [(case, False) for case in sorted(FIXTURES.iterdir())]
+
+
+@pytest.mark.parametrize("folder,running", CASES,
+                         ids=[f"{f.parent.name}/{f.name}" for f, _ in CASES])
+def test_converges(folder: Path, running: bool, conn: Any, prefix: str, cleanup: Any,
+                   scratch_dir: Path, free_subnet: Any, test_guest: Any) -> None:
     bridge = prefix + "br"
     subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
     subprocess.run(["ip", "link", "set", bridge, "up"], check=True)
-    docs = Rewriter(prefix, scratch_dir, bridge, free_subnet).rewrite(_docs(EXAMPLES / example))
+    docs = _offline(_docs(folder), test_guest.image)
+    docs = Rewriter(prefix, scratch_dir, bridge, free_subnet).rewrite(docs)
     if not running:  # stopped VMs: their definitions converge just the same, without TCG boots
         for doc in docs:
             if doc["kind"] == "VirtualMachine":
@@ -132,6 +149,13 @@ def test_example_converges(example: str, running: bool, conn: Any, prefix: str, 
     code, out, _ = kvmctl("plan", "-o", "json", *common)
     assert json.loads(out)["changes_present"] is False
 
+    protected = [d for d in docs if d["spec"].get("protect")]
+    if protected:  # protection blocks destroy; lifting it is a change like any other
+        for doc in protected:
+            doc["spec"]["protect"] = False
+        manifest.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        code, out, err = kvmctl("apply", "-y", *common)
+        assert code == 0, out + err
     code, out, err = kvmctl("destroy", "-y", "--with-disks", *common)
     assert code == 0, out + err
     assert _owned_left(conn, prefix) == [], out + err
