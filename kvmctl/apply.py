@@ -99,6 +99,7 @@ class Executor:
     def __init__(self, hv: Hypervisor, m: ManifestSet, live: LiveState, project: str) -> None:
         self.hv, self.m, self.project = hv, m, project
         self._lock = threading.Lock()
+        self._network_start = threading.Lock()
         self._records: dict[str, OwnershipRecord] = {}
         for name, pool in live.pools.items():
             owned = {v.name: v.owner for v in pool.volumes
@@ -234,7 +235,10 @@ class Executor:
         self.hv.define_network(name, xml)
 
     def start_network(self, name: str) -> None:
-        self.hv.start_network(name)
+        # libvirt picks a free virbrN for a network without a bridge name; two starting at once
+        # can pick the same one ("error creating bridge interface virbr2: File exists").
+        with self._network_start:
+            self.hv.start_network(name)
 
     def network_autostart(self, name: str, on: bool) -> None:
         self.hv.set_network_autostart(name, on)

@@ -1,0 +1,71 @@
+"""What every planner shares: the options of a plan, the context it reads (manifests, live
+state, memo) and the errors it collects, and who owns and uses what on the host."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import compare
+from .memo import Memo
+from .model import ManifestSet
+from .state import LiveState, LiveVolume, Owner
+
+SEED_KIND = "CloudInitSeed"
+
+
+@dataclass(frozen=True)
+class Options:
+    project: str
+    domain_type: str
+    prune: bool = False
+    prune_disks: bool = False
+    adopt: bool = False
+    allow_empty: bool = False
+    targets: tuple[str, ...] = ()
+    # With prune: only these refs (KIND/NAME) may be deleted (destroy: what its manifests name).
+    scope: tuple[str, ...] = ()
+
+
+class Context:
+    def __init__(self, m: ManifestSet, live: LiveState, opts: Options,
+                 memo: Memo | None = None) -> None:
+        self.m, self.live, self.opts, self.memo = m, live, opts, memo
+        self.errors: list[str] = []
+        # disk source -> (running domain, target dev), built on first use by _attached
+        self.attachments: dict[object, list[tuple[str, str]]] | None = None
+
+    def check_owner(self, ref: str, owner: Owner | None) -> bool:
+        """True when kvmctl may change the object; records a conflict error otherwise."""
+        if owner is not None and owner.project == self.opts.project:
+            return True
+        if owner is None and self.opts.adopt:
+            return True
+        if owner is None:
+            self.errors.append(f"{ref} already exists on the host and is not managed by kvmctl; "
+                               "rename it in the manifest, or take it over with --adopt")
+        else:
+            self.errors.append(f"{ref} already exists and belongs to kvmctl project "
+                               f"{owner.project!r}; it is never changed from project "
+                               f"{self.opts.project!r}")
+        return False
+
+
+def owned_volume(ctx: Context, pool: str, kind: str, name: str) -> LiveVolume | None:
+    live_pool = ctx.live.pools.get(pool)
+    if not live_pool:
+        return None
+    return next((v for v in live_pool.volumes if v.owner and v.owner.project == ctx.opts.project
+                 and v.owner.kind == kind and v.owner.name == name), None)
+
+
+def attached_to(ctx: Context, pool: str, volume: str) -> list[tuple[str, str]]:
+    """(running domain, target dev) pairs that use this volume right now."""
+    if ctx.attachments is None:  # every running domain is parsed once, not once per volume
+        ctx.attachments = {}
+        for dom in ctx.live.domains.values():
+            if not dom.running:
+                continue
+            for key, value in compare.domain_facts(dom.live_xml or "").items():
+                if key.startswith("disk:"):
+                    ctx.attachments.setdefault(value[2], []).append((dom.name, key[5:]))
+    return list(ctx.attachments.get((pool, volume), ()))

@@ -1,0 +1,71 @@
+"""Planning networks: DHCP reservations and DNS hosts change live, the rest replaces."""
+
+from __future__ import annotations
+
+from . import compare, render
+from .model import Network
+from .plan_context import Context
+from .plan_types import CREATE, LIVE, NOOP, REPLACE, Change, FieldDiff, Step
+from .state import fingerprint
+
+# ---- networks ---------------------------------------------------------------------------------
+
+def plan_network(ctx: Context, net: Network) -> Change:
+    name = net.meta.name
+    live = ctx.live.networks.get(name)
+    xml = render.network_xml(net, ctx.m, ctx.opts.project, live.uuid if live else None)
+    create = (Step("define_network", (name, xml)), Step("start_network", (name,)),
+              Step("network_autostart", (name, net.autostart)))
+    if live is None:
+        return Change("Network", name, CREATE, (f"new {net.mode} network",), steps=create)
+    if not ctx.check_owner(net.meta.ref, live.owner):
+        return Change("Network", name, NOOP)
+    fp = fingerprint(live.xml, live.active, live.autostart)
+    changes = compare.network_diff(xml, live.xml)
+    fields = tuple(FieldDiff(c.field, c.old, c.new) for c in changes)
+    hard = [c for c in changes if c.field not in compare.NETWORK_LIVE_FIELDS]
+    if hard:
+        # libvirt writes attributes in single quotes: compare the parsed NIC sources.
+        users = [d.name for d in ctx.live.domains.values() if d.running and any(
+            k.startswith("nic:") and v[:2] == ("network", name)
+            for k, v in compare.domain_facts(d.live_xml or "").items())]
+        blocked = "the network is protected (protect: true)" if net.protect or (
+            live.owner and live.owner.protect) else None
+        reason = ("libvirt cannot change " + ", ".join(c.field for c in hard) +
+                  " of an existing network: it is deleted and created again")
+        if users:
+            reason += "; running guests on it lose their link: " + ", ".join(users)
+        return Change("Network", name, REPLACE, (reason,), fields, () if blocked else
+                      (Step("delete_network", (name,)),) + create, blocked=blocked,
+                      fingerprint=fp)
+    steps = _network_live_steps(name, changes, xml, live.xml)
+    if changes:
+        steps.append(Step("define_network", (name, xml)))
+    if not live.active:
+        steps.append(Step("start_network", (name,)))
+    if live.autostart != net.autostart:
+        steps.append(Step("network_autostart", (name, net.autostart)))
+        fields += (FieldDiff("autostart", live.autostart, net.autostart),)
+    if not steps:
+        return Change("Network", name, NOOP, fingerprint=fp)
+    return Change("Network", name, LIVE, ("changed live, without restarting the network",),
+                  fields, tuple(steps), fingerprint=fp)
+
+
+def _network_live_steps(name: str, changes: list[compare.FactChange], desired: str,
+                        actual: str) -> list[Step]:
+    steps = []
+    for change in changes:
+        if change.field == "dhcp.hosts":
+            for host in sorted(set(change.old or ()) - set(change.new or ())):
+                steps.append(Step("network_dhcp_host", (name, "delete", actual, host[0])))
+            for host in sorted(set(change.new or ()) - set(change.old or ())):
+                steps.append(Step("network_dhcp_host", (name, "add", desired, host[0])))
+        elif change.field == "dns.hosts":
+            for host in sorted(set(change.old or ()) - set(change.new or ())):
+                steps.append(Step("network_dns_host", (name, "delete", actual, host[0])))
+            for host in sorted(set(change.new or ()) - set(change.old or ())):
+                steps.append(Step("network_dns_host", (name, "add", desired, host[0])))
+        elif change.field == "dhcp.range":
+            steps.append(Step("network_dhcp_range", (name, actual, desired)))
+    return steps
