@@ -40,6 +40,7 @@ Helpers that are not fixtures (serial log waiting, KVMCTL line parsing) are in `
 from __future__ import annotations
 
 import fcntl
+from glob import escape as glob_escape
 import ipaddress
 import json
 import os
@@ -186,10 +187,19 @@ class Cleanup:
         attempt("networks", self._networks)
         attempt("volumes and pools", self._storage)
         attempt("host interfaces", self._links)
+        attempt("kvmctl lock files", self._locks)
         for p in reversed(self._paths):
             attempt(f"path {p}", self._remove_path, p)
         self._paths.clear()
         return errors
+
+    def _locks(self) -> None:
+        """kvmctl's lock files of the projects named after this test (see kvmctl/lock.py)."""
+        from kvmctl import lock
+        folder = Path(lock.LOCK_DIR)
+        for path in folder.glob(glob_escape(self.prefix) + "*.lock") if folder.is_dir() else ():
+            path.unlink(missing_ok=True)
+            self.removed.append(f"lock file {path.name}")
 
     def _domains(self) -> None:
         flags = 0

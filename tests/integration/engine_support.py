@@ -7,7 +7,6 @@ Not fixtures (those are in conftest.py); the ``kvmctl`` fixture of the engine te
 
 from __future__ import annotations
 
-import glob
 import os
 import subprocess
 import sys
@@ -187,13 +186,3 @@ def bridge_ifindex(name: str) -> int | None:
         return int(Path(f"/sys/class/net/{name}/ifindex").read_text())
     except OSError:
         return None
-
-
-def remove_lock_files(project: str) -> None:
-    """kvmctl's per-project lock files (see kvmctl/lock.py), removed at teardown."""
-    from kvmctl import lock
-    for path in glob.glob(os.path.join(lock.LOCK_DIR, f"{glob.escape(project)}*.lock")):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass

@@ -21,14 +21,13 @@ import libvirt
 import pytest
 
 from engine_support import (Kvmctl, assert_clean, change, disk, domain_xml, fields, host_ip,
-                            macs, network, pool, remove_lock_files, vm)
+                            macs, network, pool, vm)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 
 @pytest.fixture
 def kv(prefix: str, tmp_path: Path, cleanup) -> Kvmctl:
-    cleanup.add(remove_lock_files, prefix)
     return Kvmctl(prefix, tmp_path)
 
 

@@ -15,7 +15,7 @@ import libvirt
 import pytest
 
 from engine_support import (Kvmctl, bridge_ifindex, change, disk, domain_xml, fields, host_ip,
-                            network, pool, remove_lock_files, virsh, vm, wait_until)
+                            network, pool, virsh, vm, wait_until)
 from guestlog import SerialLog
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
@@ -26,7 +26,6 @@ BOOT_TIMEOUT = 150  # TCG on a busy 2-core machine
 
 @pytest.fixture
 def kv(prefix: str, tmp_path: Path, cleanup) -> Kvmctl:
-    cleanup.add(remove_lock_files, prefix)
     return Kvmctl(prefix, tmp_path)
 
 
