@@ -55,7 +55,7 @@ def register(sub: Any, manifest_options: Callable, engine_options: Callable) -> 
     engine_options(p)
     manifest_options(p)
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
-    p.set_defaults(run=cmd_get)
+    p.set_defaults(run=_cmd_get)
 
 
 def _plan_options(p: argparse.ArgumentParser) -> None:
@@ -389,78 +389,6 @@ def cmd_destroy(args: argparse.Namespace, env: Env) -> int:
         return ExitStatus.OK if ok else ExitStatus.ERROR
 
 
-# ---- get ----------------------------------------------------------------------------------------
-
-def cmd_get(args: argparse.Namespace, env: Env) -> int:
-    from .hypervisor import Hypervisor
-    hv = Hypervisor(args.connect or default_uri())
-    live = hv.read()
-    rows = _rows(args.what, live, hv, args.project)
-    if args.filename:  # with manifests: show how each object differs from them (drift)
-        kinds = {"vms": "VirtualMachine", "networks": "Network", "disks": "Disk",
-                 "pools": "StoragePool", "images": "Image"}
-        plan = Session(args, env).plan()
-        drift = {c.name: c.klass for c in plan.changes if c.kind == kinds[args.what]}
-        for row in rows:
-            row["drift"] = drift.get(row["name"], "not in manifests")
-            if row["drift"] == "no-op":
-                row["drift"] = None
-    if args.output == "json":
-        json.dump(rows, env.stdout, indent=2)
-        env.stdout.write("\n")
-        return ExitStatus.OK
-    from rich.console import Console
-    from rich.table import Table
-    table = Table(box=None, pad_edge=False)
-    columns = list(rows[0]) if rows else ["name"]
-    for col in columns:
-        table.add_column(col.upper())
-    for row in rows:
-        table.add_row(*(_cell(row[c]) for c in columns))
-    Console(file=env.stdout, highlight=False, width=200).print(table)
-    return ExitStatus.OK
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, list):
-        return ", ".join(map(str, value)) or "-"
-    return "-" if value in (None, "") else str(value)
-
-
-def _rows(what: str, live: Any, hv: Any, project: str) -> list[dict[str, Any]]:
-    from . import compare
-    mine = lambda owner: owner is not None and owner.project == project  # noqa: E731
-    if what == "vms":
-        leases: dict[str, list] = {}
-        rows = []
-        for d in live.domains.values():
-            if not mine(d.owner):
-                continue
-            # A lease counts only on the network the NIC is on: the same MAC may hold a lease
-            # on another network (another VM, another project).
-            ips = []
-            for key, nic in compare.domain_facts(d.live_xml or d.inactive_xml).items():
-                if not key.startswith("nic:") or nic[0] != "network":
-                    continue
-                if nic[1] not in leases:
-                    net = live.networks.get(nic[1])
-                    leases[nic[1]] = hv.dhcp_leases(nic[1]) if net and net.active else []
-                ips += [l["ipaddr"] for l in leases[nic[1]]
-                        if (l.get("mac") or "").lower() == key[4:]]
-            pending = [c.field for c in compare.diff(compare.domain_facts(d.inactive_xml),
-                                                     compare.domain_facts(d.live_xml))
-                       if compare.domain_field_class(c) == compare.RESTART] if d.running else []
-            rows.append({"name": d.name, "state": d.state, "addresses": ips,
-                         "autostart": d.autostart, "pending_restart": pending})
-        return rows
-    if what == "networks":
-        return [{"name": n.name, "active": n.active, "autostart": n.autostart}
-                for n in live.networks.values() if mine(n.owner)]
-    if what == "pools":
-        return [{"name": p.name, "path": p.path, "active": p.active, "autostart": p.autostart}
-                for p in live.pools.values() if mine(p.owner)]
-    kind = {"disks": "Disk", "images": "Image"}[what]
-    return [{"name": v.owner.name, "pool": v.pool, "volume": v.name, "capacity": v.capacity,
-             "format": v.format, "protect": v.owner.protect}
-            for p in live.pools.values() for v in p.volumes if mine(v.owner)
-            and v.owner.kind == kind]
+def _cmd_get(args: argparse.Namespace, env: Env) -> int:
+    from .cli_get import cmd_get
+    return cmd_get(args, env)
