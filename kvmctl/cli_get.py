@@ -12,13 +12,14 @@ from .cli_engine import Session
 
 def cmd_get(args: argparse.Namespace, env: Env) -> int:
     from .hypervisor import Hypervisor
-    hv = Hypervisor(args.connect or default_uri())
-    live = hv.read()
+    session = Session(args, env) if args.filename else None
+    hv = session.hv if session else Hypervisor(args.connect or default_uri())
+    live = session.live if session else hv.read()
     rows = _rows(args.what, live, hv, args.project)
-    if args.filename:  # with manifests: show how each object differs from them (drift)
+    if session:  # with manifests: show how each object differs from them (drift)
         kinds = {"vms": "VirtualMachine", "networks": "Network", "disks": "Disk",
                  "pools": "StoragePool", "images": "Image"}
-        plan = Session(args, env).plan()
+        plan = session.plan()
         drift = {c.name: c.klass for c in plan.changes if c.kind == kinds[args.what]}
         for row in rows:
             row["drift"] = drift.get(row["name"], "not in manifests")
