@@ -29,6 +29,10 @@ def cmd_get(args: argparse.Namespace, env: Env) -> int:
         json.dump(rows, env.stdout, indent=2)
         env.stdout.write("\n")
         return ExitStatus.OK
+    if not rows:
+        env.stdout.write(f"No {args.what} of project {args.project!r} on "
+                         f"{args.connect or default_uri()}.\n")
+        return ExitStatus.OK
     from rich.console import Console
     from rich.table import Table
     table = Table(box=None, pad_edge=False)
