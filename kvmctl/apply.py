@@ -99,7 +99,7 @@ class Executor:
     def __init__(self, hv: Hypervisor, m: ManifestSet, live: LiveState, project: str) -> None:
         self.hv, self.m, self.project = hv, m, project
         self._lock = threading.Lock()
-        self._network_start = threading.Lock()
+        self._network_lock = threading.Lock()
         self._records: dict[str, OwnershipRecord] = {}
         for name, pool in live.pools.items():
             owned = {v.name: v.owner for v in pool.volumes
@@ -231,13 +231,15 @@ class Executor:
         self.hv.upload(pool, volume, iter([padded]), capacity)
 
     # ---- networks ----
+    # libvirt picks a free virbrN for a network without a bridge name when it is defined; two
+    # defined at once can get the same one ("error creating bridge interface virbr2: File
+    # exists" when the second starts). Networks are defined and started one at a time.
     def define_network(self, name: str, xml: str) -> None:
-        self.hv.define_network(name, xml)
+        with self._network_lock:
+            self.hv.define_network(name, xml)
 
     def start_network(self, name: str) -> None:
-        # libvirt picks a free virbrN for a network without a bridge name; two starting at once
-        # can pick the same one ("error creating bridge interface virbr2: File exists").
-        with self._network_start:
+        with self._network_lock:
             self.hv.start_network(name)
 
     def network_autostart(self, name: str, on: bool) -> None:
