@@ -13,6 +13,7 @@ import hashlib
 import os
 import tempfile
 import threading
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -265,6 +266,19 @@ class Executor:
                 self.hv.update_network(name, command, "dhcp-range",
                                        etree.tostring(found, encoding="unicode"))
 
+    def replug_nic(self, domain: str, nic_xml: str) -> None:
+        """Reconnect a running guest's NIC to a network that was just created again: libvirt
+        does not move its tap to the new bridge, so the NIC is unplugged and plugged back."""
+        mac = etree.fromstring(nic_xml.encode()).find("mac").get("address")
+        self.hv.detach_device_live(domain, nic_xml)
+        deadline = time.monotonic() + 20
+        while mac in self.hv.live_xml(domain):  # unplugging waits for the guest to let go
+            if time.monotonic() > deadline:
+                raise ApplyError(f"VirtualMachine {domain}: the guest did not release its NIC "
+                                 f"{mac} within 20 s; restart it to reconnect it")
+            time.sleep(0.2)
+        self.hv.attach_device_live(domain, _plug_again(nic_xml))
+
     # ---- domains ----
     def define_domain(self, name: str, xml: str) -> None:
         self.hv.define_domain(name, xml)
@@ -341,3 +355,17 @@ def _chunks(path: str) -> Iterator[bytes]:
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             yield chunk
+
+
+def _plug_again(nic_xml: str) -> str:
+    """A live NIC definition without what belongs to its previous connection (tap device,
+    alias, network port), keeping its MAC, model and PCI slot."""
+    nic = etree.fromstring(nic_xml.encode())
+    for tag in ("target", "alias"):
+        for el in nic.findall(tag):
+            nic.remove(el)
+    source = nic.find("source")
+    if source is not None:
+        for attribute in ("portid", "bridge"):
+            source.attrib.pop(attribute, None)
+    return etree.tostring(nic, encoding="unicode")

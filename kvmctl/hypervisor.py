@@ -192,6 +192,9 @@ class Hypervisor:
         return {(i.get("hwaddr") or "").lower(): [a["addr"] for a in (i.get("addrs") or [])]
                 for i in ifaces.values()}
 
+    def live_xml(self, name: str) -> str:
+        return call(f"read domain {name}", self._dom(name).XMLDesc, 0)
+
     def domain_state(self, name: str) -> str:
         return _STATES.get(call(f"read domain {name}", self._dom(name).state)[0], "other")
 

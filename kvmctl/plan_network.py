@@ -25,18 +25,18 @@ def plan_network(ctx: Context, net: Network) -> Change:
     fields = tuple(FieldDiff(c.field, c.old, c.new) for c in changes)
     hard = [c for c in changes if c.field not in compare.NETWORK_LIVE_FIELDS]
     if hard:
-        # libvirt writes attributes in single quotes: compare the parsed NIC sources.
-        users = [d.name for d in ctx.live.domains.values() if d.running and any(
-            k.startswith("nic:") and v[:2] == ("network", name)
-            for k, v in compare.domain_facts(d.live_xml or "").items())]
+        users = _running_nics(ctx, name)
         blocked = "the network is protected (protect: true)" if net.protect or (
             live.owner and live.owner.protect) else None
-        reason = ("libvirt cannot change " + ", ".join(c.field for c in hard) +
-                  " of an existing network: it is deleted and created again")
+        reasons = ["libvirt cannot change " + ", ".join(c.field for c in hard) +
+                   " of an existing network: it is deleted and created again"]
         if users:
-            reason += "; running guests on it lose their link: " + ", ".join(users)
-        return Change("Network", name, REPLACE, (reason,), fields, () if blocked else
-                      (Step("delete_network", (name,)),) + create, blocked=blocked,
+            reasons.append("running guests on it lose their link with the old network; their "
+                           "NICs are unplugged and plugged again (same MAC, same slot) so they "
+                           "join the new one: " + ", ".join(sorted({d for d, _ in users})))
+        replug = tuple(Step("replug_nic", (domain, nic)) for domain, nic in users)
+        return Change("Network", name, REPLACE, tuple(reasons), fields, () if blocked else
+                      (Step("delete_network", (name,)),) + create + replug, blocked=blocked,
                       fingerprint=fp)
     steps = _network_live_steps(name, changes, xml, live.xml)
     if changes:
@@ -50,6 +50,18 @@ def plan_network(ctx: Context, net: Network) -> Change:
         return Change("Network", name, NOOP, fingerprint=fp)
     return Change("Network", name, LIVE, ("changed live, without restarting the network",),
                   fields, tuple(steps), fingerprint=fp)
+
+
+def _running_nics(ctx: Context, network: str) -> list[tuple[str, str]]:
+    """(running domain, its live NIC XML) for every NIC attached to `network`."""
+    found = []
+    for dom in ctx.live.domains.values():
+        if not dom.running:
+            continue
+        for key, value in compare.domain_facts(dom.live_xml or "").items():
+            if key.startswith("nic:") and value[:2] == ("network", network):
+                found.append((dom.name, compare.device_element(dom.live_xml or "", key) or ""))
+    return found
 
 
 def _network_live_steps(name: str, changes: list[compare.FactChange], desired: str,

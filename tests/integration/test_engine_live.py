@@ -155,6 +155,24 @@ def test_live_changes_without_reboot(kv, prefix, free_subnet, test_guest, scratc
     assert f"ip='{host_ip(subnet, 20)}'" in virsh("net-dumpxml", net)
     assert bridge_ifindex(bridge) == ifindex and _dnsmasq_pid(net) == dnsmasq
 
+    # 6. A new cidr replaces the network; the running guest's NICs are unplugged and plugged
+    #    back (same MACs), so it joins the new network without a reboot.
+    moved = free_subnet()
+    docs[3] = network(net, moved, bridge=bridge)
+    spec["interfaces"] = [{"network": net, "ip": host_ip(moved, 10)},
+                          {"network": net, "ip": host_ip(moved, 11)}]
+    docs[4] = vm(name, test_guest, **spec)
+    docs[5] = vm(other, test_guest, interfaces=[{"network": net, "ip": host_ip(moved, 20)}])
+    kv.write("live.yaml", docs)
+    c = change(kv.plan_json(manifest), f"Network/{net}")
+    assert c["class"] == "replace" and any(name in r and "plugged again" in r
+                                           for r in c["reasons"]), c
+    since = log.mark()
+    kv.converge(manifest)
+    for ip in (host_ip(moved, 10), host_ip(moved, 11)):
+        log.wait_for(rf"^KVMCTL-LEASE iface=eth\d+ mac=\S+ ip={re.escape(ip)}$", 120,
+                     since=since, alive=alive)
+
     # Through all of it, one boot: nothing was restarted.
     time.sleep(1)
     assert len(log.findall(BOOT)) == 1, log.tail(60)
