@@ -22,7 +22,8 @@ def plan_network(ctx: Context, net: Network) -> Change:
         return Change("Network", name, NOOP)
     fp = fingerprint(live.xml, live.active, live.autostart)
     changes = compare.network_diff(xml, live.xml)
-    fields = tuple(FieldDiff(c.field, c.old, c.new) for c in changes)
+    fields = tuple(FieldDiff(c.field, describe(c.field, c.old), describe(c.field, c.new))
+                   for c in changes)
     hard = [c for c in changes if c.field not in compare.NETWORK_LIVE_FIELDS]
     if hard:
         users = _running_nics(ctx, name)
@@ -50,6 +51,21 @@ def plan_network(ctx: Context, net: Network) -> Change:
         return Change("Network", name, NOOP, fingerprint=fp)
     return Change("Network", name, LIVE, ("changed live, without restarting the network",),
                   fields, tuple(steps), fingerprint=fp)
+
+
+def describe(field: str, value: object) -> object:
+    """A network fact as a person reads it in a plan."""
+    if not value:
+        return None
+    if field == "dhcp.hosts":
+        return ", ".join(f"{name or mac} {ip}" for mac, name, ip in value)  # type: ignore[union-attr]
+    if field == "dns.hosts":
+        return ", ".join(f"{ip} {' '.join(names)}" for ip, names in value)  # type: ignore[union-attr]
+    if field in ("ipv4", "dhcp.range") and isinstance(value, tuple):
+        return f"{value[0]}/{value[1]}" if field == "ipv4" else f"{value[0]}-{value[1]}"
+    if field == "metadata" and isinstance(value, tuple):
+        return f"spec {value[0][:8]}"
+    return value
 
 
 def _running_nics(ctx: Context, network: str) -> list[tuple[str, str]]:
