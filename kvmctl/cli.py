@@ -176,11 +176,19 @@ def run(argv: Sequence[str], env: Env) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse has printed its message
-        return int(exc.code or 0)
+        code = int(exc.code or 0)
+        return ExitStatus.ERROR if code == ExitStatus.USAGE and _two_means_changes(argv) \
+            else code
     if not getattr(args, "run", None):
         parser.print_help(env.stdout)
         return ExitStatus.USAGE
     return _dispatch(args.run, args, env)
+
+
+def _two_means_changes(argv: Sequence[str]) -> bool:
+    """Whether exit status 2 would read as "changes present" for this command line."""
+    words = [a for a in argv if not a.startswith("-")]
+    return "--detailed-exitcode" in argv or bool(words and words[0] == "diff")
 
 
 def _dispatch(command: Callable[[argparse.Namespace, Env], int], args: argparse.Namespace,
@@ -194,6 +202,8 @@ def _dispatch(command: Callable[[argparse.Namespace, Env], int], args: argparse.
         if args.debug:
             raise
         env.stderr.write(f"error: {exc}\n")
+        if getattr(args, "detailed_exitcode", False):
+            return ExitStatus.ERROR  # 2 means "changes" here: every error is 1
         return exc.exit_code
     except KeyboardInterrupt:
         env.stderr.write("interrupted\n")

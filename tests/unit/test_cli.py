@@ -190,3 +190,10 @@ def test_render_needs_manifests(cli: Any) -> None:
 def test_exit_status_values() -> None:
     assert (cli_module.ExitStatus.OK, cli_module.ExitStatus.ERROR,
             cli_module.ExitStatus.USAGE) == (0, 1, 2)
+
+
+@pytest.mark.parametrize("argv", [["diff", "--no-such-option"], ["diff"],
+                                  ["plan", "--detailed-exitcode"],
+                                  ["plan", "--detailed-exitcode", "--no-such-option"]])
+def test_errors_never_exit_2_where_2_means_changes(argv: list[str], cli: Any) -> None:
+    assert cli(argv).code == 1
