@@ -403,7 +403,7 @@ def measure(r: Run, args: argparse.Namespace) -> None:
     names = [r.vm_name(i) for i in range(1, n + 1)]
     write_vms(r.dir, names, r.network, vm_ips(subnet, n, not args.no_ip))
 
-    print(f"defining them: kvmctl apply -y ...", flush=True)
+    print("defining them: kvmctl apply -y ...", flush=True)
     elapsed = r.apply(r.dir)
     print(f"  apply of {n} VMs and 1 network: {elapsed:.2f} s", flush=True)
 

@@ -14,7 +14,6 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-import libvirt
 import pytest
 
 from guestlog import SerialLog, fields
