@@ -19,29 +19,28 @@ from .plan_vm import plan_vm
 from .prune import plan_prune
 from .state import LiveState
 
-__all__ = ["SEED_KIND", "Options", "make_plan", "host_problems"]
+__all__ = ["SEED_KIND", "Options", "make_plan"]
 
 
-def host_problems(m: ManifestSet, live: LiveState) -> list[str]:
+def host_problems(ctx: Context) -> None:
     """Plan-time checks against the host: bridges that must exist there."""
-    errors = []
-    for net in m.networks:
-        if net.mode == "bridge" and net.bridge not in live.host_bridges:
-            errors.append(f"{net.meta.ref}: host bridge {net.bridge!r} does not exist on the "
-                          "hypervisor host")
-    for vm in m.vms:
+    bridges = ctx.live.host_bridges
+    for net in ctx.m.networks:
+        if net.mode == "bridge" and net.bridge not in bridges:
+            ctx.error(net.meta, f"host bridge {net.bridge!r} does not exist on the hypervisor "
+                                "host")
+    for vm in ctx.m.vms:
         for nic in vm.interfaces:
-            if nic.bridge and nic.bridge not in live.host_bridges:
-                errors.append(f"{vm.meta.ref}: host bridge {nic.bridge!r} does not exist on the "
-                              "hypervisor host")
-    return errors
+            if nic.bridge and nic.bridge not in bridges:
+                ctx.error(vm.meta, f"host bridge {nic.bridge!r} does not exist on the "
+                                   "hypervisor host")
 
 
 def make_plan(m: ManifestSet, live: LiveState, opts: Options, uri: str = "",
               memo: Memo | None = None) -> Plan:
     """The plan; `memo` remembers definition pairs known to be equal (see memo.py)."""
     ctx = Context(m, live, opts, memo)
-    ctx.errors.extend(host_problems(m, live))
+    host_problems(ctx)
     changes: list[Change] = [plan_pool(ctx, p) for p in m.pools]
     changes += [plan_image(ctx, i) for i in m.images]
     changes += [plan_disk(ctx, d) for d in m.disks]
@@ -50,8 +49,8 @@ def make_plan(m: ManifestSet, live: LiveState, opts: Options, uri: str = "",
     changes += [plan_vm(ctx, vm) for vm in m.vms]
     if opts.prune:
         if not any(m.all()) and not opts.allow_empty:
-            ctx.errors.append("refusing to prune with an empty manifest set: it would delete "
-                              "everything this project owns (use --allow-empty if you mean it)")
+            ctx.error(None, "refusing to prune with an empty manifest set: it would delete "
+                            "everything this project owns (use --allow-empty if you mean it)")
         changes += plan_prune(ctx)
     if ctx.errors:
         raise PlanError("the plan cannot be made:\n  " + "\n  ".join(ctx.errors))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from . import compare
 from .memo import Memo
-from .model import ManifestSet
+from .model import ManifestSet, Meta
 from .state import LiveState, LiveVolume, Owner
 
 SEED_KIND = "CloudInitSeed"
@@ -34,19 +34,24 @@ class Context:
         # disk source -> (running domain, target dev), built on first use by _attached
         self.attachments: dict[object, list[tuple[str, str]]] | None = None
 
-    def check_owner(self, ref: str, owner: Owner | None) -> bool:
+    def error(self, meta: Meta | None, message: str, ref: str = "") -> None:
+        """Record why the plan cannot be made, located at the object's document."""
+        where = f"{meta.source}: " if meta is not None and meta.source else ""
+        what = ref or (meta.ref if meta is not None else "")
+        self.errors.append(f"{where}{what}: {message}" if what else f"{where}{message}")
+
+    def check_owner(self, meta: Meta, owner: Owner | None, ref: str = "") -> bool:
         """True when kvmctl may change the object; records a conflict error otherwise."""
         if owner is not None and owner.project == self.opts.project:
             return True
         if owner is None and self.opts.adopt:
             return True
         if owner is None:
-            self.errors.append(f"{ref} already exists on the host and is not managed by kvmctl; "
-                               "rename it in the manifest, or take it over with --adopt")
+            self.error(meta, "already exists on the host and is not managed by kvmctl; rename "
+                             "it in the manifest, or take it over with --adopt", ref)
         else:
-            self.errors.append(f"{ref} already exists and belongs to kvmctl project "
-                               f"{owner.project!r}; it is never changed from project "
-                               f"{self.opts.project!r}")
+            self.error(meta, f"already exists and belongs to kvmctl project {owner.project!r}; "
+                             f"it is never changed from project {self.opts.project!r}", ref)
         return False
 
 

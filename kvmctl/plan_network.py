@@ -18,7 +18,7 @@ def plan_network(ctx: Context, net: Network) -> Change:
               Step("network_autostart", (name, net.autostart)))
     if live is None:
         return Change("Network", name, CREATE, (f"new {net.mode} network",), steps=create)
-    if not ctx.check_owner(net.meta.ref, live.owner):
+    if not ctx.check_owner(net.meta, live.owner):
         return Change("Network", name, NOOP)
     fp = fingerprint(live.xml, live.active, live.autostart)
     changes = compare.network_diff(xml, live.xml)

@@ -19,13 +19,13 @@ def plan_pool(ctx: Context, pool: StoragePool) -> Change:
         return Change("StoragePool", name, CREATE, ("new storage pool at " + pool.path,),
                       steps=(Step("create_pool", (name, xml)),
                              Step("pool_autostart", (name, pool.autostart))))
-    if not ctx.check_owner(pool.meta.ref, live.owner):
+    if not ctx.check_owner(pool.meta, live.owner):
         return Change("StoragePool", name, NOOP)
     fp = fingerprint(live.xml, live.active, live.autostart)
     fields, steps, reasons = [], [], []
     if live.path.rstrip("/") != pool.path.rstrip("/"):
-        ctx.errors.append(f"{pool.meta.ref}: changing the path of a pool ({live.path} -> "
-                          f"{pool.path}) is not supported; define a new pool instead")
+        ctx.error(pool.meta, f"changing the path of a pool ({live.path} -> {pool.path}) is "
+                             "not supported; define a new pool instead")
     if live.owner is None:
         steps.append(Step("claim_pool", (name,)))
         reasons.append("adopted: kvmctl takes ownership")
@@ -52,7 +52,7 @@ def plan_image(ctx: Context, image: Image) -> Change:
     if live is None:
         return Change("Image", name, CREATE, (f"import from {image.source}",), steps=create,
                       depends=deps)
-    if not ctx.check_owner(image.meta.ref, live.owner):
+    if not ctx.check_owner(image.meta, live.owner):
         return Change("Image", name, NOOP)
     fp = fingerprint(live)
     if live.owner and live.owner.spec_hash and live.owner.spec_hash != image.meta.spec_hash:
@@ -89,8 +89,8 @@ def plan_disk(ctx: Context, disk: Disk) -> Change:
         base = ctx.live.volume(image.pool, render.volume_name(image.meta.name, image.format)) \
             if isinstance(image, Image) else None
         if base is not None and base.capacity > disk.size:
-            ctx.errors.append(f"{disk.meta.ref}: size {format_size(disk.size)} is smaller than "
-                              f"its Image {image.meta.name} ({format_size(base.capacity)})")
+            ctx.error(disk.meta, f"size {format_size(disk.size)} is smaller than its Image "
+                                 f"{image.meta.name} ({format_size(base.capacity)})")
         clone = ((image.pool, render.volume_name(image.meta.name, image.format))
                  if disk.clone and isinstance(image, Image) else None)
         how = f"{format_size(disk.size)} {disk.format}" + (
@@ -98,7 +98,7 @@ def plan_disk(ctx: Context, disk: Disk) -> Change:
         return Change("Disk", name, CREATE, (f"new disk: {how}",), steps=(
             Step("create_volume", (disk.pool, spec.name, xml, clone, "Disk", name,
                                    disk.meta.spec_hash, disk.protect, disk.size)),), depends=deps)
-    if not ctx.check_owner(disk.meta.ref, live.owner):
+    if not ctx.check_owner(disk.meta, live.owner):
         return Change("Disk", name, NOOP)
     fp = fingerprint(live)
     steps: list[Step] = []
@@ -106,8 +106,8 @@ def plan_disk(ctx: Context, disk: Disk) -> Change:
         steps.append(Step("claim_volume", (disk.pool, spec.name, "Disk", name,
                                            disk.meta.spec_hash, disk.protect)))
     if disk.size < live.capacity:
-        ctx.errors.append(f"{disk.meta.ref}: shrinking a disk is refused ({format_size(live.capacity)}"
-                          f" -> {format_size(disk.size)}): it would destroy data")
+        ctx.error(disk.meta, f"shrinking a disk is refused ({format_size(live.capacity)} -> "
+                             f"{format_size(disk.size)}): it would destroy data")
         return Change("Disk", name, NOOP, fingerprint=fp)
     if disk.size > live.capacity:
         attached = attached_to(ctx, disk.pool, spec.name)
@@ -151,7 +151,7 @@ def plan_seed(ctx: Context, vm: VirtualMachine) -> Change | None:
     if live is None:
         return Change(SEED_KIND, vm.meta.name, CREATE, ("new cloud-init seed",), steps=(build,),
                       depends=deps)
-    if not ctx.check_owner(f"{SEED_KIND}/{vm.meta.name}", live.owner):
+    if not ctx.check_owner(vm.meta, live.owner, f"{SEED_KIND}/{vm.meta.name}"):
         return None
     if live.owner and live.owner.spec_hash == digest:
         return Change(SEED_KIND, vm.meta.name, NOOP, fingerprint=fingerprint(live), depends=deps)

@@ -32,7 +32,7 @@ def plan_vm(ctx: Context, vm: VirtualMachine) -> Change:
             steps.append(Step("start_domain", (name,)))
         return Change("VirtualMachine", name, CREATE, (f"new VM ({vm.state})",),
                       steps=tuple(steps), depends=deps)
-    if not ctx.check_owner(vm.meta.ref, live.owner):
+    if not ctx.check_owner(vm.meta, live.owner):
         return Change("VirtualMachine", name, NOOP)
     return _update_vm(ctx, vm, live, xml, deps)
 
@@ -95,8 +95,8 @@ def _update_vm(ctx: Context, vm: VirtualMachine, live: LiveDomain, xml: str,
         fields.append(FieldDiff("autostart", live.autostart, vm.autostart))
     steps += _state_steps(vm, live, bool(pending))
     if pending and vm.on_restart_needed == "fail":
-        ctx.errors.append(f"{vm.meta.ref}: needs a restart ({', '.join(pending)}) and "
-                          "onRestartNeeded is fail")
+        ctx.error(vm.meta, f"needs a restart ({', '.join(pending)}) and onRestartNeeded is "
+                           "fail")
     if pending and vm.on_restart_needed == "restart":
         steps.append(Step("restart_domain", (name, vm.shutdown_timeout)))
         reasons.append(f"restarted now (onRestartNeeded: restart, graceful shutdown up to "

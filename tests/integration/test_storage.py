@@ -333,7 +333,7 @@ def test_pool_deleted_only_when_empty_and_owned(k, conn, prefix, scratch_dir):
     # Taking over p3 needs --adopt; without it the plan is an error naming it.
     k.write([anchor, pool(p3, scratch_dir / "p3")])
     r = k("plan", "-f", k.dir)
-    assert r.code == 1 and f"StoragePool/{p3} already exists" in r.stderr, str(r)
+    assert r.code == 1 and f"StoragePool/{p3}: already exists" in r.stderr, str(r)
     assert "--adopt" in r.stderr
 
 

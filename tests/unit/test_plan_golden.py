@@ -115,7 +115,8 @@ def host_facts(live: LiveState) -> checks.HostFacts:
 
 def plan_case(case: Path) -> dict[str, Any]:
     live = live_from_json(json.loads((case / "live.json").read_text()))
-    docs = documents.load([str(case / "manifest.yaml")])
+    # Parsed under a fixed name, so that located errors read the same from any directory.
+    docs = documents.parse_text((case / "manifest.yaml").read_text(), "manifest.yaml")
     manifest = validate.validate(docs, host_facts(live))
     extra = json.loads((case / "options.json").read_text()) \
         if (case / "options.json").is_file() else {}
