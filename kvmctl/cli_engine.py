@@ -109,14 +109,13 @@ class Session:
 
     def _validate(self) -> Any:
         import ipaddress
-        from lxml import etree
-        from . import checks, validate
+        from . import checks, compare, validate
         subnets = []
         for net in self.live.networks.values():
-            ip = etree.fromstring(net.xml.encode()).find("ip")
-            if ip is not None and ip.get("address") and ip.get("prefix"):
-                subnets.append((net.name, ipaddress.IPv4Network(
-                    f"{ip.get('address')}/{ip.get('prefix')}", strict=False)))
+            address, prefix = compare.network_facts(net.xml)["ipv4"] or (None, None)
+            if address and prefix:
+                subnets.append((net.name, ipaddress.IPv4Network(f"{address}/{prefix}",
+                                                                strict=False)))
         facts = checks.HostFacts(frozenset(self.live.networks), frozenset(self.live.pools),
                                  tuple(subnets))
         return validate.validate(self.documents, facts, self.memo)

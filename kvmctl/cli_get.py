@@ -53,6 +53,7 @@ def _cell(value: Any) -> str:
 
 def _rows(what: str, live: Any, hv: Any, project: str) -> list[dict[str, Any]]:
     from . import compare
+    from .readiness import nic_addresses
     mine = lambda owner: owner is not None and owner.project == project  # noqa: E731
     if what == "vms":
         leases: dict[str, list] = {}
@@ -60,17 +61,14 @@ def _rows(what: str, live: Any, hv: Any, project: str) -> list[dict[str, Any]]:
         for d in live.domains.values():
             if not mine(d.owner):
                 continue
-            # A lease counts only on the network the NIC is on: the same MAC may hold a lease
-            # on another network (another VM, another project).
-            ips = []
-            for key, nic in compare.domain_facts(d.live_xml or d.inactive_xml).items():
-                if not key.startswith("nic:") or nic[0] != "network":
-                    continue
-                if nic[1] not in leases:
-                    net = live.networks.get(nic[1])
-                    leases[nic[1]] = hv.dhcp_leases(nic[1]) if net and net.active else []
-                ips += [l["ipaddr"] for l in leases[nic[1]]
-                        if (l.get("mac") or "").lower() == key[4:]]
+            facts = compare.domain_facts(d.live_xml or d.inactive_xml)
+            nics = [(key[4:], nic[1] if nic[0] == "network" else None)
+                    for key, nic in facts.items() if key.startswith("nic:")]
+            for _, network in nics:  # each network's leases are read once
+                if network and network not in leases:
+                    net = live.networks.get(network)
+                    leases[network] = hv.dhcp_leases(network) if net and net.active else []
+            ips = [ip for _, ip in nic_addresses(nics, leases, {})]
             pending = [c.field for c in compare.diff(compare.domain_facts(d.inactive_xml),
                                                      compare.domain_facts(d.live_xml))
                        if compare.domain_field_class(c) == compare.RESTART] if d.running else []

@@ -97,5 +97,4 @@ def change_json(c: Change) -> dict[str, Any]:
 def plan_json(plan: Plan) -> dict[str, Any]:
     return {"format_version": FORMAT_VERSION, "project": plan.project, "uri": plan.uri,
             "changes_present": plan.changes_present, "summary": plan.summary(),
-            "changes": [change_json(c) for c in plan.changes if c.klass != NOOP
-                        or c.pending_restart]}
+            "changes": [change_json(c) for c in plan.changes if c.is_change]}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 from .errors import HypervisorError
 from .hypervisor import Hypervisor
@@ -22,21 +22,29 @@ class VmAddresses:
     addresses: tuple[tuple[str, str], ...]  # (mac, ip)
 
 
+def nic_addresses(nics: Iterable[tuple[str, str | None]], leases: dict[str, list[dict]],
+                  agent: dict[str, list[str]]) -> list[tuple[str, str]]:
+    """(mac, IPv4) of each NIC given as (mac, network): DHCP leases of that NIC's own network
+    only (the same MAC may hold a lease elsewhere), then what the guest agent reports."""
+    found: list[tuple[str, str]] = []
+    for mac, network in nics:
+        for lease in leases.get(network or "", []):
+            if (lease.get("mac") or "").lower() == mac:
+                found.append((mac, lease["ipaddr"]))
+        for ip in agent.get(mac, []):
+            if (mac, ip) not in found and ":" not in ip:
+                found.append((mac, ip))
+    return found
+
+
 def addresses(hv: Hypervisor, vm: VirtualMachine, leases: dict[str, list[dict]]) -> VmAddresses:
     try:
         state = hv.domain_state(vm.meta.name)
     except HypervisorError:
         return VmAddresses(vm.meta.name, "absent", ())
-    found: list[tuple[str, str]] = []
     agent = hv.agent_addresses(vm.meta.name) if vm.guest_agent and state == "running" else {}
-    for nic in vm.interfaces:
-        for lease in leases.get(nic.network or "", []):
-            if (lease.get("mac") or "").lower() == nic.mac:
-                found.append((nic.mac, lease["ipaddr"]))
-        for ip in agent.get(nic.mac, []):
-            if (nic.mac, ip) not in found and ":" not in ip:
-                found.append((nic.mac, ip))
-    return VmAddresses(vm.meta.name, state, tuple(found))
+    nics = [(nic.mac, nic.network) for nic in vm.interfaces]
+    return VmAddresses(vm.meta.name, state, tuple(nic_addresses(nics, leases, agent)))
 
 
 def read_leases(hv: Hypervisor, m: ManifestSet) -> dict[str, list[dict]]:

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import yaml
-
 from cli_support import CliResult, run_cli
+from manifest_docs import changes_by_ref, disk, doc, pool  # noqa: F401  (re-exported)
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv/bin/python").exists() \
@@ -101,8 +101,7 @@ class Kvmctl:
 
 def change(plan: dict[str, Any], ref: str) -> dict[str, Any] | None:
     """The change of `KIND/NAME` in a plan's JSON, or None."""
-    kind, name = ref.split("/", 1)
-    return next((c for c in plan["changes"] if c["kind"] == kind and c["name"] == name), None)
+    return changes_by_ref(plan).get(ref)
 
 
 def fields(c: dict[str, Any] | None) -> set[str]:
@@ -110,10 +109,6 @@ def fields(c: dict[str, Any] | None) -> set[str]:
 
 
 # ---- manifest documents -------------------------------------------------------------------------
-
-def doc(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {"apiVersion": "kvmctl/v1", "kind": kind, "metadata": {"name": name}, "spec": spec}
-
 
 def network(name: str, subnet: Any, *, dhcp: bool = True, **spec: Any) -> dict[str, Any]:
     """A NAT network on `subnet` (an IPv4Network /24), DHCP on .100-.199."""
@@ -127,14 +122,6 @@ def network(name: str, subnet: Any, *, dhcp: bool = True, **spec: Any) -> dict[s
 
 def host_ip(subnet: Any, n: int) -> str:
     return str(subnet.network_address + n)
-
-
-def pool(name: str, path: Path | str, **spec: Any) -> dict[str, Any]:
-    return doc("StoragePool", name, {"path": str(path), **spec})
-
-
-def disk(name: str, pool_name: str, size: str = "8MiB", **spec: Any) -> dict[str, Any]:
-    return doc("Disk", name, {"pool": pool_name, "size": size, **spec})
 
 
 def vm(name: str, guest: Any, *, log: Path | str | None = None, state: str = "stopped",

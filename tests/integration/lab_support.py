@@ -24,11 +24,10 @@ from typing import Any, Iterator, Sequence
 
 import libvirt
 import yaml
-
 from cli_support import CliResult, run_cli
+from manifest_docs import changes_by_ref, disk, doc, image, pool  # noqa: F401  (re-exported)
 
 REPO = Path(__file__).resolve().parents[2]
-API = "kvmctl/v1"
 RECORD_PREFIX = "kvmctl-owner-"
 
 
@@ -90,27 +89,7 @@ class Kvmctl:
         return [str(REPO / ".venv/bin/python"), "-m", "kvmctl", *self.argv(*args)]
 
 
-def changes_by_ref(plan: dict) -> dict[str, dict]:
-    return {f"{c['kind']}/{c['name']}": c for c in plan["changes"]}
-
-
 # --- manifest builders ---------------------------------------------------------------------------
-
-
-def doc(kind: str, name: str, spec: dict) -> dict:
-    return {"apiVersion": API, "kind": kind, "metadata": {"name": name}, "spec": spec}
-
-
-def pool(name: str, path: Path | str, **spec: Any) -> dict:
-    return doc("StoragePool", name, {"type": "dir", "path": str(path), **spec})
-
-
-def image(name: str, pool_name: str, **spec: Any) -> dict:
-    return doc("Image", name, {"pool": pool_name, **spec})
-
-
-def disk(name: str, pool_name: str, size: str, **spec: Any) -> dict:
-    return doc("Disk", name, {"pool": pool_name, "size": size, **spec})
 
 
 def network(name: str, **spec: Any) -> dict:

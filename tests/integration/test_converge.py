@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import subprocess
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import yaml
-
 from cli_support import run_cli
+from lab_support import add_bridge
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "golden" / "render"
@@ -129,8 +128,7 @@ CASES = [(EXAMPLES / "quickstart", True), (EXAMPLES / "lab", False),
 def test_converges(folder: Path, running: bool, conn: Any, prefix: str, cleanup: Any,
                    scratch_dir: Path, free_subnet: Any, test_guest: Any) -> None:
     bridge = prefix + "br"
-    subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
-    subprocess.run(["ip", "link", "set", bridge, "up"], check=True)
+    add_bridge(bridge)  # removed by the cleanup sweep, like everything named with the prefix
     docs = _offline(_docs(folder), test_guest.image)
     docs = Rewriter(prefix, scratch_dir, bridge, free_subnet).rewrite(docs)
     if not running:  # stopped VMs: their definitions converge just the same, without TCG boots
