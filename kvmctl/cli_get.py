@@ -68,7 +68,8 @@ def _rows(what: str, live: Any, hv: Any, project: str) -> list[dict[str, Any]]:
                 if network and network not in leases:
                     net = live.networks.get(network)
                     leases[network] = hv.dhcp_leases(network) if net and net.active else []
-            ips = [ip for _, ip in nic_addresses(nics, leases, {})]
+            agent = hv.agent_addresses(d.name) if d.running and facts["guestAgent"] else {}
+            ips = [ip for _, ip in nic_addresses(nics, leases, agent)]
             pending = [c.field for c in compare.diff(compare.domain_facts(d.inactive_xml),
                                                      compare.domain_facts(d.live_xml))
                        if compare.domain_field_class(c) == compare.RESTART] if d.running else []
