@@ -16,9 +16,10 @@ import libvirt
 from lxml import etree
 
 from .errors import HypervisorError
-from .render import NAMESPACE
+from .model import Meta, StoragePool
+from .render import NAMESPACE, VolumeSpec, pool_xml, volume_xml
 from .state import (RECORD_PREFIX, LiveDomain, LiveNetwork, LivePool, LiveState, LiveVolume,
-                    OwnershipRecord, owner_from_xml)
+                    Owner, OwnershipRecord, owner_from_xml)
 
 T = TypeVar("T")
 _STATES = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
@@ -142,7 +143,6 @@ class Hypervisor:
                 volumes.extend(_each(lambda v: self._volume(name, v), [vol]))
         owners = {v: o for r in records for v, o in r.volumes.items()}
         pool_owner = next((r.project for r in records if r.owns_pool), None)
-        from .state import Owner
         return LivePool(name, pool.UUIDString(), xml, path, active,
                         bool(call(f"read pool {name}", pool.autostart)),
                         Owner(pool_owner, "StoragePool", name) if pool_owner else None,
@@ -401,7 +401,6 @@ class Hypervisor:
             pool_obj.storageVolLookupByName(name).delete(0)
         if not record.owns_pool and not record.volumes:
             return
-        from .render import VolumeSpec, volume_xml
         xml = volume_xml(VolumeSpec(pool, name, len(data), "raw", allocation=len(data)))
         call(f"write ownership record in pool {pool}", pool_obj.createXML, xml, 0)
         self.upload(pool, name, iter([data]), len(data))
@@ -421,8 +420,6 @@ class Hypervisor:
         import posixpath
         folder, filename = posixpath.split(path)
         tmp_name = "kvmctl-import-" + hashlib.sha256(path.encode()).hexdigest()[:10]
-        from .model import Meta, StoragePool
-        from .render import pool_xml
         tmp_xml = pool_xml(StoragePool(Meta("StoragePool", tmp_name, (), "", None), "dir",  # type: ignore[arg-type]
                                        folder, False))
         # libvirt refuses a second pool over a directory that already is one (another pool,
