@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 from lxml import etree
 
-from . import render, seed
+from . import compare, render, seed
 from .errors import ApplyError, KvmctlError
 from .hypervisor import Hypervisor
 from .model import ManifestSet, VirtualMachine
@@ -237,7 +237,7 @@ class Executor:
     # exists" when the second starts). Networks are defined and started one at a time.
     def define_network(self, name: str, xml: str) -> None:
         with self._network_lock:
-            self.hv.define_network(name, xml)
+            self._define("Network", name, xml, self.hv.define_network)
 
     def start_network(self, name: str) -> None:
         with self._network_lock:
@@ -281,7 +281,22 @@ class Executor:
 
     # ---- domains ----
     def define_domain(self, name: str, xml: str) -> None:
-        self.hv.define_domain(name, xml)
+        self._define("VirtualMachine", name, xml, self.hv.define_domain)
+
+    def _define(self, kind: str, name: str, xml: str,
+                define: Callable[[str, str], None]) -> None:
+        """Define an object; if creating it collides with one of this project's own, take that
+        one's uuid. That happens right after an apply was killed: libvirtd may still finish the
+        killed client's define after the new run has read the host."""
+        try:
+            define(name, xml)
+        except KvmctlError:
+            found = self.hv.identity(kind, name)
+            owner = found[1] if found else None
+            if found is None or owner is None or (owner.project, owner.kind, owner.name) != (
+                    self.project, kind, name) or "<uuid>" in xml:
+                raise
+            define(name, compare.with_uuid(xml, found[0]))
 
     def domain_autostart(self, name: str, on: bool) -> None:
         self.hv.set_domain_autostart(name, on)

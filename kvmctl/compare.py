@@ -246,6 +246,16 @@ def carry_identity(desired_xml: str, current_xml: str) -> str:
     return etree.tostring(desired, encoding="unicode")
 
 
+def with_uuid(xml: str, uuid: str) -> str:
+    """A domain or network definition that names `uuid`, when it names none yet."""
+    root = _tree(xml)
+    if root.find("uuid") is None:
+        element = etree.Element("uuid")
+        element.text = uuid
+        root.find("name").addnext(element)
+    return etree.tostring(root, encoding="unicode")
+
+
 def _device_key(el: etree._Element) -> str | None:
     if el.tag == "disk" and el.find("target") is not None:
         return "disk:" + el.find("target").get("dev")

@@ -207,6 +207,16 @@ class Hypervisor:
         call(f"define domain {name}", self.conn.defineXMLFlags, xml,
              libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
 
+    def identity(self, kind: str, name: str) -> tuple[str, Owner | None] | None:
+        """(uuid, ownership mark) of the domain or network called `name`, if there is one."""
+        lookup = self.conn.lookupByName if kind == "VirtualMachine" else \
+            self.conn.networkLookupByName
+        try:
+            obj = lookup(name)
+            return obj.UUIDString(), owner_from_xml(obj.XMLDesc(0))
+        except libvirt.libvirtError:
+            return None
+
     def start_domain(self, name: str) -> None:
         call(f"start domain {name}", self._dom(name).create)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from engine_support import (Kvmctl, assert_clean, change, disk, domain_xml, fields, host_ip,
+from engine_support import (URI, Kvmctl, assert_clean, change, disk, domain_xml, fields, host_ip,
                             macs, network, pool, vm)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -407,3 +407,31 @@ def test_killed_apply_converges_when_run_again(kv, prefix, free_subnet, test_gue
     hosts = _net_xml(conn, net).findall("ip/dhcp/host")
     assert sorted(h.get("ip") for h in hosts) == sorted(host_ip(subnet, 10 + i)
                                                        for i in range(10))
+
+
+def test_create_that_finds_its_own_object_defined_meanwhile(kv, prefix, free_subnet,
+                                                            test_guest, conn):
+    """A killed apply's define can land in libvirtd after the next run read the host: that run
+    then creates what already exists. It takes over the project's own object (its uuid), and
+    still refuses anybody else's."""
+    from kvmctl import documents, render, validate
+    from kvmctl.apply import Executor
+    from kvmctl.errors import KvmctlError
+    from kvmctl.hypervisor import Hypervisor
+    from kvmctl.state import LiveState
+
+    subnet, net, name = free_subnet(), f"{prefix}net", f"{prefix}vm"
+    manifest = kv.write("race.yaml", [network(net, subnet), vm(name, test_guest)])
+    kv.converge(manifest)
+    uuid = conn.lookupByName(name).UUIDString()
+    model = validate.validate(documents.load([str(manifest)]))
+    xml = render.domain_xml(model.vms[0], model, prefix, "qemu")  # as a create renders it
+    hv = Hypervisor(URI)
+    try:
+        Executor(hv, model, LiveState(), prefix).define_domain(name, xml)
+        assert conn.lookupByName(name).UUIDString() == uuid
+        with pytest.raises(KvmctlError, match="already exists"):
+            Executor(hv, model, LiveState(), prefix + "other").define_domain(name, xml)
+    finally:
+        hv.close()
+    assert kv.plan(manifest).code == 0
