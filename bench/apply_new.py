@@ -24,13 +24,24 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from plan_noop import (BenchError, Run, child_env, free_subnet, kvmctl_command,  # noqa: E402
-                       leftovers, network_yaml, run, terminate_as_exit, timed, write_vms)
+from plan_noop import (  # noqa: E402
+    BenchError,
+    Run,
+    child_env,
+    free_subnet,
+    kvmctl_command,
+    leftovers,
+    network_yaml,
+    run,
+    terminate_as_exit,
+    timed,
+    write_vms,
+)
 
 BARE_DEFINE = """
 import json, sys, libvirt

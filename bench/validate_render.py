@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from kvmctl import documents, render, validate  # noqa: E402
+from kvmctl.manifest import documents, validate  # noqa: E402
+from kvmctl.render import definitions as render  # noqa: E402
 
 NETWORKS = 10
 POOLS = 2

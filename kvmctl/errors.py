@@ -44,9 +44,7 @@ class Problem:
 
 
 class KvmctlError(Exception):
-    """Base of every error kvmctl reports to a user."""
-
-    exit_code = 1
+    """Base of every error kvmctl reports to a user (cli/exits.py picks the exit status)."""
 
 
 class ManifestError(KvmctlError):
@@ -80,5 +78,3 @@ class LockError(KvmctlError):
 
 class UsageError(KvmctlError):
     """The command line itself is wrong."""
-
-    exit_code = 2

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,8 @@ class _Stdin(io.StringIO):
 
 
 def run_cli(argv: Sequence[Any], stdin: str = "") -> CliResult:
-    from kvmctl.cli import Env, run
+    from kvmctl.cli.main import run
+    from kvmctl.cli.report import Env
     args = tuple(str(a) for a in argv)
     out, err = io.StringIO(), io.StringIO()
     code = run(list(args), Env(_Stdin(stdin), out, err))

@@ -40,7 +40,6 @@ Helpers that are not fixtures (serial log waiting, KVMCTL line parsing) are in `
 from __future__ import annotations
 
 import fcntl
-from glob import escape as glob_escape
 import ipaddress
 import json
 import os
@@ -48,12 +47,12 @@ import random
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable
+from glob import escape as glob_escape
 from pathlib import Path
-from typing import Callable, Iterable
-
-import sys
 
 import pytest
 
@@ -162,7 +161,7 @@ class Cleanup:
         self._callbacks.append((fn, args, kwargs))
 
     def path(self, p) -> Path:
-        """Delete file or directory tree ``p`` at teardown, after the sweep. Returns it as a Path."""
+        """Delete file or directory tree ``p`` at teardown, after the sweep; returns its Path."""
         p = Path(p)
         self._paths.append(p)
         return p
@@ -182,7 +181,8 @@ class Cleanup:
 
         while self._callbacks:
             fn, args, kwargs = self._callbacks.pop()
-            attempt(f"callback {getattr(fn, '__name__', fn)}", lambda: fn(*args, **kwargs))
+            attempt(f"callback {getattr(fn, '__name__', fn)}",
+                    lambda: fn(*args, **kwargs))  # noqa: B023 (called at once)
         attempt("domains", self._domains)
         attempt("networks", self._networks)
         attempt("volumes and pools", self._storage)
@@ -195,7 +195,7 @@ class Cleanup:
 
     def _locks(self) -> None:
         """kvmctl's lock files of the projects named after this test (see kvmctl/lock.py)."""
-        from kvmctl import lock
+        from kvmctl.apply import lock
         folder = Path(lock.LOCK_DIR)
         for path in folder.glob(glob_escape(self.prefix) + "*.lock") if folder.is_dir() else ():
             path.unlink(missing_ok=True)
@@ -334,7 +334,8 @@ def host_ipv4_networks() -> list[ipaddress.IPv4Network]:
     for link in _ip_json("-4", "addr", "show"):
         for a in link.get("addr_info", []):
             if a.get("family") == "inet" and a.get("local"):
-                nets.append(ipaddress.ip_interface(f"{a['local']}/{a.get('prefixlen', 32)}").network)
+                nets.append(ipaddress.ip_interface(
+                    f"{a['local']}/{a.get('prefixlen', 32)}").network)
     for r in _ip_json("-4", "route", "show", "table", "all"):
         dst = r.get("dst", "")
         if not dst or dst == "default":

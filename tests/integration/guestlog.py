@@ -27,9 +27,11 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Pattern, Union
+from re import Pattern
+from typing import Union
 
 __all__ = [
     "GuestFiles",
@@ -85,7 +87,7 @@ class SerialLog:
             return f"(log {self.path} is empty or does not exist)"
         return "\n".join(text.rstrip("\n").split("\n")[-lines:])
 
-    def search(self, pattern: PatternLike, since: int = 0) -> Optional[re.Match]:
+    def search(self, pattern: PatternLike, since: int = 0) -> re.Match | None:
         """The first match of ``pattern`` at or after offset ``since``, or None (no waiting)."""
         return _compile(pattern).search(self.text(), since)
 
@@ -99,9 +101,9 @@ class SerialLog:
         timeout: float = 60.0,
         *,
         since: int = 0,
-        alive: Optional[Callable[[], object]] = None,
+        alive: Callable[[], object] | None = None,
         interval: float = 0.2,
-        what: Optional[str] = None,
+        what: str | None = None,
     ) -> re.Match:
         """Wait until ``pattern`` appears at or after offset ``since``; return the match.
 
@@ -139,7 +141,7 @@ class SerialLog:
                 )
             time.sleep(interval)
 
-    def kvmctl_lines(self, kind: Optional[str] = None, since: int = 0) -> list[str]:
+    def kvmctl_lines(self, kind: str | None = None, since: int = 0) -> list[str]:
         """The guest's ``KVMCTL-...`` lines (only those of ``kind``, e.g. "DISK", if given)."""
         return kvmctl_lines(self.text()[since:], kind)
 
@@ -150,13 +152,13 @@ def wait_for(
     timeout: float = 60.0,
     *,
     since: int = 0,
-    alive: Optional[Callable[[], object]] = None,
+    alive: Callable[[], object] | None = None,
 ) -> re.Match:
     """Function form of SerialLog(path).wait_for(...)."""
     return SerialLog(path).wait_for(pattern, timeout, since=since, alive=alive)
 
 
-def kvmctl_lines(text: str, kind: Optional[str] = None) -> list[str]:
+def kvmctl_lines(text: str, kind: str | None = None) -> list[str]:
     """Lines of ``text`` that are KVMCTL lines; with ``kind`` ("LEASE", "DISK", ...) only those
     whose first word is exactly ``KVMCTL-<kind>``."""
     out = []
@@ -196,14 +198,15 @@ class GuestFiles:
     kernel_version: str
 
     @classmethod
-    def load(cls, directory: Union[str, Path]) -> "GuestFiles":
+    def load(cls, directory: Union[str, Path]) -> GuestFiles:
         """Read the cache dir; raises FileNotFoundError (missing) or ValueError (stale)."""
         d = Path(directory)
         files = {name: d / name for name in ("vmlinuz", "initrd.img", "image.raw")}
         missing = [str(p) for p in files.values() if not p.is_file() or p.stat().st_size == 0]
         if missing:
             raise FileNotFoundError(", ".join(missing))
-        recorded = (d / "initrd.inputs").read_text().strip() if (d / "initrd.inputs").exists() else ""
+        inputs = d / "initrd.inputs"
+        recorded = inputs.read_text().strip() if inputs.exists() else ""
         current = initrd_inputs_hash()
         if current is not None and recorded != current:
             raise ValueError(
@@ -215,7 +218,7 @@ class GuestFiles:
         return cls(d, files["vmlinuz"], files["initrd.img"], files["image.raw"], version)
 
 
-def initrd_inputs_hash() -> Optional[str]:
+def initrd_inputs_hash() -> str | None:
     """The hash scripts/build-test-guest records in initrd.inputs for this work tree (sha256 of
     scripts/guest/init + scripts/build-test-guest + /bin/busybox), or None if it cannot tell."""
     h = hashlib.sha256()

@@ -19,9 +19,20 @@ from pathlib import Path
 
 import libvirt
 import pytest
-
-from engine_support import (URI, Kvmctl, assert_clean, change, disk, domain_xml, fields, host_ip,
-                            macs, network, pool, vm)
+from engine_support import (
+    URI,
+    Kvmctl,
+    assert_clean,
+    change,
+    disk,
+    domain_xml,
+    fields,
+    host_ip,
+    macs,
+    network,
+    pool,
+    vm,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -135,7 +146,7 @@ def test_drift_is_shown_and_repaired(kv, prefix, free_subnet, test_guest, scratc
     assert conn.networkLookupByName(net).autostart() == 1
 
 
-# ---- identity across a redefinition ----------------------------------------------------------------
+# ---- identity across a redefinition --------------------------------------------------------------
 
 def test_uuid_and_macs_survive_redefinition(kv, prefix, free_subnet, test_guest, conn):
     subnet = free_subnet()
@@ -238,7 +249,7 @@ def test_protected_vm_blocks_its_delete(kv, prefix, test_guest, conn):
     assert {dom.name() for dom in conn.listAllDomains(0)} & {keep, guarded} == {guarded}
 
 
-# ---- saved plans -------------------------------------------------------------------------------------
+# ---- saved plans ---------------------------------------------------------------------------------
 
 def test_saved_plan_refused_after_drift(kv, prefix, test_guest, conn, tmp_path):
     name = f"{prefix}vm"
@@ -366,7 +377,7 @@ def test_concurrent_applies_are_serialised(kv, prefix, free_subnet, test_guest):
     assert kv.plan(manifest).code == 0
 
 
-# ---- an apply killed half-way -----------------------------------------------------------------------
+# ---- an apply killed half-way --------------------------------------------------------------------
 
 def test_killed_apply_converges_when_run_again(kv, prefix, free_subnet, test_guest, conn):
     subnet = free_subnet()
@@ -414,11 +425,13 @@ def test_create_that_finds_its_own_object_defined_meanwhile(kv, prefix, free_sub
     """A killed apply's define can land in libvirtd after the next run read the host: that run
     then creates what already exists. It takes over the project's own object (its uuid), and
     still refuses anybody else's."""
-    from kvmctl import documents, render, validate
-    from kvmctl.apply import Executor
+    from kvmctl.apply.executor import Executor
     from kvmctl.errors import KvmctlError
-    from kvmctl.hypervisor import Hypervisor
-    from kvmctl.state import LiveState
+    from kvmctl.host.hypervisor import Hypervisor
+    from kvmctl.host.state import LiveState
+    from kvmctl.manifest import documents, validate
+    from kvmctl.plan.steps import DefineDomain
+    from kvmctl.render import definitions as render
 
     subnet, net, name = free_subnet(), f"{prefix}net", f"{prefix}vm"
     manifest = kv.write("race.yaml", [network(net, subnet), vm(name, test_guest)])
@@ -428,10 +441,10 @@ def test_create_that_finds_its_own_object_defined_meanwhile(kv, prefix, free_sub
     xml = render.domain_xml(model.vms[0], model, prefix, "qemu")  # as a create renders it
     hv = Hypervisor(URI)
     try:
-        Executor(hv, model, LiveState(), prefix).define_domain(name, xml)
+        Executor(hv, LiveState(), prefix).run(DefineDomain(name, xml))
         assert conn.lookupByName(name).UUIDString() == uuid
         with pytest.raises(KvmctlError, match="already exists"):
-            Executor(hv, model, LiveState(), prefix + "other").define_domain(name, xml)
+            Executor(hv, LiveState(), prefix + "other").run(DefineDomain(name, xml))
     finally:
         hv.close()
     assert kv.plan(manifest).code == 0

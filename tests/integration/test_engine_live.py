@@ -13,9 +13,20 @@ from pathlib import Path
 
 import libvirt
 import pytest
-
-from engine_support import (Kvmctl, bridge_ifindex, change, disk, domain_xml, fields, host_ip,
-                            network, pool, virsh, vm, wait_until)
+from engine_support import (
+    Kvmctl,
+    bridge_ifindex,
+    change,
+    disk,
+    domain_xml,
+    fields,
+    host_ip,
+    network,
+    pool,
+    virsh,
+    vm,
+    wait_until,
+)
 from guestlog import SerialLog
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]

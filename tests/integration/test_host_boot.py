@@ -15,7 +15,6 @@ from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 import pytest
-
 from guestlog import SerialLog, fields
 
 BOOT_TIMEOUT = 90    # TCG boot to /init: a few seconds idle, slower on a loaded host

@@ -34,10 +34,26 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from guestlog import SerialLog, fields  # noqa: E402
-from lab_support import (Kvmctl, add_bridge, boot, changes_by_ref, del_link, dhcp_leases,  # noqa: E402
-                         disk, dnsmasq_running, download, find, forget_stale_network_files, image,
-                         leftovers, links,
-                         nat_network, pool, vm, volume_names)
+from lab_support import (  # noqa: E402
+    Kvmctl,
+    add_bridge,
+    boot,
+    changes_by_ref,
+    del_link,
+    dhcp_leases,
+    disk,
+    dnsmasq_running,
+    download,
+    find,
+    forget_stale_network_files,
+    image,
+    leftovers,
+    links,
+    nat_network,
+    pool,
+    vm,
+    volume_names,
+)
 
 MiB = 1024 * 1024
 BOOT_TIMEOUT = 420  # boot + DHCP of several TCG guests at once on a busy 2-core host
@@ -112,7 +128,7 @@ def _lab_docs(lab: Lab, guest) -> list[dict]:
 
 
 def _expected_instance_id(lab: Lab, short: str) -> str:
-    from kvmctl.seed import seed_content
+    from kvmctl.manifest.cloudinit import seed_content
     ci = lab.vm_spec(short)["cloudInit"]
     return seed_content(lab.name(short), ci.get("hostname"), ci.get("userData"), None,
                         [], None).instance_id
@@ -138,7 +154,7 @@ def step1_apply_the_lab(lab: Lab) -> None:
 def step2_reserved_ips_and_seeds(lab: Lab) -> None:
     rows = {r["name"]: r for r in lab.k.ok("get", "vms", "-o", "json").json()}
     assert set(rows) == {lab.name(s) for s in ("web", "db", "probe", "bridged")}, rows
-    leases = {l["mac"]: l["ipaddr"] for l in dhcp_leases(lab.conn, lab.name("nat"))}
+    leases = {lease["mac"]: lease["ipaddr"] for lease in dhcp_leases(lab.conn, lab.name("nat"))}
     for short, host in (("web", 10), ("db", 11)):
         want = lab.ip(host)
         mac = lab.vm_spec(short)["interfaces"][0].get("mac") or _mac_of(lab, short)

@@ -17,9 +17,24 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lab_support import (Kvmctl, changes_by_ref, disk, download, http_server, image,  # noqa: E402
-                         leftovers, nat_network, ownership_record, pool, upload, vm,
-                         volume_names, volume_xml, add_bridge, links)
+from lab_support import (  # noqa: E402
+    Kvmctl,
+    add_bridge,
+    changes_by_ref,
+    disk,
+    download,
+    http_server,
+    image,
+    leftovers,
+    links,
+    nat_network,
+    ownership_record,
+    pool,
+    upload,
+    vm,
+    volume_names,
+    volume_xml,
+)
 
 MiB = 1024 * 1024
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from lxml import etree
 
-from kvmctl import cli as cli_module
+from kvmctl.cli.exits import USAGE, ExitStatus
 
 REPO = Path(__file__).resolve().parents[2]
 LAB = REPO / "examples" / "lab"
@@ -188,8 +188,7 @@ def test_render_needs_manifests(cli: Any) -> None:
 
 
 def test_exit_status_values() -> None:
-    assert (cli_module.ExitStatus.OK, cli_module.ExitStatus.ERROR,
-            cli_module.ExitStatus.USAGE) == (0, 1, 2)
+    assert (ExitStatus.OK, ExitStatus.ERROR, USAGE, ExitStatus.CHANGES) == (0, 1, 2, 2)
 
 
 @pytest.mark.parametrize("argv", [["diff", "--no-such-option"], ["diff"],

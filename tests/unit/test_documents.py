@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from kvmctl import documents
-from kvmctl.documents import Document, json_path, load, parse_text
 from kvmctl.errors import Location, ManifestError
+from kvmctl.manifest import documents
+from kvmctl.manifest.documents import Document, json_path, load, parse_text
 
 
 def parse_one(text: str) -> Document:
@@ -204,7 +204,7 @@ def test_nesting_up_to_the_limit_is_fine() -> None:
 def test_alias_expansion_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(documents, "MAX_VALUES", 1000)
     text = "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
-    for name, prev in zip("bcd", "abc"):
+    for name, prev in zip("bcd", "abc", strict=True):
         text += f"{name}: &{name} [{', '.join(['*' + prev] * 10)}]\n"
     (found,) = problems_of(text)
     assert "document too large: more than 1000 values (too many aliases?)" in found

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmctl import documents, validate
 from kvmctl.errors import ManifestError
+from kvmctl.manifest import documents, validate
 from kvmctl.memo import Memo, ParseMemo
 
 VM = """\

@@ -5,16 +5,20 @@ Each folder of ``tests/golden/plan/`` is one case:
 ``manifest.yaml``
     The manifests (any number of documents).
 ``live.json``
-    A serialized ``kvmctl.state.LiveState`` (see ``live_from_json``): domains with their
+    A serialized ``kvmctl.host.state.LiveState`` (see ``live_from_json``): domains with their
     inactive (and, when running, live) XML, networks, pools with their volumes and the owners
     kvmctl's ownership records give them. Recorded from a real libvirt (``virsh dumpxml
     --inactive`` output, with every default libvirt adds) by ``live_to_json`` -- see
     ``tests/golden/plan/README.md``.
 ``options.json`` (optional)
-    ``kvmctl.plan.Options`` fields other than the defaults (project ``golden``, domain type
-    ``qemu``), e.g. ``{"prune": true}``.
+    ``kvmctl.plan.Options`` fields other than the default project ``golden``, e.g.
+    ``{"prune": true}``; ``domain_type`` (default ``qemu``) is the rendering's.
 ``expected.json``
-    ``kvmctl.plan_types.plan_json`` of the plan, or ``{"error": "<PlanError message>"}``.
+    ``kvmctl.plan.types.plan_json`` of the plan, or ``{"error": "<PlanError message>"}``.
+``steps.json``
+    Every change's typed steps, by ref (``kvmctl.plan.types.steps_json``): each step's
+    operation and every argument by name, units in the names (``size_bytes``, ``kib``). A
+    change to what apply would execute fails the case even when the plan JSON is the same.
 
 ``KVMCTL_UPDATE_GOLDEN=1 pytest tests/unit/test_plan_golden.py`` rewrites every expected.json
 from the current planner (review the diff before committing it).
@@ -22,21 +26,22 @@ from the current planner (review the diff before committing it).
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
-from lxml import etree
 
-from kvmctl import checks, documents, validate
+from kvmctl.engine import host_facts
 from kvmctl.errors import PlanError
+from kvmctl.host.ownership import Owner, owner_from_xml
+from kvmctl.host.state import LiveDomain, LiveNetwork, LivePool, LiveState, LiveVolume
+from kvmctl.kinds import known_kind
+from kvmctl.manifest import documents, validate
 from kvmctl.plan import Options, make_plan
-from kvmctl.plan_types import plan_json
-from kvmctl.state import LiveDomain, LiveNetwork, LivePool, LiveState, LiveVolume, Owner, \
-    owner_from_xml
+from kvmctl.plan.types import plan_json, steps_json
+from kvmctl.render.definitions import render_desired
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "plan"
 CASES = sorted(p.name for p in GOLDEN.iterdir() if (p / "manifest.yaml").is_file()) \
@@ -45,7 +50,7 @@ UPDATE = os.environ.get("KVMCTL_UPDATE_GOLDEN") == "1"
 URI = "qemu:///system"
 
 
-# ---- LiveState <-> JSON ---------------------------------------------------------------------------
+# ---- LiveState <-> JSON --------------------------------------------------------------------------
 
 def _owner_json(owner: Owner | None) -> dict[str, Any] | None:
     if owner is None:
@@ -56,7 +61,7 @@ def _owner_json(owner: Owner | None) -> dict[str, Any] | None:
 
 
 def _owner(data: dict[str, Any] | None) -> Owner | None:
-    return Owner(**data) if data else None
+    return Owner(**{**data, "kind": known_kind(data["kind"])}) if data else None
 
 
 def live_to_json(live: LiveState, keep: Any = lambda name: True) -> dict[str, Any]:
@@ -75,7 +80,7 @@ def live_to_json(live: LiveState, keep: Any = lambda name: True) -> dict[str, An
                      for n in live.networks.values() if keep(n.name)],
         "pools": [{"name": p.name, "uuid": p.uuid, "xml": p.xml, "path": p.path,
                    "active": p.active, "autostart": p.autostart, "owner": _owner_json(p.owner),
-                   "volumes": [{"name": v.name, "path": v.path, "capacity": v.capacity,
+                   "volumes": [{"name": v.name, "path": v.path, "capacity": v.capacity_bytes,
                                 "format": v.format, "backing_path": v.backing_path,
                                 "owner": _owner_json(v.owner)} for v in p.volumes]}
                   for p in live.pools.values() if keep(p.name)],
@@ -100,31 +105,36 @@ def live_from_json(data: dict[str, Any]) -> LiveState:
     return LiveState(domains, networks, pools, frozenset(data.get("host_bridges", [])))
 
 
-# ---- running a case ---------------------------------------------------------------------------------
+# ---- running a case ------------------------------------------------------------------------------
 
-def host_facts(live: LiveState) -> checks.HostFacts:
-    """What `kvmctl plan` tells validation about the host (as cli_engine.Session does)."""
-    subnets = []
-    for net in live.networks.values():
-        ip = etree.fromstring(net.xml.encode()).find("ip")
-        if ip is not None and ip.get("address") and ip.get("prefix"):
-            subnets.append((net.name, ipaddress.IPv4Network(
-                f"{ip.get('address')}/{ip.get('prefix')}", strict=False)))
-    return checks.HostFacts(frozenset(live.networks), frozenset(live.pools), tuple(subnets))
-
-
-def plan_case(case: Path) -> dict[str, Any]:
+def plan_case(case: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(plan JSON, steps by ref) of a case; an error is the plan JSON {"error": ...}."""
     live = live_from_json(json.loads((case / "live.json").read_text()))
     # Parsed under a fixed name, so that located errors read the same from any directory.
     docs = documents.parse_text((case / "manifest.yaml").read_text(), "manifest.yaml")
     manifest = validate.validate(docs, host_facts(live))
     extra = json.loads((case / "options.json").read_text()) \
         if (case / "options.json").is_file() else {}
-    opts = Options(**{"project": "golden", "domain_type": "qemu", **extra})
+    domain_type = extra.pop("domain_type", "qemu")
+    opts = Options(**{"project": "golden", **extra})
+    desired = render_desired(manifest, opts.project, domain_type, live.hints())
     try:
-        return plan_json(make_plan(manifest, live, opts, URI))
+        plan = make_plan(manifest, desired, live, opts, URI)
     except PlanError as exc:
-        return {"error": str(exc)}
+        return {"error": str(exc)}, {}
+    return plan_json(plan), steps_json(plan)
+
+
+def _check(case: str, name: str, got: dict[str, Any]) -> None:
+    expected_file = GOLDEN / case / name
+    if UPDATE:
+        expected_file.write_text(json.dumps(got, indent=2, sort_keys=True) + "\n")
+    assert expected_file.is_file(), \
+        f"{expected_file} is missing: run with KVMCTL_UPDATE_GOLDEN=1 to create it"
+    expected = json.loads(expected_file.read_text())
+    assert got == expected, (
+        f"{name} of golden case {case!r} changed; if that is intended, regenerate with "
+        f"KVMCTL_UPDATE_GOLDEN=1 and review the diff:\n{json.dumps(got, indent=2)}")
 
 
 def test_there_are_golden_cases() -> None:
@@ -133,17 +143,14 @@ def test_there_are_golden_cases() -> None:
 
 @pytest.mark.parametrize("case", CASES)
 def test_plan_golden(case: str) -> None:
-    folder = GOLDEN / case
-    got = plan_case(folder)
-    expected_file = folder / "expected.json"
-    if UPDATE:
-        expected_file.write_text(json.dumps(got, indent=2, sort_keys=True) + "\n")
-    assert expected_file.is_file(), \
-        f"{expected_file} is missing: run with KVMCTL_UPDATE_GOLDEN=1 to create it"
-    expected = json.loads(expected_file.read_text())
-    assert got == expected, (
-        f"plan of golden case {case!r} changed; if that is intended, regenerate with "
-        f"KVMCTL_UPDATE_GOLDEN=1 and review the diff:\n{json.dumps(got, indent=2)}")
+    plan, _ = plan_case(GOLDEN / case)
+    _check(case, "expected.json", plan)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_plan_golden_steps(case: str) -> None:
+    _, steps = plan_case(GOLDEN / case)
+    _check(case, "steps.json", steps)
 
 
 def test_live_json_round_trip() -> None:

@@ -17,9 +17,10 @@ import pycdlib
 import pytest
 import yaml
 
-from kvmctl import seed
 from kvmctl.errors import KvmctlError
-from kvmctl.seed import SeedContent, SeedError, build_seed_iso, meta_data_text, seed_content
+from kvmctl.manifest.cloudinit import SeedContent, SeedError, meta_data_text, seed_content
+from kvmctl.render import iso as seed
+from kvmctl.render.iso import build_seed_iso
 
 KEY_A = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA1 alice@example"
 KEY_B = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ2 bob@example"
@@ -242,7 +243,7 @@ def test_digest_covers_every_field() -> None:
 
 def test_digest_is_stable_across_processes() -> None:
     code = (
-        "from kvmctl.seed import SeedContent;"
+        "from kvmctl.manifest.cloudinit import SeedContent;"
         "print(SeedContent('iid', 'h\\u00e9', 'ud: \"x\"\\n', 'nc').digest())"
     )
     local = SeedContent("iid", "h\u00e9", 'ud: "x"\n', "nc").digest()

@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from kvmctl import documents, validate
-from kvmctl.documents import Document
 from kvmctl.errors import Location, ManifestError
+from kvmctl.manifest import documents, validate
+from kvmctl.manifest.documents import Document
 
 REPO = Path(__file__).resolve().parents[2]
 INVALID = REPO / "tests" / "fixtures" / "invalid"

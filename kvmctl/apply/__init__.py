@@ -1,0 +1,126 @@
+"""Stage 6: run a plan's steps against the hypervisor -> result.
+
+Changes run in dependency order (kinds.LEVEL: pools, images, disks and seeds, networks, VMs;
+deletes in the reverse order afterwards), independent changes of one level in parallel. Any
+exception inside one change is that change's failure; the others of its level still finish and
+are reported, later levels are skipped. What was done stays done, and a new plan picks up from
+there because every object's ownership is recorded before (volumes) or together with
+(domains, networks) its creation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import StrEnum, unique
+
+from ..errors import KvmctlError
+from ..host.hypervisor import Hypervisor
+from ..host.state import LiveState
+from ..kinds import LEVEL
+from ..plan.steps import op_name
+from ..plan.types import Change, ChangeClass, Plan
+from .executor import Executor
+
+__all__ = ["ApplyResult", "ChangeResult", "Event", "Outcome", "levels", "run"]
+
+
+@unique
+class Event(StrEnum):
+    START = "start"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@unique
+class Outcome(StrEnum):
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # a change of a later level, after a failure
+
+
+@dataclass(frozen=True)
+class ChangeResult:
+    ref: str
+    outcome: Outcome
+    detail: str = ""  # why it failed
+
+
+Progress = Callable[[Change, Event, str], None]  # change, event, detail
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    results: tuple[ChangeResult, ...]
+
+    def _refs(self, outcome: Outcome) -> tuple[str, ...]:
+        return tuple(r.ref for r in self.results if r.outcome is outcome)
+
+    @property
+    def done(self) -> tuple[str, ...]:
+        return self._refs(Outcome.DONE)
+
+    @property
+    def failed(self) -> tuple[tuple[str, str], ...]:
+        return tuple((r.ref, r.detail) for r in self.results if r.outcome is Outcome.FAILED)
+
+    @property
+    def skipped(self) -> tuple[str, ...]:
+        return self._refs(Outcome.SKIPPED)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def levels(plan: Plan) -> list[list[Change]]:
+    """Groups of changes that may run in parallel, in the order they must run."""
+    todo = [c for c in plan.changes if c.steps]
+    forward = [c for c in todo if c.change_class is not ChangeClass.DELETE]
+    backward = [c for c in todo if c.change_class is ChangeClass.DELETE]
+    groups: list[list[Change]] = []
+    for level in sorted({LEVEL[c.kind] for c in forward}):
+        groups.append([c for c in forward if LEVEL[c.kind] == level])
+    for level in sorted({LEVEL[c.kind] for c in backward}, reverse=True):
+        groups.append([c for c in backward if LEVEL[c.kind] == level])
+    return groups
+
+
+def run(plan: Plan, hv: Hypervisor, live: LiveState, parallelism: int = 8,
+        progress: Progress | None = None) -> ApplyResult:
+    executor = Executor(hv, live, plan.project)
+    results: list[ChangeResult] = []
+    groups = levels(plan)
+    for i, group in enumerate(groups):
+        with ThreadPoolExecutor(max_workers=max(1, parallelism)) as pool:
+            results += pool.map(lambda c: run_change(executor, c, progress), group)
+        if any(r.outcome is Outcome.FAILED for r in results):
+            results += [ChangeResult(c.ref, Outcome.SKIPPED) for g in groups[i + 1:] for c in g]
+            break
+    return ApplyResult(tuple(results))
+
+
+def run_change(executor: Executor, change: Change, progress: Progress | None) -> ChangeResult:
+    """Run one change's steps in order; whatever goes wrong becomes this change's failure."""
+    if progress:
+        progress(change, Event.START, "")
+    step_name = ""
+    try:
+        for step in change.steps:
+            step_name = op_name(step)
+            executor.run(step)
+    except KvmctlError as exc:
+        return _failed(change, str(exc), progress)
+    except Exception as exc:  # a bug or an unexpected library error: still only this change
+        return _failed(change, f"internal error in step {step_name}: {type(exc).__name__}: "
+                               f"{exc}", progress)
+    if progress:
+        progress(change, Event.DONE, "")
+    return ChangeResult(change.ref, Outcome.DONE)
+
+
+def _failed(change: Change, detail: str, progress: Progress | None) -> ChangeResult:
+    if progress:
+        progress(change, Event.FAILED, detail)
+    return ChangeResult(change.ref, Outcome.FAILED, detail)

@@ -1,0 +1,204 @@
+"""The command line, parsed once into a typed value (`CommandOptions`) that commands read.
+
+Light on purpose: `kvmctl --help` imports this and argparse, nothing of the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+DOMAIN_TYPES = ("auto", "kvm", "qemu")
+GET_WHAT = ("vms", "networks", "disks", "pools", "images")
+
+
+def default_uri() -> str:
+    return (os.environ.get("KVMCTL_CONNECT") or os.environ.get("LIBVIRT_DEFAULT_URI")
+            or "qemu:///system")
+
+
+def default_project() -> str:
+    return os.environ.get("KVMCTL_PROJECT", "default")
+
+
+@dataclass(frozen=True)
+class CommandOptions:
+    """Everything one invocation asked for; fields a command does not take keep defaults."""
+
+    command: str
+    debug: bool = False
+    filenames: tuple[str, ...] = ()
+    recursive: bool = False
+    output: str = "text"
+    connect: str | None = None
+    project: str = "default"
+    domain_type: str = "auto"
+    # plan, diff, apply
+    prune: bool = False
+    prune_disks: bool = False
+    allow_empty: bool = False
+    adopt: bool = False
+    targets: tuple[str, ...] = ()
+    out: str | None = None
+    detailed_exitcode: bool = False
+    # apply, destroy
+    plan_file: str | None = None
+    yes: bool = False
+    parallelism: int = 8
+    lock_timeout: float = 0
+    wait: bool = False
+    wait_timeout: float = 300
+    with_disks: bool = False
+    # render
+    kind: str | None = None
+    name: str | None = None
+    # get
+    what: str = "vms"
+
+    @property
+    def uri(self) -> str:
+        return self.connect or default_uri()
+
+    @property
+    def two_means_changes(self) -> bool:
+        """Exit status 2 reads as "changes present" (plan --detailed-exitcode, diff)."""
+        return self.detailed_exitcode
+
+    @staticmethod
+    def from_namespace(ns: argparse.Namespace) -> CommandOptions:
+        raw = {k: v for k, v in vars(ns).items() if k != "run"}
+        raw["filenames"] = tuple(raw.pop("filename", ()) or ())
+        raw["targets"] = tuple(raw.pop("target", ()) or ())
+        known = {f.name for f in dataclasses.fields(CommandOptions)}
+        return CommandOptions(**{k: v for k, v in raw.items() if k in known})
+
+
+Command = Callable[[CommandOptions, Any], int]
+
+
+def _manifest_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", "--filename", action="append", default=[], metavar="PATH",
+                   help="manifest file, directory, or - for standard input (repeatable)")
+    p.add_argument("-R", "--recursive", action="store_true",
+                   help="read directories given with -f recursively")
+
+
+def _engine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--connect", "-c", default=None, metavar="URI",
+                   help="libvirt URI (default: $KVMCTL_CONNECT, $LIBVIRT_DEFAULT_URI, "
+                        "qemu:///system)")
+    p.add_argument("--project", default=default_project(),
+                   help="the project that owns what these manifests create "
+                        "(default: $KVMCTL_PROJECT or 'default')")
+    p.add_argument("--domain-type", choices=DOMAIN_TYPES,
+                   default=os.environ.get("KVMCTL_DOMAIN_TYPE", "auto"),
+                   help="libvirt domain type for VMs that do not set one: kvm, qemu (TCG "
+                        "emulation), or auto (kvm when the host CPU has VT-x/AMD-V); "
+                        "default: $KVMCTL_DOMAIN_TYPE or auto")
+
+
+def _plan_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prune", action="store_true",
+                   help="delete owned objects that are no longer in the manifests")
+    p.add_argument("--prune-disks", action="store_true",
+                   help="with --prune, also delete Disks (their data is lost)")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="allow --prune with no manifests (deletes everything of the project)")
+    p.add_argument("--adopt", action="store_true",
+                   help="take over existing unmanaged objects with the manifests' names")
+    p.add_argument("--target", action="append", default=[], metavar="KIND/NAME",
+                   help="limit the plan to this object and what it depends on (repeatable)")
+
+
+def _apply_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--parallelism", type=_positive_int, default=8, metavar="N")
+    p.add_argument("--lock-timeout", type=_seconds, default=0, metavar="SECONDS",
+                   help="wait this long for another apply of the project (default: fail at once)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 256:
+        raise argparse.ArgumentTypeError(f"{value} is not between 1 and 256")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 86400 or value != value:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 86400 seconds")
+    return value
+
+
+def build_parser(commands: dict[str, Command], version: str) -> argparse.ArgumentParser:
+    """The parser; `commands` maps each command name to the function that runs it."""
+    parser = argparse.ArgumentParser(
+        prog="kvmctl", description="Declarative VMs, networks and disks for KVM/libvirt.")
+    parser.add_argument("--version", action="version", version=f"kvmctl {version}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of failures")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check manifests against the schemas and each other")
+    _manifest_options(p)
+    p.add_argument("-o", "--output", choices=("text", "json", "github"), default="text")
+    p.set_defaults(run=commands["validate"])
+
+    p = sub.add_parser("render", help="print the libvirt XML the manifests produce")
+    _manifest_options(p)
+    p.add_argument("--kind", help="only objects of this kind")
+    p.add_argument("--name", help="only the object with this name")
+    p.add_argument("--project", default=default_project())
+    env_type = os.environ.get("KVMCTL_DOMAIN_TYPE")
+    p.add_argument("--domain-type", choices=("kvm", "qemu"),
+                   default=env_type if env_type in ("kvm", "qemu") else "kvm")
+    p.set_defaults(run=commands["render"])
+
+    for name, helptext in (("plan", "show what apply would change"),
+                           ("diff", "plan, exiting 0 with no changes and 2 with changes")):
+        p = sub.add_parser(name, help=helptext)
+        _manifest_options(p)
+        _engine_options(p)
+        _plan_options(p)
+        p.add_argument("-o", "--output", choices=("text", "json"), default="text")
+        p.add_argument("--out", metavar="FILE", help="save the plan for `kvmctl apply FILE`")
+        p.add_argument("--detailed-exitcode", action="store_true", default=name == "diff",
+                       help="exit 0 with no changes, 2 with changes, 1 on error")
+        p.set_defaults(run=commands["plan"])
+
+    p = sub.add_parser("apply", help="make the host match the manifests (or a saved plan)")
+    p.add_argument("plan_file", nargs="?", metavar="PLANFILE", help="a plan saved with --out")
+    _manifest_options(p)
+    _engine_options(p)
+    _plan_options(p)
+    _apply_options(p)
+    p.add_argument("--wait", action="store_true",
+                   help="wait until running VMs have an address")
+    p.add_argument("--wait-timeout", type=_seconds, default=300, metavar="SECONDS")
+    p.set_defaults(run=commands["apply"])
+
+    p = sub.add_parser("destroy", help="shut down and delete what the manifests created")
+    _manifest_options(p)
+    _engine_options(p)
+    _apply_options(p)
+    p.add_argument("--with-disks", action="store_true",
+                   help="also delete Disks (their data is lost); protected ones are refused")
+    p.set_defaults(run=commands["destroy"])
+
+    p = sub.add_parser("get", help="list managed objects with state and addresses")
+    p.add_argument("what", nargs="?", default="vms", choices=GET_WHAT)
+    _engine_options(p)
+    _manifest_options(p)
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.set_defaults(run=commands["get"])
+    return parser

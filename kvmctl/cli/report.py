@@ -1,0 +1,165 @@
+"""How results reach the user: problems (text, JSON, GitHub annotations), plans, apply
+progress and tables. The only code that writes to the terminal, with cli/commands.py."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TextIO
+
+from ..errors import Problem
+
+if TYPE_CHECKING:  # rich and the plan types are imported when there is something to show
+    from ..apply import Event
+    from ..plan.types import Change, Plan
+
+
+@dataclass(frozen=True)
+class Env:
+    """Every stream the program uses, so tests run the real CLI with captured output."""
+
+    stdin: TextIO
+    stdout: TextIO
+    stderr: TextIO
+
+    @property
+    def interactive(self) -> bool:
+        return self.stdin.isatty() and self.stdout.isatty()
+
+
+# ---- manifest problems --------------------------------------------------------------------------
+
+def print_problems(problems: Sequence[Problem], fmt: str, out: TextIO) -> None:
+    if fmt == "json":
+        json.dump([_problem_json(p) for p in problems], out, indent=2)
+        out.write("\n")
+    elif fmt == "github":
+        for p in problems:
+            message = p.message + (f" ({p.path})" if p.path else "") + \
+                (f" hint: {p.hint}" if p.hint else "")
+            where = f"file={_gh_escape(p.location.file, True)}"
+            if p.location.line:  # a problem of a whole file has no line
+                where += f",line={p.location.line},col={p.location.column}"
+            out.write(f"::error {where}::{_gh_escape(message)}\n")
+    else:
+        for p in problems:
+            out.write(f"{p}\n")
+        count = len(problems)
+        out.write(f"{count} problem{'s' if count != 1 else ''} found\n")
+
+
+def _gh_escape(text: str, property_value: bool = False) -> str:
+    text = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    if property_value:  # workflow command properties are separated by , and end at ::
+        text = text.replace(":", "%3A").replace(",", "%2C")
+    return text
+
+
+def _problem_json(p: Problem) -> dict[str, Any]:
+    return {"file": p.location.file, "line": p.location.line, "column": p.location.column,
+            "severity": p.severity, "message": p.message, "path": p.path, "hint": p.hint}
+
+
+# ---- plans --------------------------------------------------------------------------------------
+
+_COLORS = {"create": "green", "update-live": "yellow", "update-restart": "yellow",
+           "replace": "magenta", "delete": "red", "no-op": "cyan"}
+
+
+def print_plan(plan: Plan, env: Env) -> None:
+    from ..plan.types import MASK, SYMBOLS, ChangeClass
+    shown = [c for c in plan.changes if c.is_change]
+    if shown:  # rich is imported only when there is something to print in colour
+        from rich.console import Console
+        console = Console(file=env.stdout, highlight=False, soft_wrap=True)
+    for c in shown:
+        klass = c.change_class
+        tag = "pending restart" if klass is ChangeClass.NOOP else str(klass)
+        console.print(f"[{_COLORS[klass]}]{SYMBOLS[klass]:>3} {c.ref}[/] [dim]({tag})[/]",
+                      markup=True)
+        for reason in c.reasons:
+            console.print(f"      {reason}", markup=False)
+        if c.blocked:
+            console.print(f"      [bold red]blocked:[/] {c.blocked}", markup=True)
+        for f in c.fields:
+            old, new = (MASK, MASK) if f.sensitive else (_fmt(f.old), _fmt(f.new))
+            console.print(f"      {f.field}: {old} → {new}", markup=False)
+    s = plan.summary()
+    env.stdout.write(
+        f"Plan: {s['create']} to create, {s['update-live']} to update live, "
+        f"{s['update-restart']} needing a restart, {s['replace']} to replace, "
+        f"{s['delete']} to delete, {s['no-op']} unchanged"
+        + (f", {s['blocked']} blocked" if s["blocked"] else "")
+        + (f", {s['pending_restart']} pending restart" if s["pending_restart"] else "") + ".\n")
+    if not plan.changes_present:
+        env.stdout.write("No changes: the host matches the manifests.\n")
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "(none)"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_fmt(v) for v in value) + ")"
+    return str(value)
+
+
+# ---- apply progress -----------------------------------------------------------------------------
+
+class ProgressView:
+    """A rich progress bar on a terminal; one plain line per event otherwise (CI logs)."""
+
+    def __init__(self, env: Env, total: int) -> None:
+        self.env, self.total = env, total
+        self.progress: Any = None
+        self.task: Any = None
+
+    def __enter__(self) -> ProgressView:
+        if self.env.interactive:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
+            console = Console(file=self.env.stdout)
+            self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                                     BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                     console=console, transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task("applying", total=self.total)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def event(self, change: Change, event: Event, detail: str) -> None:
+        line = {"start": f"{change.ref}: {change.change_class}...",
+                "done": f"{change.ref}: done",
+                "failed": f"{change.ref}: FAILED: {detail}"}[str(event)]
+        if self.progress is None:
+            (self.env.stderr if event == "failed" else self.env.stdout).write(line + "\n")
+            self.env.stdout.flush()
+            return
+        if event == "start":
+            self.progress.update(self.task, description=f"{change.ref}")
+            return
+        self.progress.console.print(line, markup=False, highlight=False)
+        self.progress.advance(self.task)
+
+
+# ---- tables -------------------------------------------------------------------------------------
+
+def print_table(rows: list[dict[str, Any]], out: TextIO) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(box=None, pad_edge=False)
+    columns = list(rows[0]) if rows else ["name"]
+    for col in columns:
+        table.add_column(col.upper())
+    for row in rows:
+        table.add_row(*(_cell(row[c]) for c in columns))
+    Console(file=out, highlight=False, width=200).print(table)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "-"
+    return "-" if value in (None, "") else str(value)

@@ -1,0 +1,248 @@
+"""What kvmctl owns in a libvirt definition, as comparable facts.
+
+Desired XML (from the templates) and live XML (from libvirt) go through the same extraction, so
+everything libvirt adds or rewrites (uuid, PCI addresses, controllers, `pc-q35-7.2` for `q35`,
+units, emulator path) either normalises to the same value or is not a fact at all. That is what
+keeps a second plan empty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from lxml import etree
+
+from ..units import xml_kib
+from .ownership import resource_fields
+
+# Fact name -> value. Scalars for single settings (`memory` in KiB, `vcpus`, `machine`), the
+# named tuples below for devices and network entries; a device's fact name carries its key.
+Facts = dict[str, Any]
+DISK_PREFIX = "disk:"  # disk:<target dev>
+NIC_PREFIX = "nic:"  # nic:<mac>
+
+
+class DiskFact(NamedTuple):
+    device: str
+    bus: str | None
+    source: tuple[str | None, str | None] | str | None  # (pool, volume) or a path
+    format: str | None
+    readonly: bool
+    shareable: bool
+
+
+class NicFact(NamedTuple):
+    type: str | None  # network | bridge
+    source: str | None  # the network's or the bridge's name
+    model: str | None
+    link: str | None
+
+
+class MetadataFact(NamedTuple):
+    spec_hash: str
+    seed_hash: str
+
+
+class Ipv4Fact(NamedTuple):
+    address: str | None
+    prefix: str | None  # a prefix length or a netmask, as written
+
+
+class RangeFact(NamedTuple):
+    start: str | None
+    end: str | None
+
+
+class DhcpHostFact(NamedTuple):
+    mac: str
+    name: str | None
+    ip: str | None
+
+
+class DnsHostFact(NamedTuple):
+    ip: str | None
+    hostnames: tuple[str | None, ...]
+
+
+def disk_key(target: str) -> str:
+    return DISK_PREFIX + target
+
+
+def nic_key(mac: str) -> str:
+    return NIC_PREFIX + mac.lower()
+
+
+def key_id(key: str) -> str:
+    """The target dev of a disk fact's name, the MAC of a NIC's."""
+    return key.partition(":")[2]
+
+
+def tree(xml: str) -> etree._Element:
+    return etree.fromstring(xml.encode())
+
+
+def _kib(el: etree._Element | None) -> int | None:
+    if el is None or el.text is None:
+        return None
+    return xml_kib(el.text, el.get("unit"))
+
+
+def machine_alias(machine: str | None) -> str | None:
+    if machine is None:
+        return None
+    if machine == "q35" or machine.startswith("pc-q35"):
+        return "q35"
+    if machine == "pc" or machine.startswith("pc-i440fx"):
+        return "pc"
+    return machine
+
+
+def _metadata(root: etree._Element) -> MetadataFact | None:
+    fields = resource_fields(root)
+    if fields is None:
+        return None
+    return MetadataFact(fields.get("spec-hash", ""), fields.get("seed-hash", ""))
+
+
+def _disk_fact(disk: etree._Element) -> tuple[str, DiskFact] | None:
+    target = disk.find("target")
+    if target is None:
+        return None
+    source = disk.find("source")
+    driver = disk.find("driver")
+    src = None
+    if source is not None:
+        src = (source.get("pool"), source.get("volume")) if disk.get("type") == "volume" else \
+            source.get("file") or source.get("dev")
+    return disk_key(target.get("dev") or ""), DiskFact(
+        disk.get("device", "disk"), target.get("bus"), src,
+        driver.get("type") if driver is not None else None,
+        disk.find("readonly") is not None, disk.find("shareable") is not None)
+
+
+def _nic_fact(nic: etree._Element) -> tuple[str, NicFact] | None:
+    mac = nic.find("mac")
+    if mac is None:
+        return None
+    source = nic.find("source")
+    model = nic.find("model")
+    link = nic.find("link")
+    src = source.get("network") or source.get("bridge") if source is not None else None
+    return nic_key(mac.get("address", "")), NicFact(
+        nic.get("type"), src, model.get("type") if model is not None else None,
+        link.get("state") if link is not None else "up")
+
+
+def domain_facts(xml: str) -> Facts:
+    root = tree(xml)
+    os_el = root.find("os")
+    vcpu = root.find("vcpu")
+    facts: Facts = {
+        "type": root.get("type"),
+        "vcpus.max": int(vcpu.text) if vcpu is not None and vcpu.text else None,
+        "vcpus": int(vcpu.get("current") or vcpu.text) if vcpu is not None and vcpu.text else None,
+        "memory.max": _kib(root.find("memory")),
+        "memory": _kib(root.find("currentMemory")) or _kib(root.find("memory")),
+        "machine": machine_alias(os_el.find("type").get("machine") if os_el is not None
+                                 and os_el.find("type") is not None else None),
+        "firmware": "uefi" if os_el is not None and (os_el.get("firmware") == "efi"
+                                                     or os_el.find("loader") is not None)
+        else "bios",
+        "boot.kernel": root.findtext("os/kernel"),
+        "boot.initrd": root.findtext("os/initrd"),
+        "boot.cmdline": root.findtext("os/cmdline"),
+        # libvirt writes <boot dev="hd"/> when a definition names no boot device.
+        "boot.order": tuple(b.get("dev") for b in root.iterfind("os/boot")) or ("hd",),
+        "console.log": _serial_log(root),
+        "guestAgent": any(c.find("target") is not None and c.find("target").get("name")
+                          == "org.qemu.guest_agent.0" for c in root.iterfind("devices/channel")),
+        "graphics": tuple((g.get("type"), g.get("listen"))
+                          for g in root.iterfind("devices/graphics")),
+        "metadata": _metadata(root),
+    }
+    cpu = root.find("cpu")
+    facts["cpu.mode"] = cpu.get("mode") if cpu is not None else None
+    facts["cpu.model"] = cpu.findtext("model") if cpu is not None and cpu.get("mode") == "custom" \
+        else None
+    for disk in root.iterfind("devices/disk"):
+        if (fact := _disk_fact(disk)) is not None:
+            facts[fact[0]] = fact[1]
+    for nic in root.iterfind("devices/interface"):
+        if (fact := _nic_fact(nic)) is not None:
+            facts[fact[0]] = fact[1]
+    return facts
+
+
+def _serial_log(root: etree._Element) -> str | None:
+    log = root.find("devices/serial/log")
+    return log.get("file") if log is not None else None
+
+
+def owned_domain_facts(desired: Facts, actual: Facts) -> tuple[Facts, Facts]:
+    """Restrict both sides to what the manifest owns.
+
+    The CPU element is owned only when the manifest sets a CPU mode: libvirt may add its own.
+    """
+    if desired.get("cpu.mode") is None:
+        desired = {k: v for k, v in desired.items() if not k.startswith("cpu.")}
+        actual = {k: v for k, v in actual.items() if not k.startswith("cpu.")}
+    return desired, actual
+
+
+@dataclass(frozen=True)
+class FactChange:
+    field: str
+    old: Any
+    new: Any
+
+
+def diff(desired: Facts, actual: Facts) -> list[FactChange]:
+    desired, actual = owned_domain_facts(desired, actual)
+    keys = sorted(set(desired) | set(actual), key=_field_order)
+    return [FactChange(k, actual.get(k), desired.get(k)) for k in keys
+            if desired.get(k) != actual.get(k)]
+
+
+def _field_order(key: str) -> tuple[int, str]:
+    return (1 if ":" in key else 0, key)
+
+
+# ---- networks ---------------------------------------------------------------------------------
+
+def network_facts(xml: str, bridge_owned: bool = True) -> Facts:
+    root = tree(xml)
+    forward = root.find("forward")
+    mode = forward.get("mode", "nat") if forward is not None else "isolated"
+    ip = root.find("ip")
+    dhcp_range = ip.find("dhcp/range") if ip is not None else None
+    mtu = root.find("mtu")
+    facts: Facts = {
+        "mode": mode,
+        "ipv4": Ipv4Fact(ip.get("address"), ip.get("prefix") or ip.get("netmask"))
+        if ip is not None else None,
+        "dhcp.range": RangeFact(dhcp_range.get("start"), dhcp_range.get("end"))
+        if dhcp_range is not None else None,
+        "dhcp.hosts": tuple(sorted(DhcpHostFact(h.get("mac", "").lower(), h.get("name"),
+                                                h.get("ip"))
+                                   for h in ip.iterfind("dhcp/host"))) if ip is not None else (),
+        "dns.hosts": tuple(sorted(DnsHostFact(h.get("ip"), tuple(n.text for n in
+                                                                 h.iterfind("hostname")))
+                                  for h in root.iterfind("dns/host"))),
+        "domain": root.find("domain").get("name") if root.find("domain") is not None else None,
+        "mtu": int(mtu.get("size")) if mtu is not None else None,
+        "metadata": _metadata(root),
+    }
+    if bridge_owned or mode == "bridge":
+        bridge = root.find("bridge")
+        facts["bridge"] = bridge.get("name") if bridge is not None else None
+    return facts
+
+
+def network_diff(desired_xml: str, actual_xml: str) -> list[FactChange]:
+    desired = network_facts(desired_xml)
+    actual = network_facts(actual_xml, bridge_owned=desired.get("bridge") is not None)
+    if desired.get("bridge") is None:
+        desired.pop("bridge", None)
+    return [FactChange(k, actual.get(k), desired.get(k)) for k in sorted(set(desired) | set(actual))
+            if desired.get(k) != actual.get(k)]

@@ -1,0 +1,105 @@
+"""Stage 4 values: what the hypervisor really has, read once per plan.
+
+Plain frozen dataclasses filled by hypervisor.py (the only module that talks to libvirt), so
+planning can be tested from data without a daemon.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..render.specs import HostHints
+from .ownership import Owner
+
+
+@dataclass(frozen=True)
+class LiveDomain:
+    name: str
+    uuid: str
+    inactive_xml: str
+    live_xml: str | None  # only while running
+    state: str  # running | shutoff | paused | other libvirt states, lowercased
+    autostart: bool
+    owner: Owner | None
+
+    @property
+    def running(self) -> bool:
+        return self.live_xml is not None
+
+
+@dataclass(frozen=True)
+class LiveNetwork:
+    name: str
+    uuid: str
+    xml: str
+    active: bool
+    autostart: bool
+    owner: Owner | None
+
+
+@dataclass(frozen=True)
+class LiveVolume:
+    pool: str
+    name: str
+    path: str
+    capacity_bytes: int
+    format: str
+    backing_path: str | None
+    owner: Owner | None = None
+
+
+@dataclass(frozen=True)
+class LivePool:
+    name: str
+    uuid: str
+    xml: str
+    path: str
+    active: bool
+    autostart: bool
+    owner: Owner | None
+    volumes: tuple[LiveVolume, ...] = ()
+
+    def volume(self, name: str) -> LiveVolume | None:
+        return next((v for v in self.volumes if v.name == name), None)
+
+
+@dataclass(frozen=True)
+class LiveState:
+    domains: dict[str, LiveDomain] = field(default_factory=dict)
+    networks: dict[str, LiveNetwork] = field(default_factory=dict)
+    pools: dict[str, LivePool] = field(default_factory=dict)
+    host_bridges: frozenset[str] = frozenset()
+
+    def volume(self, pool: str, name: str) -> LiveVolume | None:
+        live_pool = self.pools.get(pool)
+        return live_pool.volume(name) if live_pool else None
+
+    def hints(self) -> HostHints:
+        """What rendering needs from the host: uuids of existing objects, volume paths."""
+        return HostHints(
+            domain_uuids={d.name: d.uuid for d in self.domains.values()},
+            network_uuids={n.name: n.uuid for n in self.networks.values()},
+            volume_paths={(v.pool, v.name): v.path for p in self.pools.values()
+                          for v in p.volumes})
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of live objects, to detect change between plan and apply."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def volume_fingerprint(vol: LiveVolume) -> str:
+    """The fingerprint of a volume: of the canonical text below, which is what plans of format
+    version 1 have always hashed (it must not follow renames of the fields in this module)."""
+    o = vol.owner
+    owner = "None" if o is None else (
+        f"Owner(project={o.project!r}, kind={str(o.kind)!r}, name={o.name!r}, "
+        f"spec_hash={o.spec_hash!r}, seed_hash={o.seed_hash!r}, protect={o.protect!r})")
+    return fingerprint(
+        f"LiveVolume(pool={vol.pool!r}, name={vol.name!r}, path={vol.path!r}, "
+        f"capacity={vol.capacity_bytes!r}, format={vol.format!r}, "
+        f"backing_path={vol.backing_path!r}, owner={owner})")

@@ -1,0 +1,234 @@
+"""Semantic checks: what a JSON schema cannot say about a set of manifests.
+
+Each check is a small function returning located problems. `HostFacts` is the hook through which
+the engine adds what exists on the hypervisor (objects not in the manifests, host subnets), so the
+same checks run offline in `validate` and against a host in `plan`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+from ..errors import Problem
+from ..units import format_size
+from .cloudinit import SeedError, seed_content_of, seed_pool
+from .documents import Document, json_path
+from .model import ManifestSet, Resource, VirtualMachine
+
+DocIndex = Mapping[tuple[str, str], Document]
+ObjIndex = Mapping[tuple[str, str], Resource]
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """Names that exist on the hypervisor though not in the manifests, and its subnets."""
+
+    networks: frozenset[str] = frozenset()
+    pools: frozenset[str] = frozenset()
+    subnets: tuple[tuple[str, ipaddress.IPv4Network], ...] = ()
+
+
+def duplicates(documents: list[Document]) -> Iterator[Problem]:
+    seen: dict[tuple[str, str], Document] = {}
+    for doc in documents:
+        key = (doc.kind, doc.name)
+        if key in seen:
+            first = seen[key].source
+            yield Problem(f"duplicate {doc.kind} {doc.name!r}", doc.locate(("metadata", "name")),
+                          "metadata.name", hint=f"first defined at {first}")
+        else:
+            seen[key] = doc
+
+
+def _problem(docs: DocIndex, kind: str, name: str, path: tuple, message: str,
+             hint: str = "") -> Problem:
+    doc = docs[(kind, name)]
+    return Problem(message, doc.locate(path + ("<value>",)), json_path(path), hint=hint)
+
+
+def _refs(m: ManifestSet) -> Iterator[tuple[str, str, tuple, str, str]]:
+    """(kind, name, path, target kind, target name) for every reference in the set."""
+    for image in m.images:
+        yield "Image", image.meta.name, ("spec", "pool"), "StoragePool", image.pool
+    for disk in m.disks:
+        yield "Disk", disk.meta.name, ("spec", "pool"), "StoragePool", disk.pool
+        if disk.image:
+            yield "Disk", disk.meta.name, ("spec", "image"), "Image", disk.image
+    for vm in m.vms:
+        for i, att in enumerate(vm.disks):
+            yield "VirtualMachine", vm.meta.name, ("spec", "disks", i, "disk"), "Disk", att.disk
+        for i, nic in enumerate(vm.interfaces):
+            if nic.network:
+                yield ("VirtualMachine", vm.meta.name, ("spec", "interfaces", i, "network"),
+                       "Network", nic.network)
+
+
+def references(m: ManifestSet, docs: DocIndex, host: HostFacts | None) -> Iterator[Problem]:
+    on_host = {"Network": host.networks if host else frozenset(),
+               "StoragePool": host.pools if host else frozenset()}
+    for kind, name, path, target_kind, target in _refs(m):
+        if (target_kind, target) in docs or target in on_host.get(target_kind, frozenset()):
+            continue
+        known = sorted(n for k, n in docs if k == target_kind)
+        hint = ("defined: " + ", ".join(known)) if known else f"no {target_kind} is defined"
+        yield _problem(docs, kind, name, path, f"unknown {target_kind} {target!r}", hint)
+
+
+def shared_disks(m: ManifestSet, docs: DocIndex, objs: ObjIndex | None = None
+                 ) -> Iterator[Problem]:
+    objs = m.index if objs is None else objs
+    users: dict[str, list[tuple[VirtualMachine, int]]] = defaultdict(list)
+    for vm in m.vms:
+        for i, att in enumerate(vm.disks):
+            users[att.disk].append((vm, i))
+    for disk_name, uses in users.items():
+        disk = objs.get(("Disk", disk_name))
+        shareable = bool(disk and getattr(disk, "shareable", False))
+        if len(uses) < 2 or shareable or all(vm.disks[i].readonly for vm, i in uses):
+            continue
+        names = ", ".join(vm.meta.name for vm, _ in uses)
+        vm, i = uses[1]
+        yield _problem(docs, "VirtualMachine", vm.meta.name, ("spec", "disks", i, "disk"),
+                       f"Disk {disk_name!r} is attached to several VMs ({names})",
+                       "mark it readonly on every VM, or shareable: true on the Disk")
+
+
+def network_ranges(m: ManifestSet, docs: DocIndex) -> Iterator[Problem]:
+    for net in m.networks:
+        ip = net.ipv4
+        if ip is None:
+            continue
+        name = net.meta.name
+        if ip.gateway not in ip.network or ip.gateway in (ip.network.network_address,
+                                                          ip.network.broadcast_address):
+            yield _problem(docs, "Network", name, ("spec", "ipv4", "gateway"),
+                           f"gateway {ip.gateway} is not a host address of {ip.network}")
+        for which, addr in (("start", ip.dhcp_start), ("end", ip.dhcp_end)):
+            if addr is not None and addr not in ip.network:
+                yield _problem(docs, "Network", name, ("spec", "ipv4", "dhcp", which),
+                               f"DHCP {which} {addr} is outside {ip.network}")
+        if ip.dhcp_start and ip.dhcp_end and ip.dhcp_start > ip.dhcp_end:
+            yield _problem(docs, "Network", name, ("spec", "ipv4", "dhcp"),
+                           f"DHCP range is reversed: {ip.dhcp_start} > {ip.dhcp_end}")
+        if ip.dhcp_start and ip.gateway and \
+                ip.dhcp_start <= ip.gateway <= (ip.dhcp_end or ip.gateway):
+            yield _problem(docs, "Network", name, ("spec", "ipv4", "dhcp"),
+                           f"DHCP range includes the gateway {ip.gateway}")
+
+
+def overlapping_subnets(m: ManifestSet, docs: DocIndex,
+                        host: HostFacts | None) -> Iterator[Problem]:
+    nets = [(n.meta.name, n.ipv4.network) for n in m.networks if n.ipv4]
+    for i, (name, cidr) in enumerate(nets):
+        for other, other_cidr in nets[:i]:
+            if cidr.overlaps(other_cidr):
+                yield _problem(docs, "Network", name, ("spec", "ipv4", "cidr"),
+                               f"{cidr} overlaps {other_cidr} of Network {other!r}")
+        for where, host_net in (host.subnets if host else ()):
+            if where != name and cidr.overlaps(host_net):
+                yield _problem(docs, "Network", name, ("spec", "ipv4", "cidr"),
+                               f"{cidr} overlaps {host_net} of libvirt network {where!r} on the "
+                               "host")
+
+
+def _mac_problem(mac: str) -> str:
+    if int(mac.split(":")[0], 16) & 1:
+        return f"MAC {mac} is a multicast address (lowest bit of the first byte is set)"
+    if mac == "00:00:00:00:00:00":
+        return f"MAC {mac} is not a usable address"
+    return ""
+
+
+def interfaces(m: ManifestSet, docs: DocIndex, objs: ObjIndex | None = None
+               ) -> Iterator[Problem]:
+    objs = m.index if objs is None else objs
+    macs: dict[str, str] = {}
+    reserved: dict[tuple[str, str], str] = {}
+    for vm in m.vms:
+        name = vm.meta.name
+        for i, nic in enumerate(vm.interfaces):
+            path = ("spec", "interfaces", i)
+            if nic.mac_given and (message := _mac_problem(nic.mac)):
+                yield _problem(docs, "VirtualMachine", name, path + ("mac",), message)
+            if nic.mac in macs:
+                yield _problem(docs, "VirtualMachine", name, path + ("mac",),
+                               f"MAC {nic.mac} is also used by {macs[nic.mac]}")
+            macs.setdefault(nic.mac, f"VirtualMachine {name!r}")
+            if nic.ip:
+                yield from _reservation(objs, docs, vm, i, reserved)
+
+
+def _reservation(objs: ObjIndex, docs: DocIndex, vm: VirtualMachine, i: int,
+                 reserved: dict[tuple[str, str], str]) -> Iterator[Problem]:
+    nic, name, path = vm.interfaces[i], vm.meta.name, ("spec", "interfaces", i, "ip")
+    net = objs.get(("Network", nic.network)) if nic.network else None
+    if net is None or net.ipv4 is None or net.ipv4.dhcp_start is None:  # type: ignore[union-attr]
+        where = f"Network {nic.network!r}" if nic.network else f"host bridge {nic.bridge!r}"
+        yield _problem(docs, "VirtualMachine", name, path,
+                       f"ip {nic.ip} needs a DHCP-capable managed network, and {where} is not one",
+                       "set ipv4.dhcp on the Network, or configure the address in the guest")
+        return
+    ip4 = net.ipv4  # type: ignore[union-attr]
+    addr = ipaddress.IPv4Address(nic.ip)
+    net_name = net.meta.name  # type: ignore[union-attr]
+    wrong = ""
+    if addr not in ip4.network:
+        wrong = f"is outside {ip4.network} of Network {net_name!r}"
+    elif addr == ip4.gateway:
+        wrong = f"is the gateway of Network {net_name!r}"
+    elif addr == ip4.network.network_address and ip4.network.prefixlen < 31:
+        wrong = f"is the network address of {ip4.network}"
+    elif addr == ip4.network.broadcast_address and ip4.network.prefixlen < 31:
+        wrong = f"is the broadcast address of {ip4.network}"
+    if wrong:
+        yield _problem(docs, "VirtualMachine", name, path, f"ip {addr} {wrong}",
+                       f"use a free host address of {ip4.network} other than {ip4.gateway}")
+    key = (net_name, str(addr))
+    if key in reserved:
+        yield _problem(docs, "VirtualMachine", name, path,
+                       f"ip {addr} is already reserved for {reserved[key]}")
+    reserved.setdefault(key, f"VirtualMachine {name!r}")
+
+
+def limits(m: ManifestSet, docs: DocIndex) -> Iterator[Problem]:
+    for vm in m.vms:
+        if vm.max_vcpus < vm.vcpus:
+            yield _problem(docs, "VirtualMachine", vm.meta.name, ("spec", "cpus", "max"),
+                           f"cpus.max ({vm.max_vcpus}) is smaller than cpus.count ({vm.vcpus})")
+        if vm.max_memory_bytes < vm.memory_bytes:
+            yield _problem(docs, "VirtualMachine", vm.meta.name, ("spec", "memory", "max"),
+                           f"memory.max ({format_size(vm.max_memory_bytes)}) is smaller than "
+                           f"memory.size ({format_size(vm.memory_bytes)})")
+
+
+def cloud_init(m: ManifestSet, docs: DocIndex) -> Iterator[Problem]:
+    """The seed content is built here too, so that `validate` catches what `render` would."""
+    if not any(vm.cloud_init for vm in m.vms):
+        return
+    for vm in m.vms:
+        if vm.cloud_init is None:
+            continue
+        if seed_pool(vm, m) is None:
+            yield _problem(docs, "VirtualMachine", vm.meta.name, ("spec", "cloudInit"),
+                           "cloudInit needs a StoragePool to hold the seed, and this VM has no "
+                           "disk and the manifests define no StoragePool",
+                           "add a StoragePool document, or a disk to the VM")
+        try:
+            seed_content_of(vm)
+        except SeedError as exc:
+            yield _problem(docs, "VirtualMachine", vm.meta.name, ("spec", "cloudInit"), str(exc))
+
+
+def semantic(m: ManifestSet, docs: DocIndex, host: HostFacts | None = None) -> list[Problem]:
+    found: list[Problem] = []
+    objs = m.index
+    checks: Iterable[Iterator[Problem]] = (
+        references(m, docs, host), shared_disks(m, docs, objs), network_ranges(m, docs),
+        overlapping_subnets(m, docs, host), interfaces(m, docs, objs), limits(m, docs),
+        cloud_init(m, docs))
+    for check in checks:
+        found.extend(check)
+    return found

@@ -1,0 +1,308 @@
+"""Stage 2: documents -> validated model.
+
+First the JSON schemas (one per kind, strict), then the semantic checks that a schema cannot
+express (checks.py). Every problem in every document is collected; nothing is built from a
+document set that has any error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Iterable
+from functools import cache, lru_cache
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urldefrag, urljoin
+
+if TYPE_CHECKING:  # jsonschema is imported only when a document is not in the memo
+    import jsonschema
+    from jsonschema import Draft202012Validator
+
+from ..errors import ManifestError, Problem
+from ..kinds import MANIFEST_KINDS
+from ..memo import Memo
+from ..memo import key as digest_of
+from ..units import SizeError, parse_size
+from . import checks
+from .documents import Document, json_path
+from .model import ManifestSet, build
+
+API_VERSION = "kvmctl/v1"
+SCHEMA_FILES = {str(kind): f"{kind.lower()}.schema.json" for kind in MANIFEST_KINDS}
+KINDS = tuple(SCHEMA_FILES)
+
+
+def _schema_texts() -> dict[str, dict[str, Any]]:
+    folder = resources.files("kvmctl.schemas")
+    return {entry.name: json.loads(entry.read_text(encoding="utf-8"))
+            for entry in folder.iterdir() if entry.name.endswith(".schema.json")}
+
+
+@lru_cache(maxsize=1)
+def validators() -> dict[str, Draft202012Validator]:
+    """One compiled validator per kind; shared definitions resolve through their $id.
+
+    Each kind schema is validated in its inlined form (see _inline_refs): resolving a $ref
+    through the registry on every use was two thirds of the validation time.
+    """
+    from jsonschema import Draft202012Validator
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+    texts = _schema_texts()
+    registry: Registry = Registry().with_resources(
+        (schema["$id"], Resource.from_contents(schema, default_specification=DRAFT202012))
+        for schema in texts.values() if "$id" in schema)
+    result = {}
+    for kind, file in SCHEMA_FILES.items():
+        schema = texts[file]
+        base = schema.get("$id", "")
+        inlined = _inline_refs(schema, registry.resolver(base_uri=base), base, ())
+        result[kind] = Draft202012Validator(inlined, registry=registry,
+                                            format_checker=Draft202012Validator.FORMAT_CHECKER)
+    return result
+
+
+@cache
+def schema_for(kind: str) -> dict[str, Any]:
+    """The schema of `kind` as written (with its $refs)."""
+    return _schema_texts()[SCHEMA_FILES[kind]]
+
+
+# Keywords whose values are schemas, maps of schemas, or lists of schemas (JSON Schema 2020-12).
+_SCHEMA_ONE = ("items", "additionalProperties", "propertyNames", "contains", "not", "if", "then",
+               "else", "unevaluatedProperties", "unevaluatedItems", "contentSchema")
+_SCHEMA_MAP = ("properties", "patternProperties", "$defs", "dependentSchemas")
+_SCHEMA_LIST = ("allOf", "anyOf", "oneOf", "prefixItems")
+
+
+def _inline_refs(schema: Any, resolver: Any, base: str, seen: tuple[str, ...]) -> Any:
+    """`schema` with every `$ref` replaced by its target: merged in when only annotations sit
+    beside the `$ref`, else as `allOf: [target]`.
+
+    `{"$ref": X, ...siblings}` and `{"allOf": [X], ...siblings}` validate identically in
+    2020-12 and report the same errors (both pass the target's errors up unchanged). A
+    recursive reference is left in place, made absolute, for the registry to resolve.
+    """
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _SCHEMA_ONE:
+            out[key] = _inline_refs(value, resolver, base, seen)
+        elif key in _SCHEMA_MAP and isinstance(value, dict):
+            out[key] = {name: _inline_refs(sub, resolver, base, seen)
+                        for name, sub in value.items()}
+        elif key in _SCHEMA_LIST and isinstance(value, list):
+            out[key] = [_inline_refs(sub, resolver, base, seen) for sub in value]
+        else:
+            out[key] = value
+    ref = out.get("$ref")
+    if isinstance(ref, str):
+        resolved = resolver.lookup(ref)
+        uri = urljoin(base, ref)
+        if uri in seen:
+            out["$ref"] = uri
+        else:
+            del out["$ref"]
+            target_base = urldefrag(uri).url
+            own_id = resolved.contents.get("$id") if isinstance(resolved.contents, dict) else None
+            if isinstance(own_id, str):
+                target_base = urljoin(target_base, own_id)
+            target = _inline_refs(resolved.contents, resolved.resolver, target_base,
+                                  seen + (uri,))
+            if isinstance(target, dict) and set(out) <= _ANNOTATIONS and "$id" not in target:
+                # Only annotations beside the $ref: use the target itself (one level less to
+                # descend into); the target's own annotations win, as they would in its errors.
+                return {**out, **target}
+            out["allOf"] = [target] + list(out.get("allOf", []))
+    return out
+
+
+_ANNOTATIONS = {"title", "description", "examples", "default", "$comment", "deprecated",
+                "readOnly", "writeOnly"}
+
+
+def _envelope_problems(doc: Document) -> list[Problem]:
+    body = doc.body
+    if body.get("apiVersion") != API_VERSION:
+        got = body.get("apiVersion")
+        message = "missing apiVersion" if got is None else f"unsupported apiVersion {got!r}"
+        return [Problem(message, doc.locate(("apiVersion",)), "apiVersion",
+                        hint=f"use apiVersion: {API_VERSION}")]
+    kind = body.get("kind")
+    if kind not in KINDS:
+        close = difflib.get_close_matches(str(kind), KINDS, n=1)
+        message = "missing kind" if kind is None else f"unknown kind {kind!r}"
+        hint = f"did you mean {close[0]}?" if close else "one of: " + ", ".join(KINDS)
+        return [Problem(message, doc.locate(("kind",)), "kind", hint=hint)]
+    return []
+
+
+def _unexpected_keys(error: jsonschema.ValidationError) -> list[str]:
+    if error.validator != "additionalProperties" or not isinstance(error.instance, dict):
+        return []
+    allowed = set(error.schema.get("properties", {}))
+    return [key for key in error.instance if key not in allowed]
+
+
+def _problems_from(error: jsonschema.ValidationError, doc: Document) -> Iterable[Problem]:
+    path = tuple(error.absolute_path)
+    if "propertyNames" in error.schema_path and isinstance(error.instance, str):
+        # A key refused by propertyNames: point at the key, say which keys are allowed.
+        key, where = error.instance, path + (error.instance,)
+        if error.validator == "enum":
+            yield Problem(f"field {key!r} is not allowed here", doc.locate(where),
+                          json_path(where),
+                          hint="allowed here: " + ", ".join(map(str, error.validator_value)))
+        else:
+            yield Problem(f"{key!r} is not a valid key here", doc.locate(where), json_path(where),
+                          hint=_hint(error))
+        return
+    unexpected = _unexpected_keys(error)
+    if unexpected:
+        known = list(error.schema.get("properties", {}))
+        for key in unexpected:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "allowed: " + ", ".join(known)
+            yield Problem(f"unknown field {key!r}", doc.locate(path + (key,)),
+                          json_path(path + (key,)), hint=hint)
+        return
+    yield Problem(_message(error), doc.locate(path + ("<value>",)) if path else doc.source,
+                  json_path(path), hint=_hint(error))
+
+
+def _best_leaf(error: jsonschema.ValidationError) -> jsonschema.ValidationError:
+    """For oneOf/anyOf, the sub-error that went deepest is the one a user can act on."""
+    if error.context:
+        from jsonschema.exceptions import best_match
+        return _best_leaf(best_match(error.context))
+    return error
+
+
+def _message(error: jsonschema.ValidationError) -> str:
+    custom = error.schema.get("errorMessage") if isinstance(error.schema, dict) else None
+    if custom:
+        return str(custom)
+    leaf = _best_leaf(error)
+    if leaf.validator == "required":
+        return leaf.message.replace("is a required property", "is required")
+    if leaf.validator == "enum":
+        return f"{leaf.instance!r} is not one of " + ", ".join(map(repr, leaf.validator_value))
+    if leaf.validator == "pattern":
+        if isinstance(leaf.instance, str) and _is_size_path(error):
+            try:
+                parse_size(leaf.instance)
+            except SizeError as exc:  # unknown unit, no number...: say exactly what is wrong
+                return str(exc)
+        return f"{leaf.instance!r} is not valid here"
+    return leaf.message
+
+
+_SIZE_KEYS = ("size", "memory", "max")
+_YAML11_BOOLS = {"yes", "no", "on", "off", "y", "n"}
+
+
+def _is_size_path(error: jsonschema.ValidationError) -> bool:
+    path = [p for p in error.absolute_path if isinstance(p, str)]
+    return bool(path) and path[-1] in _SIZE_KEYS
+
+
+def _hint(error: jsonschema.ValidationError) -> str:
+    leaf = _best_leaf(error)
+    if isinstance(leaf.instance, (int, float)) and not isinstance(leaf.instance, bool):
+        if _is_size_path(error):
+            return f"sizes need a unit: write {leaf.instance}MiB or {leaf.instance}GiB"
+    if (leaf.validator == "type" and leaf.validator_value == "boolean"
+            and isinstance(leaf.instance, str) and leaf.instance.lower() in _YAML11_BOOLS):
+        return "write true or false (yes/no/on/off are strings in kvmctl manifests)"
+    examples = leaf.schema.get("examples") if isinstance(leaf.schema, dict) else None
+    if leaf.validator in ("pattern", "format", "type") and examples:
+        return "for example: " + ", ".join(json.dumps(e) for e in examples[:2])
+    return ""
+
+
+def _size_problems(doc: Document) -> list[Problem]:
+    """Sizes matched the schema's pattern; their units and exactness are checked here."""
+    spec = doc.body.get("spec") or {}
+    candidates: list[tuple[tuple[str, ...], Any]] = []
+    if doc.kind == "Disk":
+        candidates.append((("spec", "size"), spec.get("size")))
+    if doc.kind == "VirtualMachine":
+        memory = spec.get("memory")
+        if isinstance(memory, dict):
+            candidates += [(("spec", "memory", k), memory[k]) for k in ("size", "max")
+                           if k in memory]
+        elif memory is not None:
+            candidates.append((("spec", "memory"), memory))
+    problems = []
+    for path, value in candidates:
+        try:
+            size = parse_size(value)
+        except SizeError as exc:
+            problems.append(Problem(str(exc), doc.locate(path + ("<value>",)), json_path(path)))
+            continue
+        message = ""
+        if size == 0:
+            message = f"{value!r} is zero: a size must be more than 0"
+        elif doc.kind == "VirtualMachine" and size % 1024:
+            message = f"{value!r} is not a whole number of KiB (libvirt counts memory in KiB)"
+        if message:
+            problems.append(Problem(message, doc.locate(path + ("<value>",)), json_path(path)))
+    return problems
+
+
+def schema_problems(doc: Document, memo: Memo | None = None) -> list[Problem]:
+    problems = _envelope_problems(doc)
+    if problems:
+        return problems
+    known = memo_key(doc) if memo is not None else ""
+    if known and known in memo:  # type: ignore[operator]
+        return []
+    validator = validators()[doc.kind]
+    for error in sorted(validator.iter_errors(doc.body), key=lambda e: list(map(str, e.path))):
+        problems.extend(_problems_from(error, doc))
+    problems = problems or _size_problems(doc) + _cidr_problems(doc)
+    if known and not problems:
+        memo.add(known)  # type: ignore[union-attr]
+    return problems
+
+
+def memo_key(doc: Document) -> str:
+    return digest_of("schema", json.dumps(doc.body, sort_keys=True, separators=(",", ":"),
+                                          default=repr))
+
+
+def _cidr_problems(doc: Document) -> list[Problem]:
+    """A /31 or /32 has no room for the host's address and a guest (and the model needs one)."""
+    ipv4 = (doc.body.get("spec") or {}).get("ipv4") if doc.kind == "Network" else None
+    cidr = ipv4.get("cidr") if isinstance(ipv4, dict) else None
+    if isinstance(cidr, str) and int(cidr.rpartition("/")[2]) > 30:
+        return [Problem(f"cidr {cidr} is too small for a libvirt network",
+                        doc.locate(("spec", "ipv4", "cidr", "<value>")), "spec.ipv4.cidr",
+                        hint="use a /30 or larger: the host needs an address, and so do guests")]
+    return []
+
+
+def validate(documents: list[Document], host: checks.HostFacts | None = None,
+             memo: Memo | None = None) -> ManifestSet:
+    """The model of `documents`, or ManifestError listing every problem in them.
+
+    `memo` remembers documents that already passed their schema (see memo.py)."""
+    problems: list[Problem] = []
+    for doc in documents:
+        problems.extend(schema_problems(doc, memo))
+    if problems:
+        raise ManifestError(_sorted(problems))
+    problems.extend(checks.duplicates(documents))
+    if problems:
+        raise ManifestError(problems)
+    manifest = build(documents)
+    problems.extend(checks.semantic(manifest, {(d.kind, d.name): d for d in documents}, host))
+    if problems:
+        raise ManifestError(_sorted(problems))
+    return manifest
+
+
+def _sorted(problems: list[Problem]) -> list[Problem]:
+    return sorted(problems, key=lambda p: (p.location.file, p.location.line, p.location.column))

@@ -1,0 +1,80 @@
+"""Stage 5: validated model + rendered definitions + live state -> plan.
+
+Pure: no libvirt, no jinja2, no printing. Each object kind has one planner (storage, network,
+vm, prune) that compares the desired definition with what the host has and returns one Change
+with its class, reasons, field diffs, and the typed steps (steps.py) apply will run. Anything
+that cannot be done is a PlanError here, before anything changes.
+"""
+
+from __future__ import annotations
+
+from ..errors import PlanError
+from ..host.state import LiveState
+from ..manifest.model import ManifestSet
+from ..memo import Memo
+from ..render.specs import Desired
+from .context import Context, Options
+from .network import plan_network
+from .prune import plan_prune
+from .storage import plan_disk, plan_image, plan_pool, plan_seed
+from .types import Change, Plan
+from .vm import plan_vm
+
+__all__ = ["Options", "make_plan"]
+
+
+def host_problems(ctx: Context) -> None:
+    """Plan-time checks against the host: bridges that must exist there."""
+    bridges = ctx.live.host_bridges
+    for net in ctx.m.networks:
+        if net.mode == "bridge" and net.bridge not in bridges:
+            ctx.error(net.meta, f"host bridge {net.bridge!r} does not exist on the hypervisor "
+                                "host")
+    for vm in ctx.m.vms:
+        for nic in vm.interfaces:
+            if nic.bridge and nic.bridge not in bridges:
+                ctx.error(vm.meta, f"host bridge {nic.bridge!r} does not exist on the "
+                                   "hypervisor host")
+
+
+def make_plan(m: ManifestSet, desired: Desired, live: LiveState, opts: Options, uri: str = "",
+              memo: Memo | None = None) -> Plan:
+    """The plan; `memo` remembers definition pairs known to be equal (see memo.py)."""
+    ctx = Context(m, desired, live, opts, memo)
+    host_problems(ctx)
+    changes: list[Change] = [plan_pool(ctx, p) for p in m.pools]
+    changes += [plan_image(ctx, i) for i in m.images]
+    changes += [plan_disk(ctx, d) for d in m.disks]
+    changes += [c for c in (plan_seed(ctx, vm) for vm in m.vms) if c is not None]
+    changes += [plan_network(ctx, n) for n in m.networks]
+    changes += [plan_vm(ctx, vm) for vm in m.vms]
+    if opts.prune:
+        if not any(m.all()) and not opts.allow_empty:
+            ctx.error(None, "refusing to prune with an empty manifest set: it would delete "
+                            "everything this project owns (use --allow-empty if you mean it)")
+        changes += plan_prune(ctx)
+    if ctx.errors:
+        raise PlanError("the plan cannot be made:\n  " + "\n  ".join(ctx.errors))
+    if opts.targets:
+        changes = _select(changes, opts.targets)
+    return Plan(opts.project, uri, tuple(changes))
+
+
+def _select(changes: list[Change], targets: tuple[str, ...]) -> list[Change]:
+    by_ref = {c.ref: c for c in changes}
+    lowered = {ref.lower(): ref for ref in by_ref}
+    keep: set[str] = set()
+    todo = []
+    for target in targets:
+        ref = lowered.get(target.lower())
+        if ref is None:
+            raise PlanError(f"--target {target}: no such object in the manifests "
+                            "(write KIND/NAME, e.g. VirtualMachine/web)")
+        todo.append(ref)
+    while todo:
+        ref = todo.pop()
+        if ref in keep or ref not in by_ref:
+            continue
+        keep.add(ref)
+        todo.extend(by_ref[ref].depends)
+    return [c for c in changes if c.ref in keep]

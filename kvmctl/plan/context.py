@@ -1,0 +1,79 @@
+"""What every planner shares: the options of a plan, the context it reads (manifests, their
+rendered definitions, live state, memo) and the errors it collects, and who owns and uses what
+on the host."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..host import facts
+from ..host.ownership import Owner
+from ..host.state import LiveState, LiveVolume
+from ..kinds import Kind
+from ..manifest.model import ManifestSet, Meta
+from ..memo import Memo
+from ..render.specs import Desired
+from .steps import Attachment
+
+
+@dataclass(frozen=True)
+class Options:
+    project: str
+    prune: bool = False
+    prune_disks: bool = False
+    adopt: bool = False
+    allow_empty: bool = False
+    targets: tuple[str, ...] = ()
+    # With prune: only these refs (KIND/NAME) may be deleted (destroy: what its manifests name).
+    scope: tuple[str, ...] = ()
+
+
+class Context:
+    def __init__(self, m: ManifestSet, desired: Desired, live: LiveState, opts: Options,
+                 memo: Memo | None = None) -> None:
+        self.m, self.desired, self.live, self.opts, self.memo = m, desired, live, opts, memo
+        self.errors: list[str] = []
+        # (pool, volume) -> who uses it, built on first use by attached_to
+        self.attachments: dict[object, list[Attachment]] | None = None
+
+    def error(self, meta: Meta | None, message: str, ref: str = "") -> None:
+        """Record why the plan cannot be made, located at the object's document."""
+        where = f"{meta.source}: " if meta is not None and meta.source else ""
+        what = ref or (meta.ref if meta is not None else "")
+        self.errors.append(f"{where}{what}: {message}" if what else f"{where}{message}")
+
+    def check_owner(self, meta: Meta, owner: Owner | None, ref: str = "") -> bool:
+        """True when kvmctl may change the object; records a conflict error otherwise."""
+        if owner is not None and owner.project == self.opts.project:
+            return True
+        if owner is None and self.opts.adopt:
+            return True
+        if owner is None:
+            self.error(meta, "already exists on the host and is not managed by kvmctl; rename "
+                             "it in the manifest, or take it over with --adopt", ref)
+        else:
+            self.error(meta, f"already exists and belongs to kvmctl project {owner.project!r}; "
+                             f"it is never changed from project {self.opts.project!r}", ref)
+        return False
+
+
+def owned_volume(ctx: Context, pool: str, kind: Kind, name: str) -> LiveVolume | None:
+    live_pool = ctx.live.pools.get(pool)
+    if not live_pool:
+        return None
+    return next((v for v in live_pool.volumes if v.owner and v.owner.project == ctx.opts.project
+                 and v.owner.kind == kind and v.owner.name == name), None)
+
+
+def attached_to(ctx: Context, pool: str, volume: str) -> list[Attachment]:
+    """The running domains that use this volume right now, with its target dev in each."""
+    if ctx.attachments is None:  # every running domain is parsed once, not once per volume
+        ctx.attachments = {}
+        for dom in ctx.live.domains.values():
+            if not dom.running:
+                continue
+            for key, value in facts.domain_facts(dom.live_xml or "").items():
+                if isinstance(value, facts.DiskFact):
+                    ctx.attachments.setdefault(value.source, []).append(
+                        Attachment(dom.name, facts.key_id(key)))
+    return list(ctx.attachments.get((pool, volume), ()))

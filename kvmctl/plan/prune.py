@@ -1,0 +1,95 @@
+"""Planning deletes of owned objects that left the manifests (--prune, destroy)."""
+
+from __future__ import annotations
+
+from ..host.ownership import Owner
+from ..host.state import LivePool, LiveVolume, fingerprint, volume_fingerprint
+from ..kinds import Kind, ref
+from .context import Context, attached_to
+from .steps import DeleteDomain, DeleteNetwork, DeletePool, DeleteVolume, Step
+from .types import Change, ChangeClass
+
+# How long a pruned VM gets to shut down gracefully before it is powered off.
+DELETE_SHUTDOWN_TIMEOUT_S = 60
+
+# ---- prune --------------------------------------------------------------------------------------
+
+def plan_prune(ctx: Context) -> list[Change]:
+    project, m = ctx.opts.project, ctx.m
+    wanted = {(o.meta.kind, o.meta.name) for o in m.all()}
+    wanted |= {(Kind.SEED, vm.meta.name) for vm in m.vms if vm.cloud_init}
+
+    def in_scope(kind: str, name: str) -> bool:
+        return not ctx.opts.scope or ref(kind, name) in ctx.opts.scope
+
+    out: list[Change] = []
+    for dom in ctx.live.domains.values():
+        if _mine(dom.owner, project) and (Kind.VM, dom.name) not in wanted \
+                and in_scope(Kind.VM, dom.name):
+            out.append(_delete(dom.owner, Kind.VM, dom.name,
+                               DeleteDomain(dom.name, DELETE_SHUTDOWN_TIMEOUT_S),
+                               fingerprint(dom.inactive_xml, dom.state)))
+    for net in ctx.live.networks.values():
+        if _mine(net.owner, project) and (Kind.NETWORK, net.name) not in wanted \
+                and in_scope(Kind.NETWORK, net.name):
+            out.append(_delete(net.owner, Kind.NETWORK, net.name, DeleteNetwork(net.name),
+                               fingerprint(net.xml)))
+    # VMs this plan deletes (before any volume) do not keep their disks in use.
+    leaving = {c.name for c in out if c.kind is Kind.VM and c.steps}
+    doomed = [vol for pool in ctx.live.pools.values() for vol in pool.volumes
+              if vol.owner is not None and vol.owner.project == project
+              and isinstance(vol.owner.kind, Kind)  # a record of ours names kinds we know
+              and (vol.owner.kind, vol.owner.name) not in wanted
+              and in_scope(vol.owner.kind, vol.owner.name)]
+    # Images last: a disk deleted by this same plan no longer keeps its base image.
+    going: set[str] = set()
+    decided: dict[str, Change] = {}
+    for vol in sorted(doomed, key=lambda v: v.owner is not None and v.owner.kind == Kind.IMAGE):
+        decided[vol.path] = _prune_volume(ctx, vol, going, leaving)
+        if decided[vol.path].steps:
+            going.add(vol.path)
+    for pool in ctx.live.pools.values():
+        out += [decided[vol.path] for vol in pool.volumes if vol.path in decided]
+        if _mine(pool.owner, project) and (Kind.POOL, pool.name) not in wanted \
+                and in_scope(Kind.POOL, pool.name):
+            out.append(_prune_pool(ctx, pool, going))
+    return out
+
+
+def _mine(owner: Owner | None, project: str) -> bool:
+    return owner is not None and owner.project == project
+
+
+def _delete(owner: Owner | None, kind: Kind, name: str, step: Step, fp: str,
+            blocked: str | None = None) -> Change:
+    if owner is not None and owner.protect:
+        blocked = "protected (protect: true)"
+    return Change(kind, name, ChangeClass.DELETE,
+                  ("owned by this project and no longer in the manifests",),
+                  steps=() if blocked else (step,), blocked=blocked, fingerprint=fp)
+
+
+def _prune_volume(ctx: Context, vol: LiveVolume, going: set[str],
+                  leaving: set[str] | frozenset[str] = frozenset()) -> Change:
+    owner = vol.owner
+    assert owner is not None
+    step = DeleteVolume(vol.pool, vol.name)
+    kind = Kind(owner.kind)
+    blocked = None
+    if kind is Kind.DISK and not ctx.opts.prune_disks:
+        blocked = "disks hold data: deleting one also needs --prune-disks"
+    if kind is Kind.IMAGE and any(v.backing_path == vol.path and v.path not in going
+                                     for p in ctx.live.pools.values() for v in p.volumes):
+        blocked = "disks still use it as their base"
+    users = [a.domain for a in attached_to(ctx, vol.pool, vol.name) if a.domain not in leaving]
+    if users and kind is not Kind.SEED:
+        blocked = "attached to a running VM"
+    return _delete(owner, kind, owner.name, step, volume_fingerprint(vol), blocked)
+
+
+def _prune_pool(ctx: Context, pool: LivePool, going: set[str]) -> Change:
+    # Deleting the pool of volumes that stay would orphan them: only an emptied pool goes.
+    staying = [v.name for v in pool.volumes if v.path not in going]
+    blocked = f"not empty: {', '.join(staying[:5])}" if staying else None
+    return _delete(pool.owner, Kind.POOL, pool.name, DeletePool(pool.name),
+                   fingerprint(pool.xml), blocked)

@@ -1,0 +1,115 @@
+"""Stage 5 values: a plan is a list of changes, each with its class, reasons, field diffs and the
+typed steps that carry it out (steps.py). Also the plan's versioned JSON form
+(`kvmctl plan -o json`, format version 1, docs/plan-format.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum, unique
+from typing import Any
+
+from ..kinds import Kind
+from .steps import Step, step_json
+
+FORMAT_VERSION = 1
+MASK = "(sensitive value hidden)"
+
+
+@unique
+class ChangeClass(StrEnum):
+    """What a change does to an object; the values are the plan JSON's `class`."""
+
+    CREATE = "create"
+    NOOP = "no-op"
+    UPDATE_LIVE = "update-live"
+    UPDATE_RESTART = "update-restart"
+    REPLACE = "replace"
+    DELETE = "delete"
+
+
+SYMBOLS = {ChangeClass.CREATE: "+", ChangeClass.NOOP: " ", ChangeClass.UPDATE_LIVE: "~",
+           ChangeClass.UPDATE_RESTART: "~", ChangeClass.REPLACE: "-/+", ChangeClass.DELETE: "-"}
+
+
+@dataclass(frozen=True)
+class FieldDiff:
+    field: str
+    old: Any
+    new: Any
+    sensitive: bool = False
+
+
+@dataclass(frozen=True)
+class Change:
+    kind: Kind
+    name: str
+    change_class: ChangeClass
+    reasons: tuple[str, ...] = ()
+    fields: tuple[FieldDiff, ...] = ()
+    steps: tuple[Step, ...] = ()
+    blocked: str | None = None
+    pending_restart: bool = False
+    fingerprint: str = ""
+    depends: tuple[str, ...] = ()  # refs (KIND/NAME) of the changes this one needs first
+
+    @property
+    def ref(self) -> str:
+        return f"{self.kind}/{self.name}"
+
+    @property
+    def is_change(self) -> bool:
+        return self.change_class is not ChangeClass.NOOP or self.pending_restart
+
+
+@dataclass(frozen=True)
+class Plan:
+    project: str
+    uri: str
+    changes: tuple[Change, ...]
+
+    @property
+    def changes_present(self) -> bool:
+        return any(c.change_class is not ChangeClass.NOOP for c in self.changes)
+
+    def summary(self) -> dict[str, int]:
+        order = (ChangeClass.CREATE, ChangeClass.UPDATE_LIVE, ChangeClass.UPDATE_RESTART,
+                 ChangeClass.REPLACE, ChangeClass.DELETE, ChangeClass.NOOP)
+        counts = {str(k): 0 for k in order}
+        for c in self.changes:
+            counts[c.change_class] += 1
+        counts["blocked"] = sum(1 for c in self.changes if c.blocked)
+        counts["pending_restart"] = sum(1 for c in self.changes if c.pending_restart)
+        return counts
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def change_json(c: Change) -> dict[str, Any]:
+    updates = (ChangeClass.UPDATE_LIVE, ChangeClass.UPDATE_RESTART)
+    return {
+        "kind": str(c.kind), "name": c.name,
+        "action": "update" if c.change_class in updates else str(c.change_class),
+        "class": str(c.change_class), "reasons": list(c.reasons), "blocked": c.blocked,
+        "pending_restart": c.pending_restart,
+        "fields": [{"field": f.field, "old": MASK if f.sensitive else _jsonable(f.old),
+                    "new": MASK if f.sensitive else _jsonable(f.new), "sensitive": f.sensitive}
+                   for f in c.fields],
+        "fingerprint": c.fingerprint,
+    }
+
+
+def plan_json(plan: Plan) -> dict[str, Any]:
+    return {"format_version": FORMAT_VERSION, "project": plan.project, "uri": plan.uri,
+            "changes_present": plan.changes_present, "summary": plan.summary(),
+            "changes": [change_json(c) for c in plan.changes if c.is_change]}
+
+
+def steps_json(plan: Plan) -> dict[str, list[dict[str, Any]]]:
+    """Every change's steps by ref, in plan order (what golden cases assert besides plan_json)."""
+    return {c.ref: [step_json(s) for s in c.steps] for c in plan.changes if c.steps}

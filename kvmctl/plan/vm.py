@@ -1,0 +1,218 @@
+"""Planning virtual machines: live where libvirt can, otherwise at the next restart."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from ..host import facts
+from ..host.facts import DiskFact, FactChange, Facts, MetadataFact, NicFact
+from ..host.state import LiveDomain, fingerprint
+from ..kinds import Kind, ref
+from ..manifest.model import VirtualMachine
+from ..memo import key as memo_key
+from ..units import format_kib
+from .context import Context
+from .steps import (
+    GUEST_STEPS,
+    AttachDevice,
+    DefineDomain,
+    DetachDevice,
+    RestartDomain,
+    SetDomainAutostart,
+    SetMemoryLive,
+    SetMetadataLive,
+    SetVcpusLive,
+    ShutdownDomain,
+    StartDomain,
+    Step,
+    UpdateDevice,
+)
+from .types import Change, ChangeClass, FieldDiff
+from .xmledit import carry_identity, device_element, metadata_element
+
+
+class Reach(Enum):
+    """How a changed domain fact reaches a running guest."""
+
+    LIVE = "live"
+    RESTART = "restart"
+
+
+LIVE_FIELDS = ("vcpus", "memory", "metadata")
+
+
+def field_reach(change: FactChange) -> Reach:
+    if change.field in LIVE_FIELDS:
+        return Reach.LIVE
+    device = change.new if change.new is not None else change.old
+    if isinstance(device, (DiskFact, NicFact)):
+        if change.old is None or change.new is None:  # hot-plug or unplug
+            hot = isinstance(device, NicFact) or device.bus in ("virtio", "scsi", None)
+            return Reach.LIVE if hot else Reach.RESTART
+        if isinstance(device, NicFact) and change.old[:3] == change.new[:3]:
+            return Reach.LIVE  # only the link state differs
+    return Reach.RESTART
+
+
+def pending_restart(inactive_xml: str, live_xml: str) -> list[str]:
+    """The facts a running guest will only take at its next boot: its definition differs
+    from what runs, and no live call can close the gap."""
+    changes = facts.diff(facts.domain_facts(inactive_xml), facts.domain_facts(live_xml))
+    return [c.field for c in changes if field_reach(c) is Reach.RESTART]
+
+
+def _vm_deps(vm: VirtualMachine) -> tuple[str, ...]:
+    deps = [ref(Kind.DISK, a.disk) for a in vm.disks]
+    deps += [ref(Kind.NETWORK, i.network) for i in vm.interfaces if i.network]
+    if vm.cloud_init:
+        deps.append(ref(Kind.SEED, vm.meta.name))
+    return tuple(deps)
+
+
+def plan_vm(ctx: Context, vm: VirtualMachine) -> Change:
+    name = vm.meta.name
+    live = ctx.live.domains.get(name)
+    xml = ctx.desired.domains[name]  # with the live domain's uuid (render.HostHints)
+    deps = _vm_deps(vm)
+    if live is None:
+        steps: list[Step] = [DefineDomain(name, xml), SetDomainAutostart(name, vm.autostart)]
+        if vm.state == "running":
+            steps.append(StartDomain(name))
+        return Change(Kind.VM, name, ChangeClass.CREATE, (f"new VM ({vm.state})",),
+                      steps=tuple(steps), depends=deps)
+    if not ctx.check_owner(vm.meta, live.owner):
+        return Change(Kind.VM, name, ChangeClass.NOOP)
+    return _update_vm(ctx, vm, live, xml, deps)
+
+
+def _vm_differences(ctx: Context, xml: str, live: LiveDomain
+                    ) -> tuple[list[FactChange], list[FactChange], Facts]:
+    """Owned differences of the desired definition from the persistent and the running one.
+
+    A definition pair already known to have none (ctx.memo) is not parsed again."""
+    memo = ctx.memo
+    config_key = memo_key("domain", xml, live.inactive_xml) if memo is not None else ""
+    live_key = memo_key("domain", xml, live.live_xml or "") if memo is not None and \
+        live.running else ""
+    if memo is not None and config_key in memo and (not live_key or live_key in memo):
+        return [], [], {}
+    desired = facts.domain_facts(xml)
+    config_changes = facts.diff(desired, facts.domain_facts(live.inactive_xml))
+    live_facts = facts.domain_facts(live.live_xml or "") if live.running else {}
+    live_changes = facts.diff(desired, live_facts) if live.running else []
+    if memo is not None and not config_changes:
+        memo.add(config_key)
+    if memo is not None and live_key and not live_changes:
+        memo.add(live_key)
+    return config_changes, live_changes, live_facts
+
+
+def _update_vm(ctx: Context, vm: VirtualMachine, live: LiveDomain, xml: str,
+               deps: tuple[str, ...]) -> Change:
+    """`xml` is the rendered definition. It takes the current one's device addresses and
+    controllers (carry_identity) only when a step sends it to libvirt: those are not facts,
+    so both have the same facts, and a no-op VM is spared the work."""
+    name = vm.meta.name
+    fp = fingerprint(live.inactive_xml, live.state, live.autostart)
+    config_changes, live_changes, live_facts = _vm_differences(ctx, xml, live)
+    if config_changes or live_changes:
+        xml = carry_identity(xml, live.inactive_xml)
+    steps: list[Step] = [DefineDomain(name, xml)] if config_changes else []
+    reasons: list[str] = []
+    fields = [FieldDiff(c.field, describe(c.field, c.old), describe(c.field, c.new))
+              for c in config_changes]
+    pending: list[str] = []
+    if live.running:
+        changed_in_config = {c.field for c in config_changes}
+        for c in live_changes:
+            # A running guest's memory is what its balloon reports, which trails the target
+            # for a while after boot: only a change of the definition is acted on.
+            if c.field == "memory" and c.field not in changed_in_config:
+                continue
+            step = _live_step(name, c, xml, live.live_xml or "", live_facts)
+            if step is None:
+                pending.append(c.field)
+            else:
+                steps.append(step)
+        if pending:
+            reasons.append("takes effect at the next restart: " + ", ".join(pending))
+    elif config_changes:
+        reasons.append("the VM is stopped: its definition changes now")
+    if live.autostart != vm.autostart:
+        steps.append(SetDomainAutostart(name, vm.autostart))
+        fields.append(FieldDiff("autostart", live.autostart, vm.autostart))
+    steps += _state_steps(vm, live)
+    if pending and vm.on_restart_needed == "fail":
+        ctx.error(vm.meta, f"needs a restart ({', '.join(pending)}) and onRestartNeeded is "
+                           "fail")
+    if pending and vm.on_restart_needed == "restart":
+        steps.append(RestartDomain(name, vm.shutdown_timeout))
+        reasons.append(f"restarted now (onRestartNeeded: restart, graceful shutdown up to "
+                       f"{vm.shutdown_timeout} s)")
+    if not steps and not pending:
+        return Change(Kind.VM, name, ChangeClass.NOOP, fingerprint=fp, depends=deps)
+    if live.running and not reasons and steps:
+        touches_guest = any(isinstance(step, GUEST_STEPS) for step in steps)
+        reasons.append("applied to the running guest and to its definition, no restart"
+                       if touches_guest else
+                       "the definition changes; the running guest already has these values")
+    deferred = bool(pending) and vm.on_restart_needed == "defer"
+    # A restart that is only pending (nothing left to apply) is reported, but is not a change.
+    klass = ChangeClass.NOOP if not steps else (
+        ChangeClass.UPDATE_RESTART if pending else ChangeClass.UPDATE_LIVE)
+    return Change(Kind.VM, name, klass, tuple(reasons), tuple(fields), tuple(steps),
+                  pending_restart=deferred, fingerprint=fp, depends=deps)
+
+
+def describe(field: str, value: object) -> object:
+    """A domain fact as a person reads it in a plan."""
+    if value is None or value == ():
+        return None
+    if field in ("memory", "memory.max") and isinstance(value, int):
+        return format_kib(value)
+    if isinstance(value, MetadataFact):
+        return f"spec {value.spec_hash[:8]}" + (
+            f", seed {value.seed_hash[:8]}" if value.seed_hash else "")
+    if isinstance(value, DiskFact):
+        where = "/".join(map(str, value.source)) if isinstance(value.source, tuple) \
+            else value.source
+        return f"{value.device} on {value.bus}: {where} ({value.format})" + (
+            ", readonly" if value.readonly else "") + (", shareable" if value.shareable else "")
+    if isinstance(value, NicFact):
+        return f"{value.type} {value.source}, model {value.model}, link {value.link}"
+    if isinstance(value, tuple):
+        return ", ".join(map(str, value))
+    return value
+
+
+def _state_steps(vm: VirtualMachine, live: LiveDomain) -> list[Step]:
+    if vm.state == "running" and not live.running:
+        return [StartDomain(vm.meta.name)]
+    if vm.state == "stopped" and live.running:
+        return [ShutdownDomain(vm.meta.name, vm.shutdown_timeout)]
+    return []
+
+
+def _live_step(name: str, c: FactChange, desired_xml: str, live_xml: str,
+               live_facts: Facts) -> Step | None:
+    """The hot-plug or live call that makes this change on the running guest, if any."""
+    if field_reach(c) is not Reach.LIVE:
+        return None
+    if c.field == "vcpus":
+        return SetVcpusLive(name, c.new) if c.new <= live_facts["vcpus.max"] else None
+    if c.field == "memory":
+        return SetMemoryLive(name, c.new) if c.new <= live_facts["memory.max"] else None
+    if c.field == "metadata":
+        element = metadata_element(desired_xml)
+        return SetMetadataLive(name, element) if element is not None else None
+    if c.old is None:
+        return _device_step(AttachDevice, name, desired_xml, c.field)
+    if c.new is None:
+        return _device_step(DetachDevice, name, live_xml, c.field)
+    return _device_step(UpdateDevice, name, desired_xml, c.field)
+
+
+def _device_step(step: type[AttachDevice] | type[DetachDevice] | type[UpdateDevice], name: str,
+                 xml: str, key: str) -> Step | None:
+    element = device_element(xml, key)
+    return step(name, element) if element is not None else None

@@ -1,0 +1,118 @@
+"""Edits of libvirt definitions the planner hands to apply, so that apply parses nothing.
+
+A redefinition carries the current definition's identity (uuid, device addresses,
+controllers); a hot-plug call gets one device's element; a network update one entry's element.
+Everything here reads XML and writes XML: no libvirt.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from lxml import etree
+
+from ..host.facts import disk_key, machine_alias, nic_key, tree
+from ..kinds import NAMESPACE
+
+
+def carry_identity(desired_xml: str, current_xml: str) -> str:
+    """The desired definition with the current one's device addresses and controllers.
+
+    Redefining without them would let libvirt renumber PCI slots, which reorders the guest's
+    devices (and renames its NICs) at the next boot.
+    """
+    desired, current = tree(desired_xml), tree(current_xml)
+    if machine_alias(desired.find("os/type").get("machine")) != \
+            machine_alias(current.find("os/type").get("machine")):
+        # Another machine type has another PCI topology (pc: pci-root, q35: pcie-root and
+        # root ports): the old controllers and addresses do not fit it, libvirt lays it out anew.
+        return desired_xml
+    addresses = {}
+    for el in current.iterfind("devices/*"):
+        key = _device_key(el)
+        address = el.find("address")
+        if key and address is not None:
+            addresses[key] = address
+    devices = desired.find("devices")
+    for el in list(devices):
+        key = _device_key(el)
+        if key in addresses and el.find("address") is None:
+            el.append(copy.deepcopy(addresses[key]))
+    wanted_scsi = devices.find("controller[@type='scsi']") is not None
+    for el in devices.findall("controller"):
+        devices.remove(el)
+    for el in current.iterfind("devices/controller"):
+        devices.append(copy.deepcopy(el))
+    if wanted_scsi and current.find("devices/controller[@type='scsi']") is None:
+        devices.append(etree.fromstring(b'<controller type="scsi" model="virtio-scsi"/>'))
+    return etree.tostring(desired, encoding="unicode")
+
+
+def with_uuid(xml: str, uuid: str) -> str:
+    """A domain or network definition that names `uuid`, when it names none yet."""
+    root = tree(xml)
+    if root.find("uuid") is None:
+        element = etree.Element("uuid")
+        element.text = uuid
+        root.find("name").addnext(element)
+    return etree.tostring(root, encoding="unicode")
+
+
+def _device_key(el: etree._Element) -> str | None:
+    target, mac = el.find("target"), el.find("mac")
+    if el.tag == "disk" and target is not None:
+        return disk_key(target.get("dev") or "")
+    if el.tag == "interface" and mac is not None:
+        return nic_key(mac.get("address") or "")
+    if el.tag in ("memballoon", "rng", "channel", "serial", "console", "video"):
+        return el.tag
+    return None
+
+
+def device_element(xml: str, key: str) -> str | None:
+    """The XML of one disk or NIC (by fact key) of a definition, for hot-plug calls."""
+    for el in tree(xml).iterfind("devices/*"):
+        if _device_key(el) == key:
+            return etree.tostring(el, encoding="unicode")
+    return None
+
+
+def metadata_element(xml: str) -> str | None:
+    """kvmctl's metadata element without namespaces, as libvirt's setMetadata wants it (it
+    puts the element into the namespace given with the call)."""
+    found = tree(xml).find(f"metadata/{{{NAMESPACE}}}resource")
+    if found is None:
+        return None
+    plain = copy.deepcopy(found)
+    for el in plain.iter():
+        if isinstance(el.tag, str):
+            el.tag = etree.QName(el).localname
+    etree.cleanup_namespaces(plain)
+    return etree.tostring(plain, encoding="unicode")
+
+
+def network_entry(xml: str, section: str, key: str) -> str | None:
+    """One DHCP host (by MAC), DNS host (by IP) or the DHCP range of a network definition."""
+    root = tree(xml)
+    if section == "dhcp-range":
+        found = root.find("ip/dhcp/range")
+    elif section == "dhcp-host":
+        found = next((h for h in root.iterfind("ip/dhcp/host")
+                      if (h.get("mac") or "").lower() == key.lower()), None)
+    else:
+        found = next((h for h in root.iterfind("dns/host") if h.get("ip") == key), None)
+    return etree.tostring(found, encoding="unicode") if found is not None else None
+
+
+def plug_again(nic_xml: str) -> str:
+    """A live NIC definition without what belongs to its previous connection (tap device,
+    alias, network port), keeping its MAC, model and PCI slot."""
+    nic = etree.fromstring(nic_xml.encode())
+    for tag in ("target", "alias"):
+        for el in nic.findall(tag):
+            nic.remove(el)
+    source = nic.find("source")
+    if source is not None:
+        for attribute in ("portid", "bridge"):
+            source.attrib.pop(attribute, None)
+    return etree.tostring(nic, encoding="unicode")

@@ -1,0 +1,219 @@
+"""Stage 3: validated model -> libvirt XML, through the Jinja templates in templates/.
+
+Autoescaping is on and undefined names are errors, so a manifest value can never change the
+structure of the XML it lands in. No XML is built any other way.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+import jinja2
+
+from ..errors import RenderError
+from ..kinds import NAMESPACE, Kind
+from ..manifest.cloudinit import seed_content_of, seed_pool
+from ..manifest.model import (
+    Disk,
+    Image,
+    ManifestSet,
+    Network,
+    StoragePool,
+    VirtualMachine,
+    seed_volume_name,
+    volume_name,
+)
+from .specs import Desired, DesiredVolume, HostHints, Rendered, SeedSpec, VolumeSpec
+
+SPARE_HOTPLUG_PORTS = 4
+
+
+@dataclass(frozen=True)
+class _DiskDevice:
+    pool: str
+    volume: str
+    format: str
+    target: str
+    bus: str
+    readonly: bool
+    shareable: bool
+
+
+def _load_template(name: str) -> str:
+    try:
+        return resources.files("kvmctl.templates").joinpath(name).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RenderError(f"template {name} is missing from the installation: {exc}") from None
+
+
+@lru_cache(maxsize=1)
+def environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FunctionLoader(_load_template), autoescape=True,
+                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+
+
+def render_template(template: str, **values: Any) -> str:
+    try:
+        return environment().get_template(template).render(namespace=NAMESPACE, **values)
+    except jinja2.TemplateError as exc:
+        raise RenderError(f"cannot render {template}: {exc}") from None
+
+
+def _targets(prefix: str) -> Iterator[str]:
+    for letter in string.ascii_lowercase:
+        yield prefix + letter
+    for first in string.ascii_lowercase:
+        for second in string.ascii_lowercase:
+            yield prefix + first + second
+
+
+def _disk_devices(vm: VirtualMachine, m: ManifestSet) -> list[_DiskDevice]:
+    virtio, sd = _targets("vd"), _targets("sd")
+    devices = []
+    for att in vm.disks:
+        disk = m.find("Disk", att.disk)
+        if not isinstance(disk, Disk):
+            raise RenderError(f"VirtualMachine {vm.meta.name}: Disk {att.disk} is not defined")
+        target = next(virtio) if att.bus == "virtio" else next(sd)
+        devices.append(_DiskDevice(disk.pool, disk.volume,
+                                   disk.format, target, att.bus, att.readonly, disk.shareable))
+    return devices
+
+
+def seed_spec(vm: VirtualMachine, m: ManifestSet) -> SeedSpec | None:
+    ci = vm.cloud_init
+    if ci is None:
+        return None
+    pool = seed_pool(vm, m)
+    if pool is None:
+        raise RenderError(f"VirtualMachine {vm.meta.name}: cloudInit needs a StoragePool")
+    used = sum(1 for att in vm.disks if att.bus != "virtio")
+    target = list(_targets_upto("sd", used + 1))[-1]
+    content = seed_content_of(vm)
+    return SeedSpec(pool, seed_volume_name(vm.meta.name), target, content)
+
+
+def _targets_upto(prefix: str, count: int) -> Iterator[str]:
+    names = _targets(prefix)
+    for _ in range(count):
+        yield next(names)
+
+
+def domain_xml(vm: VirtualMachine, m: ManifestSet, project: str, domain_type: str,
+               uuid: str | None = None) -> str:
+    disks = _disk_devices(vm, m)
+    seed = seed_spec(vm, m)
+    needs_scsi = seed is not None or any(d.bus == "scsi" for d in disks)
+    pcie = vm.machine == "q35"
+    spare = (len(disks) + len(vm.interfaces) + 6 + SPARE_HOTPLUG_PORTS) if pcie else 0
+    return render_template("domain.xml.j2", vm=vm, disks=disks, seed=seed, project=project,
+                           domain_type=vm.domain_type or domain_type, uuid=uuid,
+                           needs_scsi=needs_scsi, spare_ports=spare)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    mac: str
+    name: str
+    ip: str
+
+
+def reservations(net: Network, m: ManifestSet) -> list[Reservation]:
+    found = []
+    for vm in m.vms:
+        named = False
+        for position, nic in enumerate(vm.interfaces):
+            if nic.network == net.meta.name and nic.ip:
+                # libvirt refuses a second DHCP host entry with a name already in use (and
+                # dnsmasq would give the name one address): a VM's further reserved NICs on the
+                # same network are named after their position.
+                name = f"{vm.meta.name}-{position}" if named else vm.meta.name
+                found.append(Reservation(nic.mac, name, nic.ip))
+                named = True
+    return found
+
+
+def network_xml(net: Network, m: ManifestSet, project: str, uuid: str | None = None) -> str:
+    return render_template("network.xml.j2", net=net, reservations=reservations(net, m),
+                           project=project, uuid=uuid)
+
+
+def pool_xml(pool: StoragePool) -> str:
+    return pool_definition(pool.type, pool.meta.name, pool.path)
+
+
+def pool_definition(pool_type: str, name: str, path: str) -> str:
+    """A pool over `path`; also the transient pool through which a host file is imported."""
+    return render_template("pool.xml.j2", type=pool_type, name=name, path=path)
+
+
+def volume_xml(volume: VolumeSpec) -> str:
+    return render_template("volume.xml.j2", volume=volume)
+
+
+def disk_volume(disk: Disk, m: ManifestSet, image_path: str | None = None) -> VolumeSpec:
+    """The volume of a Disk; `image_path` is where its Image's volume lives on the host."""
+    image = m.find("Image", disk.image) if disk.image else None
+    if image is not None and not disk.clone:
+        assert isinstance(image, Image)
+        path = image_path or _image_path_guess(image, m)
+        return VolumeSpec(disk.pool, volume_name(disk.meta.name, disk.format), disk.size_bytes,
+                          "qcow2", path, image.format)
+    return VolumeSpec(disk.pool, volume_name(disk.meta.name, disk.format), disk.size_bytes,
+                      disk.format)
+
+
+def _image_path_guess(image: Image, m: ManifestSet) -> str:
+    pool = m.find("StoragePool", image.pool)
+    base = pool.path if isinstance(pool, StoragePool) else f"<pool {image.pool}>"
+    return f"{base.rstrip('/')}/{volume_name(image.meta.name, image.format)}"
+
+
+def image_volume(image: Image, capacity: int = 0) -> VolumeSpec:
+    return VolumeSpec(image.pool, volume_name(image.meta.name, image.format), capacity,
+                      image.format)
+
+
+def render_all(m: ManifestSet, project: str, domain_type: str) -> list[Rendered]:
+    """The XML of every object, in apply order (what `kvmctl render` prints)."""
+    out = [Rendered(Kind.POOL, p.meta.name, pool_xml(p)) for p in m.pools]
+    out += [Rendered(Kind.IMAGE, i.meta.name, volume_xml(image_volume(i))) for i in m.images]
+    out += [Rendered(Kind.DISK, d.meta.name, volume_xml(disk_volume(d, m))) for d in m.disks]
+    out += [Rendered(Kind.NETWORK, n.meta.name, network_xml(n, m, project)) for n in m.networks]
+    out += [Rendered(Kind.VM, v.meta.name, domain_xml(v, m, project, domain_type))
+            for v in m.vms]
+    return out
+
+
+# ---- the desired state a plan compares with the host ---------------------------------------------
+
+def render_desired(m: ManifestSet, project: str, domain_type: str,
+                   hints: HostHints | None = None) -> Desired:
+    """Render every object once, carrying the identity the host gives it (see HostHints)."""
+    hints = hints or HostHints()
+    disks = {}
+    for d in m.disks:
+        spec = disk_volume(d, m, _image_path(d, m, hints))
+        disks[d.meta.name] = DesiredVolume(spec, volume_xml(spec))
+    seeds = {vm.meta.name: spec for vm in m.vms if (spec := seed_spec(vm, m)) is not None}
+    return Desired(
+        project=project,
+        pools={p.meta.name: pool_xml(p) for p in m.pools},
+        images={i.meta.name: volume_xml(image_volume(i)) for i in m.images},
+        disks=disks, seeds=seeds,
+        networks={n.meta.name: network_xml(n, m, project, hints.network_uuids.get(n.meta.name))
+                  for n in m.networks},
+        domains={v.meta.name: domain_xml(v, m, project, domain_type,
+                                         hints.domain_uuids.get(v.meta.name)) for v in m.vms})
+
+
+def _image_path(disk: Disk, m: ManifestSet, hints: HostHints) -> str | None:
+    image = m.find("Image", disk.image) if disk.image else None
+    if not isinstance(image, Image):
+        return None
+    return hints.volume_paths.get((image.pool, image.volume))
