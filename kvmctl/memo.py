@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, cast
 
 MAX_KEYS = 200_000
 
@@ -102,7 +103,8 @@ class ParseMemo:
         if self.folder is None:
             return None
         try:
-            return marshal.loads((self.folder / digest).read_bytes())
+            value: object = marshal.loads((self.folder / digest).read_bytes())
+            return value
         except (OSError, EOFError, ValueError, TypeError):
             return None
 
@@ -118,7 +120,8 @@ class ParseMemo:
                 self._fresh = True
             fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".parse-")
             with os.fdopen(fd, "wb") as f:
-                f.write(marshal.dumps(value))
+                # Any value: marshal raises ValueError for one it cannot hold (caught below).
+                f.write(marshal.dumps(cast(Any, value)))
             os.replace(tmp, self.folder / digest)
         except (OSError, ValueError):
             pass  # unmarshallable or unwritable: only costs time

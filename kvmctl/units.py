@@ -83,9 +83,9 @@ def _xml_factor(unit: str) -> int:
         return 1
     prefix, rest = lowered[:1], lowered[1:]
     if prefix in _XML_PREFIX and prefix and rest in ("", "ib"):
-        return 1024 ** _XML_PREFIX[prefix]
+        return int(1024 ** _XML_PREFIX[prefix])  # int ** int is typed Any (it may be a float)
     if prefix in _XML_PREFIX and prefix and rest == "b":
-        return 1000 ** _XML_PREFIX[prefix]
+        return int(1000 ** _XML_PREFIX[prefix])
     raise SizeError(f"unknown unit {unit!r} in libvirt XML")
 
 

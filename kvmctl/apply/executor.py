@@ -42,7 +42,8 @@ class Executor:
                      if v.owner is not None and v.owner.project == project}
             owns = pool.owner is not None and pool.owner.project == project
             self._records[name] = OwnershipRecord(project, owns, owned)
-        self._handlers: dict[type, Callable[[Any], None]] = {
+        # A handler's result is ignored (shutdown_domain's says whether the shutdown was graceful).
+        self._handlers: dict[type, Callable[[Any], object]] = {
             s.CreatePool: self.create_pool, s.StartPool: lambda st: hv.start_pool(st.name),
             s.SetPoolAutostart: lambda st: hv.set_pool_autostart(st.name, st.on),
             s.ClaimPool: lambda st: self._update_record(st.name, None, None, owns_pool=True),

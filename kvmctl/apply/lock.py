@@ -27,7 +27,7 @@ def _path(uri: str, project: str) -> str:
 
 @contextmanager
 def project_lock(uri: str, project: str, timeout: float,
-                 waiting: Callable[[str], None] | None = None) -> Iterator[None]:
+                 waiting: Callable[[str], object] | None = None) -> Iterator[None]:
     os.makedirs(LOCK_DIR, exist_ok=True)
     path = _path(uri, project)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -41,7 +41,8 @@ def project_lock(uri: str, project: str, timeout: float,
         os.close(fd)
 
 
-def _acquire(fd: int, path: str, timeout: float, waiting: Callable[[str], None] | None) -> None:
+def _acquire(fd: int, path: str, timeout: float, waiting: Callable[[str], object] | None
+             ) -> None:
     deadline = time.monotonic() + timeout
     told = False
     while True:

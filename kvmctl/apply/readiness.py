@@ -9,10 +9,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import HypervisorError
 from ..host.hypervisor import Hypervisor
 from ..manifest.model import ManifestSet, VirtualMachine
+
+Leases = dict[str, list[dict[str, Any]]]  # network name -> libvirt's DHCP lease records
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,7 @@ class VmAddresses:
     addresses: tuple[tuple[str, str], ...]  # (mac, ip)
 
 
-def nic_addresses(nics: Iterable[tuple[str, str | None]], leases: dict[str, list[dict]],
+def nic_addresses(nics: Iterable[tuple[str, str | None]], leases: Leases,
                   agent: dict[str, list[str]]) -> list[tuple[str, str]]:
     """(mac, IPv4) of each NIC given as (mac, network): DHCP leases of that NIC's own network
     only (the same MAC may hold a lease elsewhere), then what the guest agent reports."""
@@ -37,7 +40,7 @@ def nic_addresses(nics: Iterable[tuple[str, str | None]], leases: dict[str, list
     return found
 
 
-def addresses(hv: Hypervisor, vm: VirtualMachine, leases: dict[str, list[dict]]) -> VmAddresses:
+def addresses(hv: Hypervisor, vm: VirtualMachine, leases: Leases) -> VmAddresses:
     try:
         state = hv.domain_state(vm.meta.name)
     except HypervisorError:
@@ -47,8 +50,8 @@ def addresses(hv: Hypervisor, vm: VirtualMachine, leases: dict[str, list[dict]])
     return VmAddresses(vm.meta.name, state, tuple(nic_addresses(nics, leases, agent)))
 
 
-def read_leases(hv: Hypervisor, m: ManifestSet) -> dict[str, list[dict]]:
-    leases = {}
+def read_leases(hv: Hypervisor, m: ManifestSet) -> Leases:
+    leases: Leases = {}
     for net in m.networks:
         try:
             leases[net.meta.name] = hv.dhcp_leases(net.meta.name)
@@ -58,7 +61,7 @@ def read_leases(hv: Hypervisor, m: ManifestSet) -> dict[str, list[dict]]:
 
 
 def wait(hv: Hypervisor, m: ManifestSet, timeout: float,
-         progress: Callable[[str], None] | None = None) -> tuple[list[VmAddresses], list[str]]:
+         progress: Callable[[str], object] | None = None) -> tuple[list[VmAddresses], list[str]]:
     """(ready VMs, problems of those that did not come up in time)."""
     wanted = [vm for vm in m.vms if vm.state == "running"]
     start = time.monotonic()

@@ -82,6 +82,27 @@ def tree(xml: str) -> etree._Element:
     return etree.fromstring(xml.encode())
 
 
+def child(el: etree._Element, path: str) -> etree._Element:
+    """The element at `path` under `el`, one that libvirt always writes; ValueError if absent."""
+    found = el.find(path)
+    if found is None:
+        raise ValueError(f"<{el.tag}> has no <{path}> element")
+    return found
+
+
+def _required_attr(el: etree._Element, name: str) -> str:
+    """Attribute `name` of `el`, one that libvirt always writes; ValueError if absent."""
+    value = el.get(name)
+    if value is None:
+        raise ValueError(f"<{el.tag}> has no {name} attribute")
+    return value
+
+
+def _attr(el: etree._Element | None, name: str) -> str | None:
+    """Attribute `name` of `el`, None when there is no such element or attribute."""
+    return el.get(name) if el is not None else None
+
+
 def _kib(el: etree._Element | None) -> int | None:
     if el is None or el.text is None:
         return None
@@ -137,6 +158,7 @@ def _nic_fact(nic: etree._Element) -> tuple[str, NicFact] | None:
 def domain_facts(xml: str) -> Facts:
     root = tree(xml)
     os_el = root.find("os")
+    os_type = os_el.find("type") if os_el is not None else None
     vcpu = root.find("vcpu")
     facts: Facts = {
         "type": root.get("type"),
@@ -144,8 +166,7 @@ def domain_facts(xml: str) -> Facts:
         "vcpus": int(vcpu.get("current") or vcpu.text) if vcpu is not None and vcpu.text else None,
         "memory.max": _kib(root.find("memory")),
         "memory": _kib(root.find("currentMemory")) or _kib(root.find("memory")),
-        "machine": machine_alias(os_el.find("type").get("machine") if os_el is not None
-                                 and os_el.find("type") is not None else None),
+        "machine": machine_alias(_attr(os_type, "machine")),
         "firmware": "uefi" if os_el is not None and (os_el.get("firmware") == "efi"
                                                      or os_el.find("loader") is not None)
         else "bios",
@@ -155,8 +176,8 @@ def domain_facts(xml: str) -> Facts:
         # libvirt writes <boot dev="hd"/> when a definition names no boot device.
         "boot.order": tuple(b.get("dev") for b in root.iterfind("os/boot")) or ("hd",),
         "console.log": _serial_log(root),
-        "guestAgent": any(c.find("target") is not None and c.find("target").get("name")
-                          == "org.qemu.guest_agent.0" for c in root.iterfind("devices/channel")),
+        "guestAgent": any(_attr(c.find("target"), "name") == "org.qemu.guest_agent.0"
+                          for c in root.iterfind("devices/channel")),
         "graphics": tuple((g.get("type"), g.get("listen"))
                           for g in root.iterfind("devices/graphics")),
         "metadata": _metadata(root),
@@ -166,11 +187,11 @@ def domain_facts(xml: str) -> Facts:
     facts["cpu.model"] = cpu.findtext("model") if cpu is not None and cpu.get("mode") == "custom" \
         else None
     for disk in root.iterfind("devices/disk"):
-        if (fact := _disk_fact(disk)) is not None:
-            facts[fact[0]] = fact[1]
+        if (disk_fact := _disk_fact(disk)) is not None:
+            facts[disk_fact[0]] = disk_fact[1]
     for nic in root.iterfind("devices/interface"):
-        if (fact := _nic_fact(nic)) is not None:
-            facts[fact[0]] = fact[1]
+        if (nic_fact := _nic_fact(nic)) is not None:
+            facts[nic_fact[0]] = nic_fact[1]
     return facts
 
 
@@ -229,8 +250,8 @@ def network_facts(xml: str, bridge_owned: bool = True) -> Facts:
         "dns.hosts": tuple(sorted(DnsHostFact(h.get("ip"), tuple(n.text for n in
                                                                  h.iterfind("hostname")))
                                   for h in root.iterfind("dns/host"))),
-        "domain": root.find("domain").get("name") if root.find("domain") is not None else None,
-        "mtu": int(mtu.get("size")) if mtu is not None else None,
+        "domain": _attr(root.find("domain"), "name"),
+        "mtu": int(_required_attr(mtu, "size")) if mtu is not None else None,
         "metadata": _metadata(root),
     }
     if bridge_owned or mode == "bridge":

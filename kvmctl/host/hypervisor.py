@@ -159,12 +159,12 @@ class Hypervisor:
         size = xml_bytes(capacity.text, capacity.get("unit")) if capacity is not None else None
         fmt = xml.find("target/format")
         return LiveVolume(pool, vol.name(), vol.path(), size or 0,
-                          fmt.get("type") if fmt is not None else "raw",
+                          fmt.get("type", "raw") if fmt is not None else "raw",
                           xml.findtext("backingStore/path"))
 
     def host_bridges(self) -> frozenset[str]:
         """Network interface names on the hypervisor host (bridges included), via libvirt."""
-        names = set()
+        names: set[str] = set()
         # The interface driver enumerates the host's links on every call; the node device
         # driver only learns of links created after libvirtd started through udev events, which
         # hosts without a running udevd never send. Ask both.
@@ -198,7 +198,7 @@ class Hypervisor:
                 for i in ifaces.values()}
 
     def live_xml(self, name: str) -> str:
-        return call(f"read domain {name}", self._dom(name).XMLDesc, 0)
+        return str(call(f"read domain {name}", self._dom(name).XMLDesc, 0))
 
     def domain_state(self, name: str) -> str:
         return _STATES.get(call(f"read domain {name}", self._dom(name).state)[0], "other")
@@ -245,7 +245,11 @@ class Hypervisor:
         dom = self._dom(name)
         if dom.isActive():
             call(f"power off domain {name}", dom.destroy)
-        flags = (libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+        flags = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+        # A UEFI guest's NVRAM file goes with it; only such guests get the flag, which some
+        # drivers (libvirt's test driver) do not know.
+        if "<nvram" in call(f"read domain {name}", dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE):
+            flags |= libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
         call(f"undefine domain {name}", dom.undefineFlags, flags)
 
     def set_domain_autostart(self, name: str, on: bool) -> None:
@@ -379,7 +383,7 @@ class Hypervisor:
         return {v.name() for v in call(f"list volumes of pool {pool}", pool_obj.listAllVolumes, 0)}
 
     def volume_path(self, pool: str, name: str) -> str:
-        return call(f"read volume {name}", self._vol(pool, name).path)
+        return str(call(f"read volume {name}", self._vol(pool, name).path))
 
     def upload(self, pool: str, name: str, chunks: Iterator[bytes], length: int) -> None:
         """Write `length` bytes into a volume through libvirt's stream API."""

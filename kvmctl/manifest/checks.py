@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from ..errors import Problem
 from ..units import format_size
 from .cloudinit import SeedError, seed_content_of, seed_pool
-from .documents import Document, json_path
-from .model import ManifestSet, Resource, VirtualMachine
+from .documents import Document, JsonPath, json_path
+from .model import ManifestSet, Network, Resource, VirtualMachine
 
 DocIndex = Mapping[tuple[str, str], Document]
 ObjIndex = Mapping[tuple[str, str], Resource]
@@ -43,13 +43,13 @@ def duplicates(documents: list[Document]) -> Iterator[Problem]:
             seen[key] = doc
 
 
-def _problem(docs: DocIndex, kind: str, name: str, path: tuple, message: str,
+def _problem(docs: DocIndex, kind: str, name: str, path: JsonPath, message: str,
              hint: str = "") -> Problem:
     doc = docs[(kind, name)]
     return Problem(message, doc.locate(path + ("<value>",)), json_path(path), hint=hint)
 
 
-def _refs(m: ManifestSet) -> Iterator[tuple[str, str, tuple, str, str]]:
+def _refs(m: ManifestSet) -> Iterator[tuple[str, str, JsonPath, str, str]]:
     """(kind, name, path, target kind, target name) for every reference in the set."""
     for image in m.images:
         yield "Image", image.meta.name, ("spec", "pool"), "StoragePool", image.pool
@@ -165,15 +165,15 @@ def _reservation(objs: ObjIndex, docs: DocIndex, vm: VirtualMachine, i: int,
                  reserved: dict[tuple[str, str], str]) -> Iterator[Problem]:
     nic, name, path = vm.interfaces[i], vm.meta.name, ("spec", "interfaces", i, "ip")
     net = objs.get(("Network", nic.network)) if nic.network else None
-    if net is None or net.ipv4 is None or net.ipv4.dhcp_start is None:  # type: ignore[union-attr]
+    if not isinstance(net, Network) or net.ipv4 is None or net.ipv4.dhcp_start is None:
         where = f"Network {nic.network!r}" if nic.network else f"host bridge {nic.bridge!r}"
         yield _problem(docs, "VirtualMachine", name, path,
                        f"ip {nic.ip} needs a DHCP-capable managed network, and {where} is not one",
                        "set ipv4.dhcp on the Network, or configure the address in the guest")
         return
-    ip4 = net.ipv4  # type: ignore[union-attr]
+    ip4 = net.ipv4
     addr = ipaddress.IPv4Address(nic.ip)
-    net_name = net.meta.name  # type: ignore[union-attr]
+    net_name = net.meta.name
     wrong = ""
     if addr not in ip4.network:
         wrong = f"is outside {ip4.network} of Network {net_name!r}"

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -165,7 +165,7 @@ class _Builder:
             return self._mapping(node, path)
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
-        return _scalar(node)
+        return _scalar(cast(yaml.ScalarNode, node))  # composers make no other kind of node
 
     def _mapping(self, node: yaml.MappingNode, path: JsonPath) -> dict[str, Any]:
         result: dict[str, Any] = {}
@@ -234,8 +234,9 @@ def _parse_text(text: str, file: str) -> list[Document]:
     except yaml.reader.ReaderError as exc:  # a control character; position is an offset
         before = text.encode("utf-8")[:exc.position] if _Loader is not yaml.SafeLoader \
             else text[:exc.position].encode("utf-8")  # libyaml counts bytes, Python characters
-        lines = before.split(b"\n")
-        where = Location(file, len(lines), len(lines[-1].decode("utf-8", "replace")) + 1)
+        byte_lines = before.split(b"\n")
+        where = Location(file, len(byte_lines),
+                         len(byte_lines[-1].decode("utf-8", "replace")) + 1)
         char = f"#x{exc.character:04x}" if isinstance(exc.character, int) else repr(exc.character)
         raise ManifestError([Problem(f"invalid YAML: unacceptable character {char}: {exc.reason}",
                                      where)]) from None
@@ -318,7 +319,8 @@ def _read_stdin(stream: Any) -> str:
     if raw is not None:  # the real standard input: decode it ourselves, whatever the locale
         return _decode(raw.read(), "<stdin>")
     try:
-        return stream.read()
+        text: str = stream.read()
+        return text
     except UnicodeDecodeError as exc:
         raise ManifestError([Problem(f"not UTF-8 text ({exc.reason})", Location("<stdin>"))]
                             ) from None

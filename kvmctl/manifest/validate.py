@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import difflib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import cache, lru_cache
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urldefrag, urljoin
 
 if TYPE_CHECKING:  # jsonschema is imported only when a document is not in the memo
@@ -139,10 +139,22 @@ def _envelope_problems(doc: Document) -> list[Problem]:
     return []
 
 
+def _property_names(error: jsonschema.ValidationError) -> list[str]:
+    """The keys named in the `properties` of the (object) schema that failed."""
+    schema = error.schema
+    return list(schema.get("properties", {}) if isinstance(schema, Mapping) else {})
+
+
+def _listed(error: jsonschema.ValidationError) -> Iterable[Any]:
+    """The values an `enum` lists. jsonschema sets validator_value on every error it raises;
+    the stubs also allow Unset, the value of an error built by hand."""
+    return cast("Iterable[Any]", error.validator_value)
+
+
 def _unexpected_keys(error: jsonschema.ValidationError) -> list[str]:
     if error.validator != "additionalProperties" or not isinstance(error.instance, dict):
         return []
-    allowed = set(error.schema.get("properties", {}))
+    allowed = set(_property_names(error))
     return [key for key in error.instance if key not in allowed]
 
 
@@ -154,14 +166,14 @@ def _problems_from(error: jsonschema.ValidationError, doc: Document) -> Iterable
         if error.validator == "enum":
             yield Problem(f"field {key!r} is not allowed here", doc.locate(where),
                           json_path(where),
-                          hint="allowed here: " + ", ".join(map(str, error.validator_value)))
+                          hint="allowed here: " + ", ".join(map(str, _listed(error))))
         else:
             yield Problem(f"{key!r} is not a valid key here", doc.locate(where), json_path(where),
                           hint=_hint(error))
         return
     unexpected = _unexpected_keys(error)
     if unexpected:
-        known = list(error.schema.get("properties", {}))
+        known = _property_names(error)
         for key in unexpected:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"did you mean {close[0]!r}?" if close else "allowed: " + ", ".join(known)
@@ -188,7 +200,7 @@ def _message(error: jsonschema.ValidationError) -> str:
     if leaf.validator == "required":
         return leaf.message.replace("is a required property", "is required")
     if leaf.validator == "enum":
-        return f"{leaf.instance!r} is not one of " + ", ".join(map(repr, leaf.validator_value))
+        return f"{leaf.instance!r} is not one of " + ", ".join(map(repr, _listed(leaf)))
     if leaf.validator == "pattern":
         if isinstance(leaf.instance, str) and _is_size_path(error):
             try:

@@ -11,7 +11,7 @@ import copy
 
 from lxml import etree
 
-from ..host.facts import disk_key, machine_alias, nic_key, tree
+from ..host.facts import child, disk_key, machine_alias, nic_key, tree
 from ..kinds import NAMESPACE
 
 
@@ -22,8 +22,8 @@ def carry_identity(desired_xml: str, current_xml: str) -> str:
     devices (and renames its NICs) at the next boot.
     """
     desired, current = tree(desired_xml), tree(current_xml)
-    if machine_alias(desired.find("os/type").get("machine")) != \
-            machine_alias(current.find("os/type").get("machine")):
+    if machine_alias(child(desired, "os/type").get("machine")) != \
+            machine_alias(child(current, "os/type").get("machine")):
         # Another machine type has another PCI topology (pc: pci-root, q35: pcie-root and
         # root ports): the old controllers and addresses do not fit it, libvirt lays it out anew.
         return desired_xml
@@ -33,7 +33,7 @@ def carry_identity(desired_xml: str, current_xml: str) -> str:
         address = el.find("address")
         if key and address is not None:
             addresses[key] = address
-    devices = desired.find("devices")
+    devices = child(desired, "devices")
     for el in list(devices):
         key = _device_key(el)
         if key in addresses and el.find("address") is None:
@@ -54,7 +54,7 @@ def with_uuid(xml: str, uuid: str) -> str:
     if root.find("uuid") is None:
         element = etree.Element("uuid")
         element.text = uuid
-        root.find("name").addnext(element)
+        child(root, "name").addnext(element)
     return etree.tostring(root, encoding="unicode")
 
 
@@ -114,5 +114,6 @@ def plug_again(nic_xml: str) -> str:
     source = nic.find("source")
     if source is not None:
         for attribute in ("portid", "bridge"):
-            source.attrib.pop(attribute, None)
+            if attribute in source.attrib:
+                del source.attrib[attribute]
     return etree.tostring(nic, encoding="unicode")

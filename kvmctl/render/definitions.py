@@ -200,7 +200,7 @@ def render_desired(m: ManifestSet, project: str, domain_type: str,
     for d in m.disks:
         spec = disk_volume(d, m, _image_path(d, m, hints))
         disks[d.meta.name] = DesiredVolume(spec, volume_xml(spec))
-    seeds = {vm.meta.name: spec for vm in m.vms if (spec := seed_spec(vm, m)) is not None}
+    seeds = {vm.meta.name: seed for vm in m.vms if (seed := seed_spec(vm, m)) is not None}
     return Desired(
         project=project,
         pools={p.meta.name: pool_xml(p) for p in m.pools},

@@ -15,6 +15,7 @@ import threading
 import time
 import types
 from collections.abc import Iterator
+from time import struct_time
 from typing import Any, Final
 
 from ..manifest.cloudinit import SeedContent, SeedError, meta_data_text
@@ -92,7 +93,7 @@ class _SeedClock(types.ModuleType):
         return SEED_EPOCH if _owns_clock() else time.time()
 
     @staticmethod
-    def localtime(secs: float | None = None) -> time.struct_time:
+    def localtime(secs: float | None = None) -> struct_time:  # `time` here is the method above
         if not _owns_clock():
             return time.localtime(secs)
         return time.gmtime(SEED_EPOCH if secs is None else secs)
@@ -115,17 +116,20 @@ def _pycdlib_modules() -> list[types.ModuleType]:
     ]
 
 
+def _set_time(modules: list[types.ModuleType], clock: types.ModuleType) -> None:
+    for module in modules:
+        vars(module)["time"] = clock  # `module.time = clock`, which the ModuleType type refuses
+
+
 @contextlib.contextmanager
 def _fixed_clock() -> Iterator[None]:
     global _clock_owner
     with _clock_lock:
         patched = _pycdlib_modules()
         _clock_owner = threading.get_ident()
-        for module in patched:
-            module.time = _SEED_CLOCK
+        _set_time(patched, _SEED_CLOCK)
         try:
             yield
         finally:
-            for module in patched:
-                module.time = time
+            _set_time(patched, time)
             _clock_owner = None

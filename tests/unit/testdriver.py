@@ -1,0 +1,76 @@
+"""libvirt's in-process test driver as the host of daemon-free tests of apply, get and readiness.
+
+`test:///PATH` opens a private, empty host described by the node file at PATH: real libvirt
+(define, start, shut down, autostart, vCPUs, memory, metadata, network updates, pools and volume
+creation all run in it), isolated per connection. It does not implement a few calls kvmctl
+makes; `DriverHypervisor` answers only those, from memory, and records them:
+streams (upload into a volume, download from it: ownership records and seeds live in volumes),
+volume resize, block resize, device hot-plug, DHCP leases. Everything else is libvirt's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kvmctl.host.hypervisor import Hypervisor
+
+EMPTY_NODE = "<node>\n</node>\n"
+
+
+class DriverHypervisor(Hypervisor):
+    """A Hypervisor on the test driver; what the driver lacks is kept in `calls` and `volumes`."""
+
+    leases: dict[str, list[dict[str, Any]]] = {}
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri)
+        self.calls: list[tuple[Any, ...]] = []
+        self.contents: dict[tuple[str, str], bytes] = {}
+
+    def upload(self, pool: str, name: str, chunks: Iterator[bytes], length: int) -> None:
+        self._vol(pool, name)  # the volume must exist, as for libvirt
+        self.contents[(pool, name)] = b"".join(chunks)[:length]
+        self.calls.append(("upload", pool, name, length))
+
+    def _download(self, vol: Any) -> bytes:
+        return self.contents.get((vol.storagePoolLookupByVolume().name(), vol.name()), b"")
+
+    def resize_volume(self, pool: str, name: str, size_bytes: int) -> None:
+        self._vol(pool, name)
+        self.calls.append(("resize_volume", pool, name, size_bytes))
+
+    def block_resize(self, name: str, target: str, size_bytes: int) -> None:
+        self._dom(name)
+        self.calls.append(("block_resize", name, target, size_bytes))
+
+    def attach_device_live(self, name: str, xml: str) -> None:
+        self._dom(name)
+        self.calls.append(("attach_device_live", name, xml))
+
+    def detach_device_live(self, name: str, xml: str) -> None:
+        self._dom(name)
+        self.calls.append(("detach_device_live", name, xml))
+
+    def update_device_live(self, name: str, xml: str) -> None:
+        self._dom(name)
+        self.calls.append(("update_device_live", name, xml))
+
+    def dhcp_leases(self, network: str) -> list[dict[str, Any]]:
+        self._net(network)
+        return list(self.leases.get(network, []))
+
+
+def node_uri(folder: Path) -> str:
+    """The URI of a new, empty test-driver host (a node file in `folder`)."""
+    node = folder / "node.xml"
+    node.write_text(EMPTY_NODE, encoding="utf-8")
+    return f"test://{node}"
+
+
+def write_manifests(path: Path, docs: list[dict[str, Any]]) -> Path:
+    path.write_text(yaml.safe_dump_all(docs, sort_keys=False), encoding="utf-8")
+    return path
