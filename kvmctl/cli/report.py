@@ -74,9 +74,9 @@ def print_plan(plan: Plan, env: Env) -> None:
         from rich.console import Console
         console = Console(file=env.stdout, highlight=False, soft_wrap=True)
     for c in shown:
-        klass = c.change_class
-        tag = "pending restart" if klass is ChangeClass.NOOP else str(klass)
-        console.print(f"[{_COLORS[klass]}]{SYMBOLS[klass]:>3} {c.ref}[/] [dim]({tag})[/]",
+        cls = c.change_class
+        tag = "pending restart" if cls is ChangeClass.NOOP else str(cls)
+        console.print(f"[{_COLORS[cls]}]{SYMBOLS[cls]:>3} {c.ref}[/] [dim]({tag})[/]",
                       markup=True)
         for reason in c.reasons:
             console.print(f"      {reason}", markup=False)

@@ -382,9 +382,6 @@ class Hypervisor:
         call(f"refresh pool {pool}", pool_obj.refresh, 0)
         return {v.name() for v in call(f"list volumes of pool {pool}", pool_obj.listAllVolumes, 0)}
 
-    def volume_path(self, pool: str, name: str) -> str:
-        return str(call(f"read volume {name}", self._vol(pool, name).path))
-
     def upload(self, pool: str, name: str, chunks: Iterator[bytes], length: int) -> None:
         """Write `length` bytes into a volume through libvirt's stream API."""
         vol = self._vol(pool, name)

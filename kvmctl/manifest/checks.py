@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from ..errors import Problem
+from ..kinds import Kind
 from ..units import format_size
 from .cloudinit import SeedError, seed_content_of, seed_pool
 from .documents import Document, JsonPath, json_path
@@ -49,26 +50,27 @@ def _problem(docs: DocIndex, kind: str, name: str, path: JsonPath, message: str,
     return Problem(message, doc.locate(path + ("<value>",)), json_path(path), hint=hint)
 
 
-def _refs(m: ManifestSet) -> Iterator[tuple[str, str, JsonPath, str, str]]:
+def _refs(m: ManifestSet) -> Iterator[tuple[Kind, str, JsonPath, Kind, str]]:
     """(kind, name, path, target kind, target name) for every reference in the set."""
     for image in m.images:
-        yield "Image", image.meta.name, ("spec", "pool"), "StoragePool", image.pool
+        yield Kind.IMAGE, image.meta.name, ("spec", "pool"), Kind.POOL, image.pool
     for disk in m.disks:
-        yield "Disk", disk.meta.name, ("spec", "pool"), "StoragePool", disk.pool
+        yield Kind.DISK, disk.meta.name, ("spec", "pool"), Kind.POOL, disk.pool
         if disk.image:
-            yield "Disk", disk.meta.name, ("spec", "image"), "Image", disk.image
+            yield Kind.DISK, disk.meta.name, ("spec", "image"), Kind.IMAGE, disk.image
     for vm in m.vms:
         for i, att in enumerate(vm.disks):
-            yield "VirtualMachine", vm.meta.name, ("spec", "disks", i, "disk"), "Disk", att.disk
+            yield Kind.VM, vm.meta.name, ("spec", "disks", i, "disk"), Kind.DISK, att.disk
         for i, nic in enumerate(vm.interfaces):
             if nic.network:
-                yield ("VirtualMachine", vm.meta.name, ("spec", "interfaces", i, "network"),
-                       "Network", nic.network)
+                yield (Kind.VM, vm.meta.name, ("spec", "interfaces", i, "network"),
+                       Kind.NETWORK, nic.network)
 
 
 def references(m: ManifestSet, docs: DocIndex, host: HostFacts | None) -> Iterator[Problem]:
-    on_host = {"Network": host.networks if host else frozenset(),
-               "StoragePool": host.pools if host else frozenset()}
+    on_host: dict[Kind, frozenset[str]] = {
+        Kind.NETWORK: host.networks if host else frozenset(),
+        Kind.POOL: host.pools if host else frozenset()}
     for kind, name, path, target_kind, target in _refs(m):
         if (target_kind, target) in docs or target in on_host.get(target_kind, frozenset()):
             continue
@@ -85,13 +87,13 @@ def shared_disks(m: ManifestSet, docs: DocIndex, objs: ObjIndex | None = None
         for i, att in enumerate(vm.disks):
             users[att.disk].append((vm, i))
     for disk_name, uses in users.items():
-        disk = objs.get(("Disk", disk_name))
+        disk = objs.get((Kind.DISK, disk_name))
         shareable = bool(disk and getattr(disk, "shareable", False))
         if len(uses) < 2 or shareable or all(vm.disks[i].readonly for vm, i in uses):
             continue
         names = ", ".join(vm.meta.name for vm, _ in uses)
         vm, i = uses[1]
-        yield _problem(docs, "VirtualMachine", vm.meta.name, ("spec", "disks", i, "disk"),
+        yield _problem(docs, Kind.VM, vm.meta.name, ("spec", "disks", i, "disk"),
                        f"Disk {disk_name!r} is attached to several VMs ({names})",
                        "mark it readonly on every VM, or shareable: true on the Disk")
 
@@ -104,18 +106,18 @@ def network_ranges(m: ManifestSet, docs: DocIndex) -> Iterator[Problem]:
         name = net.meta.name
         if ip.gateway not in ip.network or ip.gateway in (ip.network.network_address,
                                                           ip.network.broadcast_address):
-            yield _problem(docs, "Network", name, ("spec", "ipv4", "gateway"),
+            yield _problem(docs, Kind.NETWORK, name, ("spec", "ipv4", "gateway"),
                            f"gateway {ip.gateway} is not a host address of {ip.network}")
         for which, addr in (("start", ip.dhcp_start), ("end", ip.dhcp_end)):
             if addr is not None and addr not in ip.network:
-                yield _problem(docs, "Network", name, ("spec", "ipv4", "dhcp", which),
+                yield _problem(docs, Kind.NETWORK, name, ("spec", "ipv4", "dhcp", which),
                                f"DHCP {which} {addr} is outside {ip.network}")
         if ip.dhcp_start and ip.dhcp_end and ip.dhcp_start > ip.dhcp_end:
-            yield _problem(docs, "Network", name, ("spec", "ipv4", "dhcp"),
+            yield _problem(docs, Kind.NETWORK, name, ("spec", "ipv4", "dhcp"),
                            f"DHCP range is reversed: {ip.dhcp_start} > {ip.dhcp_end}")
         if ip.dhcp_start and ip.gateway and \
                 ip.dhcp_start <= ip.gateway <= (ip.dhcp_end or ip.gateway):
-            yield _problem(docs, "Network", name, ("spec", "ipv4", "dhcp"),
+            yield _problem(docs, Kind.NETWORK, name, ("spec", "ipv4", "dhcp"),
                            f"DHCP range includes the gateway {ip.gateway}")
 
 
@@ -125,11 +127,11 @@ def overlapping_subnets(m: ManifestSet, docs: DocIndex,
     for i, (name, cidr) in enumerate(nets):
         for other, other_cidr in nets[:i]:
             if cidr.overlaps(other_cidr):
-                yield _problem(docs, "Network", name, ("spec", "ipv4", "cidr"),
+                yield _problem(docs, Kind.NETWORK, name, ("spec", "ipv4", "cidr"),
                                f"{cidr} overlaps {other_cidr} of Network {other!r}")
         for where, host_net in (host.subnets if host else ()):
             if where != name and cidr.overlaps(host_net):
-                yield _problem(docs, "Network", name, ("spec", "ipv4", "cidr"),
+                yield _problem(docs, Kind.NETWORK, name, ("spec", "ipv4", "cidr"),
                                f"{cidr} overlaps {host_net} of libvirt network {where!r} on the "
                                "host")
 
@@ -152,9 +154,9 @@ def interfaces(m: ManifestSet, docs: DocIndex, objs: ObjIndex | None = None
         for i, nic in enumerate(vm.interfaces):
             path = ("spec", "interfaces", i)
             if nic.mac_given and (message := _mac_problem(nic.mac)):
-                yield _problem(docs, "VirtualMachine", name, path + ("mac",), message)
+                yield _problem(docs, Kind.VM, name, path + ("mac",), message)
             if nic.mac in macs:
-                yield _problem(docs, "VirtualMachine", name, path + ("mac",),
+                yield _problem(docs, Kind.VM, name, path + ("mac",),
                                f"MAC {nic.mac} is also used by {macs[nic.mac]}")
             macs.setdefault(nic.mac, f"VirtualMachine {name!r}")
             if nic.ip:
@@ -164,10 +166,10 @@ def interfaces(m: ManifestSet, docs: DocIndex, objs: ObjIndex | None = None
 def _reservation(objs: ObjIndex, docs: DocIndex, vm: VirtualMachine, i: int,
                  reserved: dict[tuple[str, str], str]) -> Iterator[Problem]:
     nic, name, path = vm.interfaces[i], vm.meta.name, ("spec", "interfaces", i, "ip")
-    net = objs.get(("Network", nic.network)) if nic.network else None
+    net = objs.get((Kind.NETWORK, nic.network)) if nic.network else None
     if not isinstance(net, Network) or net.ipv4 is None or net.ipv4.dhcp_start is None:
         where = f"Network {nic.network!r}" if nic.network else f"host bridge {nic.bridge!r}"
-        yield _problem(docs, "VirtualMachine", name, path,
+        yield _problem(docs, Kind.VM, name, path,
                        f"ip {nic.ip} needs a DHCP-capable managed network, and {where} is not one",
                        "set ipv4.dhcp on the Network, or configure the address in the guest")
         return
@@ -184,11 +186,11 @@ def _reservation(objs: ObjIndex, docs: DocIndex, vm: VirtualMachine, i: int,
     elif addr == ip4.network.broadcast_address and ip4.network.prefixlen < 31:
         wrong = f"is the broadcast address of {ip4.network}"
     if wrong:
-        yield _problem(docs, "VirtualMachine", name, path, f"ip {addr} {wrong}",
+        yield _problem(docs, Kind.VM, name, path, f"ip {addr} {wrong}",
                        f"use a free host address of {ip4.network} other than {ip4.gateway}")
     key = (net_name, str(addr))
     if key in reserved:
-        yield _problem(docs, "VirtualMachine", name, path,
+        yield _problem(docs, Kind.VM, name, path,
                        f"ip {addr} is already reserved for {reserved[key]}")
     reserved.setdefault(key, f"VirtualMachine {name!r}")
 
@@ -196,10 +198,10 @@ def _reservation(objs: ObjIndex, docs: DocIndex, vm: VirtualMachine, i: int,
 def limits(m: ManifestSet, docs: DocIndex) -> Iterator[Problem]:
     for vm in m.vms:
         if vm.max_vcpus < vm.vcpus:
-            yield _problem(docs, "VirtualMachine", vm.meta.name, ("spec", "cpus", "max"),
+            yield _problem(docs, Kind.VM, vm.meta.name, ("spec", "cpus", "max"),
                            f"cpus.max ({vm.max_vcpus}) is smaller than cpus.count ({vm.vcpus})")
         if vm.max_memory_bytes < vm.memory_bytes:
-            yield _problem(docs, "VirtualMachine", vm.meta.name, ("spec", "memory", "max"),
+            yield _problem(docs, Kind.VM, vm.meta.name, ("spec", "memory", "max"),
                            f"memory.max ({format_size(vm.max_memory_bytes)}) is smaller than "
                            f"memory.size ({format_size(vm.memory_bytes)})")
 
@@ -212,14 +214,14 @@ def cloud_init(m: ManifestSet, docs: DocIndex) -> Iterator[Problem]:
         if vm.cloud_init is None:
             continue
         if seed_pool(vm, m) is None:
-            yield _problem(docs, "VirtualMachine", vm.meta.name, ("spec", "cloudInit"),
+            yield _problem(docs, Kind.VM, vm.meta.name, ("spec", "cloudInit"),
                            "cloudInit needs a StoragePool to hold the seed, and this VM has no "
                            "disk and the manifests define no StoragePool",
                            "add a StoragePool document, or a disk to the VM")
         try:
             seed_content_of(vm)
         except SeedError as exc:
-            yield _problem(docs, "VirtualMachine", vm.meta.name, ("spec", "cloudInit"), str(exc))
+            yield _problem(docs, Kind.VM, vm.meta.name, ("spec", "cloudInit"), str(exc))
 
 
 def semantic(m: ManifestSet, docs: DocIndex, host: HostFacts | None = None) -> list[Problem]:

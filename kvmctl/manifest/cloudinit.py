@@ -17,6 +17,7 @@ from typing import Any, Final
 import yaml
 
 from ..errors import KvmctlError
+from ..kinds import Kind
 from .model import Disk, ManifestSet, VirtualMachine
 
 __all__ = ["SeedContent", "SeedError", "meta_data_text", "seed_content", "seed_content_of",
@@ -173,7 +174,7 @@ def _sha256_json(value: Any) -> str:
 def seed_pool(vm: VirtualMachine, m: ManifestSet) -> str | None:
     """Where a VM's cloud-init seed lives: the pool of its first disk, else the first pool."""
     for att in vm.disks:
-        disk = m.find("Disk", att.disk)
+        disk = m.find(Kind.DISK, att.disk)
         if isinstance(disk, Disk):
             return disk.pool
     return m.pools[0].meta.name if m.pools else None

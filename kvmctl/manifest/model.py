@@ -195,12 +195,16 @@ class ManifestSet:
     networks: tuple[Network, ...] = ()
     vms: tuple[VirtualMachine, ...] = ()
 
+    def of_kind(self, kind: Kind) -> tuple[Resource, ...]:
+        by_kind: dict[Kind, tuple[Resource, ...]] = {
+            Kind.POOL: self.pools, Kind.IMAGE: self.images, Kind.DISK: self.disks,
+            Kind.NETWORK: self.networks, Kind.VM: self.vms}
+        return by_kind.get(kind, ())
+
     def all(self) -> Iterator[Resource]:
-        yield from self.pools
-        yield from self.images
-        yield from self.disks
-        yield from self.networks
-        yield from self.vms
+        """Every object, in kinds.ORDER."""
+        for kind in MANIFEST_KINDS:
+            yield from self.of_kind(kind)
 
     def find(self, kind: str, name: str) -> Resource | None:
         return self.index.get((kind, name))

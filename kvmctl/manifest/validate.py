@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # jsonschema is imported only when a document is not in the m
     from jsonschema import Draft202012Validator
 
 from ..errors import ManifestError, Problem
-from ..kinds import MANIFEST_KINDS
+from ..kinds import MANIFEST_KINDS, Kind
 from ..memo import Memo
 from ..memo import key as digest_of
 from ..units import SizeError, parse_size
@@ -238,9 +238,9 @@ def _size_problems(doc: Document) -> list[Problem]:
     """Sizes matched the schema's pattern; their units and exactness are checked here."""
     spec = doc.body.get("spec") or {}
     candidates: list[tuple[tuple[str, ...], Any]] = []
-    if doc.kind == "Disk":
+    if doc.kind == Kind.DISK:
         candidates.append((("spec", "size"), spec.get("size")))
-    if doc.kind == "VirtualMachine":
+    if doc.kind == Kind.VM:
         memory = spec.get("memory")
         if isinstance(memory, dict):
             candidates += [(("spec", "memory", k), memory[k]) for k in ("size", "max")
@@ -257,7 +257,7 @@ def _size_problems(doc: Document) -> list[Problem]:
         message = ""
         if size == 0:
             message = f"{value!r} is zero: a size must be more than 0"
-        elif doc.kind == "VirtualMachine" and size % 1024:
+        elif doc.kind == Kind.VM and size % 1024:
             message = f"{value!r} is not a whole number of KiB (libvirt counts memory in KiB)"
         if message:
             problems.append(Problem(message, doc.locate(path + ("<value>",)), json_path(path)))
@@ -287,7 +287,7 @@ def memo_key(doc: Document) -> str:
 
 def _cidr_problems(doc: Document) -> list[Problem]:
     """A /31 or /32 has no room for the host's address and a guest (and the model needs one)."""
-    ipv4 = (doc.body.get("spec") or {}).get("ipv4") if doc.kind == "Network" else None
+    ipv4 = (doc.body.get("spec") or {}).get("ipv4") if doc.kind == Kind.NETWORK else None
     cidr = ipv4.get("cidr") if isinstance(ipv4, dict) else None
     if isinstance(cidr, str) and int(cidr.rpartition("/")[2]) > 30:
         return [Problem(f"cidr {cidr} is too small for a libvirt network",

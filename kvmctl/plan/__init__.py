@@ -8,8 +8,11 @@ that cannot be done is a PlanError here, before anything changes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..errors import PlanError
 from ..host.state import LiveState
+from ..kinds import ORDER, Kind
 from ..manifest.model import ManifestSet
 from ..memo import Memo
 from ..render.specs import Desired
@@ -37,17 +40,23 @@ def host_problems(ctx: Context) -> None:
                                    "hypervisor host")
 
 
+# One planner per kind; make_plan runs them in kinds.ORDER.
+PLANNERS: dict[Kind, Callable[[Context], list[Change]]] = {
+    Kind.POOL: lambda ctx: [plan_pool(ctx, p) for p in ctx.m.pools],
+    Kind.IMAGE: lambda ctx: [plan_image(ctx, i) for i in ctx.m.images],
+    Kind.DISK: lambda ctx: [plan_disk(ctx, d) for d in ctx.m.disks],
+    Kind.SEED: lambda ctx: [c for vm in ctx.m.vms if (c := plan_seed(ctx, vm)) is not None],
+    Kind.NETWORK: lambda ctx: [plan_network(ctx, n) for n in ctx.m.networks],
+    Kind.VM: lambda ctx: [plan_vm(ctx, vm) for vm in ctx.m.vms],
+}
+
+
 def make_plan(m: ManifestSet, desired: Desired, live: LiveState, opts: Options, uri: str = "",
               memo: Memo | None = None) -> Plan:
     """The plan; `memo` remembers definition pairs known to be equal (see memo.py)."""
     ctx = Context(m, desired, live, opts, memo)
     host_problems(ctx)
-    changes: list[Change] = [plan_pool(ctx, p) for p in m.pools]
-    changes += [plan_image(ctx, i) for i in m.images]
-    changes += [plan_disk(ctx, d) for d in m.disks]
-    changes += [c for c in (plan_seed(ctx, vm) for vm in m.vms) if c is not None]
-    changes += [plan_network(ctx, n) for n in m.networks]
-    changes += [plan_vm(ctx, vm) for vm in m.vms]
+    changes = [c for kind in ORDER for c in PLANNERS[kind](ctx)]
     if opts.prune:
         if not any(m.all()) and not opts.allow_empty:
             ctx.error(None, "refusing to prune with an empty manifest set: it would delete "

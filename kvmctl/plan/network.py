@@ -8,6 +8,7 @@ from ..host.state import fingerprint
 from ..kinds import Kind
 from ..manifest.model import Network
 from .context import Context
+from .describe import describe
 from .steps import (
     DefineNetwork,
     DeleteNetwork,
@@ -67,23 +68,6 @@ def plan_network(ctx: Context, net: Network) -> Change:
     return Change(Kind.NETWORK, name, ChangeClass.UPDATE_LIVE,
                   ("changed live, without restarting the network",), fields, tuple(live_steps),
                   fingerprint=fp)
-
-
-def describe(field: str, value: object) -> object:
-    """A network fact as a person reads it in a plan."""
-    if not value:
-        return None
-    if field == "dhcp.hosts" and isinstance(value, tuple):
-        return ", ".join(f"{h.name or h.mac} {h.ip}" for h in value)
-    if field == "dns.hosts" and isinstance(value, tuple):
-        return ", ".join(f"{h.ip} {' '.join(map(str, h.hostnames))}" for h in value)
-    if isinstance(value, facts.Ipv4Fact):
-        return f"{value.address}/{value.prefix}"
-    if isinstance(value, facts.RangeFact):
-        return f"{value.start}-{value.end}"
-    if isinstance(value, facts.MetadataFact):
-        return f"spec {value.spec_hash[:8]}"
-    return value
 
 
 def _running_nics(ctx: Context, network: str) -> list[ReplugNic]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from enum import Enum
 
 from ..host import facts
-from ..host.facts import DiskFact, FactChange, Facts, MetadataFact, NicFact
+from ..host.facts import DiskFact, FactChange, Facts, NicFact
 from ..host.state import LiveDomain, fingerprint
 from ..kinds import Kind, ref
 from ..manifest.model import VirtualMachine
 from ..memo import key as memo_key
-from ..units import format_kib
 from .context import Context
+from .describe import describe
 from .steps import (
     GUEST_STEPS,
     AttachDevice,
@@ -158,31 +158,10 @@ def _update_vm(ctx: Context, vm: VirtualMachine, live: LiveDomain, xml: str,
                        "the definition changes; the running guest already has these values")
     deferred = bool(pending) and vm.on_restart_needed == "defer"
     # A restart that is only pending (nothing left to apply) is reported, but is not a change.
-    klass = ChangeClass.NOOP if not steps else (
+    change_class = ChangeClass.NOOP if not steps else (
         ChangeClass.UPDATE_RESTART if pending else ChangeClass.UPDATE_LIVE)
-    return Change(Kind.VM, name, klass, tuple(reasons), tuple(fields), tuple(steps),
+    return Change(Kind.VM, name, change_class, tuple(reasons), tuple(fields), tuple(steps),
                   pending_restart=deferred, fingerprint=fp, depends=deps)
-
-
-def describe(field: str, value: object) -> object:
-    """A domain fact as a person reads it in a plan."""
-    if value is None or value == ():
-        return None
-    if field in ("memory", "memory.max") and isinstance(value, int):
-        return format_kib(value)
-    if isinstance(value, MetadataFact):
-        return f"spec {value.spec_hash[:8]}" + (
-            f", seed {value.seed_hash[:8]}" if value.seed_hash else "")
-    if isinstance(value, DiskFact):
-        where = "/".join(map(str, value.source)) if isinstance(value.source, tuple) \
-            else value.source
-        return f"{value.device} on {value.bus}: {where} ({value.format})" + (
-            ", readonly" if value.readonly else "") + (", shareable" if value.shareable else "")
-    if isinstance(value, NicFact):
-        return f"{value.type} {value.source}, model {value.model}, link {value.link}"
-    if isinstance(value, tuple):
-        return ", ".join(map(str, value))
-    return value
 
 
 def _state_steps(vm: VirtualMachine, live: LiveDomain) -> list[Step]:

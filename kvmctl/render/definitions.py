@@ -23,6 +23,7 @@ from ..manifest.model import (
     Image,
     ManifestSet,
     Network,
+    Resource,
     StoragePool,
     VirtualMachine,
     seed_volume_name,
@@ -76,7 +77,7 @@ def _disk_devices(vm: VirtualMachine, m: ManifestSet) -> list[_DiskDevice]:
     virtio, sd = _targets("vd"), _targets("sd")
     devices = []
     for att in vm.disks:
-        disk = m.find("Disk", att.disk)
+        disk = m.find(Kind.DISK, att.disk)
         if not isinstance(disk, Disk):
             raise RenderError(f"VirtualMachine {vm.meta.name}: Disk {att.disk} is not defined")
         target = next(virtio) if att.bus == "virtio" else next(sd)
@@ -158,7 +159,7 @@ def volume_xml(volume: VolumeSpec) -> str:
 
 def disk_volume(disk: Disk, m: ManifestSet, image_path: str | None = None) -> VolumeSpec:
     """The volume of a Disk; `image_path` is where its Image's volume lives on the host."""
-    image = m.find("Image", disk.image) if disk.image else None
+    image = m.find(Kind.IMAGE, disk.image) if disk.image else None
     if image is not None and not disk.clone:
         assert isinstance(image, Image)
         path = image_path or _image_path_guess(image, m)
@@ -169,7 +170,7 @@ def disk_volume(disk: Disk, m: ManifestSet, image_path: str | None = None) -> Vo
 
 
 def _image_path_guess(image: Image, m: ManifestSet) -> str:
-    pool = m.find("StoragePool", image.pool)
+    pool = m.find(Kind.POOL, image.pool)
     base = pool.path if isinstance(pool, StoragePool) else f"<pool {image.pool}>"
     return f"{base.rstrip('/')}/{volume_name(image.meta.name, image.format)}"
 
@@ -181,13 +182,20 @@ def image_volume(image: Image, capacity: int = 0) -> VolumeSpec:
 
 def render_all(m: ManifestSet, project: str, domain_type: str) -> list[Rendered]:
     """The XML of every object, in apply order (what `kvmctl render` prints)."""
-    out = [Rendered(Kind.POOL, p.meta.name, pool_xml(p)) for p in m.pools]
-    out += [Rendered(Kind.IMAGE, i.meta.name, volume_xml(image_volume(i))) for i in m.images]
-    out += [Rendered(Kind.DISK, d.meta.name, volume_xml(disk_volume(d, m))) for d in m.disks]
-    out += [Rendered(Kind.NETWORK, n.meta.name, network_xml(n, m, project)) for n in m.networks]
-    out += [Rendered(Kind.VM, v.meta.name, domain_xml(v, m, project, domain_type))
-            for v in m.vms]
-    return out
+    return [Rendered(obj.meta.kind, obj.meta.name, _definition(obj, m, project, domain_type))
+            for obj in m.all()]
+
+
+def _definition(obj: Resource, m: ManifestSet, project: str, domain_type: str) -> str:
+    if isinstance(obj, StoragePool):
+        return pool_xml(obj)
+    if isinstance(obj, Image):
+        return volume_xml(image_volume(obj))
+    if isinstance(obj, Disk):
+        return volume_xml(disk_volume(obj, m))
+    if isinstance(obj, Network):
+        return network_xml(obj, m, project)
+    return domain_xml(obj, m, project, domain_type)
 
 
 # ---- the desired state a plan compares with the host ---------------------------------------------
@@ -213,7 +221,7 @@ def render_desired(m: ManifestSet, project: str, domain_type: str,
 
 
 def _image_path(disk: Disk, m: ManifestSet, hints: HostHints) -> str | None:
-    image = m.find("Image", disk.image) if disk.image else None
+    image = m.find(Kind.IMAGE, disk.image) if disk.image else None
     if not isinstance(image, Image):
         return None
     return hints.volume_paths.get((image.pool, image.volume))

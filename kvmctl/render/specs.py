@@ -6,9 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..kinds import Kind
-from ..manifest.cloudinit import SeedContent
+
+if TYPE_CHECKING:  # the host reads these values without loading the manifest stage
+    from ..manifest.cloudinit import SeedContent
 
 
 @dataclass(frozen=True)

@@ -424,16 +424,16 @@ def test_every_step_type_has_a_handler(executor: Executor) -> None:
 # ---- levels and failures ------------------------------------------------------------------------
 
 def change(kind: Kind, name: str, *steps: s.Step,
-           klass: ChangeClass = ChangeClass.CREATE) -> Change:
-    return Change(kind, name, klass, steps=steps)
+           change_class: ChangeClass = ChangeClass.CREATE) -> Change:
+    return Change(kind, name, change_class, steps=steps)
 
 
 def test_levels_follow_the_kind_order_and_deletes_go_backwards() -> None:
     plan = Plan(PROJECT, "", (
         change(Kind.VM, "v", s.StartDomain("v")), change(Kind.POOL, "p", s.StartPool("p")),
-        change(Kind.DISK, "d", s.DeleteVolume("p", "d"), klass=ChangeClass.DELETE),
+        change(Kind.DISK, "d", s.DeleteVolume("p", "d"), change_class=ChangeClass.DELETE),
         change(Kind.SEED, "v", s.StartPool("p")), change(Kind.DISK, "e", s.StartPool("p")),
-        change(Kind.VM, "w", s.DeleteDomain("w", 1), klass=ChangeClass.DELETE),
+        change(Kind.VM, "w", s.DeleteDomain("w", 1), change_class=ChangeClass.DELETE),
         change(Kind.NETWORK, "n"),  # nothing to do: not run at all
     ))
     assert [[c.ref for c in g] for g in levels(plan)] == [
@@ -458,7 +458,7 @@ def test_any_exception_is_only_its_own_changes_failure(monkeypatch: pytest.Monke
         change(Kind.VM, "bad", s.StartDomain("bad")),
         change(Kind.VM, "refused", s.StartDomain("refused")),
         change(Kind.VM, "good", s.StartDomain("good")),
-        change(Kind.VM, "gone", s.DeleteDomain("gone", 1), klass=ChangeClass.DELETE),
+        change(Kind.VM, "gone", s.DeleteDomain("gone", 1), change_class=ChangeClass.DELETE),
     ))
     monkeypatch.setattr("kvmctl.apply.Executor", lambda *a: Boom())
     result = run(plan, None, LiveState(),  # type: ignore[arg-type]
