@@ -48,7 +48,7 @@ def plan_network(ctx: Context, net: Network) -> Change:
             live.owner and live.owner.protect) else None
         reasons = ["libvirt cannot change " + ", ".join(c.field for c in hard) +
                    " of an existing network: it is deleted and created again"]
-        if users:
+        if users and not blocked:
             reasons.append("running guests on it lose their link with the old network; their "
                            "NICs are unplugged and plugged again (same MAC, same slot) so they "
                            "join the new one: " + ", ".join(sorted({u.domain for u in users})))

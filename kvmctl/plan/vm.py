@@ -141,7 +141,13 @@ def _update_vm(ctx: Context, vm: VirtualMachine, live: LiveDomain, xml: str,
     if live.autostart != vm.autostart:
         steps.append(SetDomainAutostart(name, vm.autostart))
         fields.append(FieldDiff("autostart", live.autostart, vm.autostart))
-    steps += _state_steps(vm, live)
+    power = _state_steps(vm, live)
+    if power:
+        steps += power
+        fields.append(FieldDiff("state", live.state, vm.state))
+        reasons.append("started (state: running)" if isinstance(power[0], StartDomain) else
+                       "shut down (state: stopped): ACPI shutdown, powered off after "
+                       f"{vm.shutdown_timeout} s")
     if pending and vm.on_restart_needed == "fail":
         ctx.error(vm.meta, f"needs a restart ({', '.join(pending)}) and onRestartNeeded is "
                            "fail")
