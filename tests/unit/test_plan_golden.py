@@ -26,6 +26,7 @@ from the current planner (review the diff before committing it).
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from pathlib import Path
@@ -132,9 +133,14 @@ def _check(case: str, name: str, got: dict[str, Any]) -> None:
     assert expected_file.is_file(), \
         f"{expected_file} is missing: run with KVMCTL_UPDATE_GOLDEN=1 to create it"
     expected = json.loads(expected_file.read_text())
-    assert got == expected, (
-        f"{name} of golden case {case!r} changed; if that is intended, regenerate with "
-        f"KVMCTL_UPDATE_GOLDEN=1 and review the diff:\n{json.dumps(got, indent=2)}")
+    if got != expected:
+        diff = difflib.unified_diff(
+            json.dumps(expected, indent=2, sort_keys=True).splitlines(),
+            json.dumps(got, indent=2, sort_keys=True).splitlines(),
+            f"{case}/{name} (expected)", "planned now", lineterm="", n=2)
+        pytest.fail(f"{name} of golden case {case!r} changed; if that is intended, regenerate "
+                    "with KVMCTL_UPDATE_GOLDEN=1 and review the diff:\n" + "\n".join(diff),
+                    pytrace=False)
 
 
 def test_there_are_golden_cases() -> None:
