@@ -44,7 +44,7 @@ class Outcome(StrEnum):
 class ChangeResult:
     ref: str
     outcome: Outcome
-    detail: str = ""  # why it failed
+    detail: str = ""  # why it failed, or what the user should know of how it was done
 
 
 Progress = Callable[[Change, Event, str], None]  # change, event, detail
@@ -106,18 +106,21 @@ def run_change(executor: Executor, change: Change, progress: Progress | None) ->
     if progress:
         progress(change, Event.START, "")
     step_name = ""
+    notes: list[str] = []
     try:
         for step in change.steps:
             step_name = op_name(step)
-            executor.run(step)
+            if note := executor.run(step):
+                notes.append(note)
     except KvmctlError as exc:
         return _failed(change, str(exc), progress)
     except Exception as exc:  # a bug or an unexpected library error: still only this change
         return _failed(change, f"internal error in step {step_name}: {type(exc).__name__}: "
                                f"{exc}", progress)
+    detail = "; ".join(notes)
     if progress:
-        progress(change, Event.DONE, "")
-    return ChangeResult(change.ref, Outcome.DONE)
+        progress(change, Event.DONE, detail)
+    return ChangeResult(change.ref, Outcome.DONE, detail)
 
 
 def _failed(change: Change, detail: str, progress: Progress | None) -> ChangeResult:

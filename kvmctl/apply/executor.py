@@ -60,7 +60,7 @@ class Executor:
             s.DefineDomain: lambda st: self._define(Kind.VM, st.name, st.xml, hv.define_domain),
             s.SetDomainAutostart: lambda st: hv.set_domain_autostart(st.name, st.on),
             s.StartDomain: self.start_domain,
-            s.ShutdownDomain: lambda st: hv.shutdown_domain(st.name, st.timeout_s),
+            s.ShutdownDomain: self.shutdown_domain,
             s.RestartDomain: self.restart_domain, s.DeleteDomain: self.delete_domain,
             s.SetVcpusLive: lambda st: hv.set_vcpus_live(st.name, st.count),
             s.SetMemoryLive: lambda st: hv.set_memory_live(st.name, st.kib),
@@ -72,8 +72,10 @@ class Executor:
         missing = set(s.STEP_TYPES) - set(self._handlers)
         assert not missing, f"steps without a handler: {missing}"
 
-    def run(self, step: s.Step) -> None:
-        self._handlers[type(step)](step)
+    def run(self, step: s.Step) -> str:
+        """Run one step; what the user should hear of it besides success ("" if nothing)."""
+        note = self._handlers[type(step)](step)
+        return note if isinstance(note, str) else ""
 
     # ---- ownership records ----
     def _update_record(self, pool: str, volume: str | None, owner: Owner | None,
@@ -232,11 +234,22 @@ class Executor:
         if self.hv.domain_state(step.name) != "running":
             self.hv.start_domain(step.name)
 
-    def restart_domain(self, step: s.RestartDomain) -> None:
-        self.hv.shutdown_domain(step.name, step.timeout_s)
-        self.hv.start_domain(step.name)
+    def shutdown_domain(self, step: s.ShutdownDomain) -> str:
+        return self._shut_down(step.name, step.timeout_s)
 
-    def delete_domain(self, step: s.DeleteDomain) -> None:
-        self.hv.shutdown_domain(step.name, step.timeout_s)
+    def restart_domain(self, step: s.RestartDomain) -> str:
+        note = self._shut_down(step.name, step.timeout_s)
+        self.hv.start_domain(step.name)
+        return note
+
+    def delete_domain(self, step: s.DeleteDomain) -> str:
+        note = self._shut_down(step.name, step.timeout_s)
         self.hv.undefine_domain(step.name)
+        return note
+
+    def _shut_down(self, name: str, timeout_s: float) -> str:
+        if self.hv.shutdown_domain(name, timeout_s):
+            return ""
+        return (f"{name} did not shut down within {timeout_s:g} s of the ACPI request and was "
+                "powered off")
 

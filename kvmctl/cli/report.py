@@ -132,7 +132,7 @@ class ProgressView:
 
     def event(self, change: Change, event: Event, detail: str) -> None:
         line = {"start": f"{change.ref}: {change.change_class}...",
-                "done": f"{change.ref}: done",
+                "done": f"{change.ref}: done" + (f" ({detail})" if detail else ""),
                 "failed": f"{change.ref}: FAILED: {detail}"}[str(event)]
         if self.progress is None:
             (self.env.stderr if event == "failed" else self.env.stdout).write(line + "\n")

@@ -444,11 +444,12 @@ def test_levels_follow_the_kind_order_and_deletes_go_backwards() -> None:
 class Boom:
     """An executor whose steps fail the way a bug would (not as a KvmctlError)."""
 
-    def run(self, step: s.Step) -> None:
+    def run(self, step: s.Step) -> str:
         if isinstance(step, s.StartDomain) and step.name == "bad":
             raise KeyError("no such thing")
         if isinstance(step, s.StartDomain) and step.name == "refused":
             raise HypervisorError("start domain refused: no")
+        return "powered off" if isinstance(step, s.ShutdownDomain) else ""
 
 
 def test_any_exception_is_only_its_own_changes_failure(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -473,6 +474,18 @@ def test_any_exception_is_only_its_own_changes_failure(monkeypatch: pytest.Monke
     assert ("VirtualMachine/bad", "failed") in events and ("VirtualMachine/good", "done") in events
 
 
-def test_run_change_reports_success() -> None:
+def test_run_change_reports_success_and_what_the_user_should_know() -> None:
     done = run_change(Boom(), change(Kind.VM, "x", s.StartDomain("x")), None)  # type: ignore[arg-type]
     assert done == ChangeResult("VirtualMachine/x", Outcome.DONE)
+    forced = run_change(Boom(), change(Kind.VM, "x", s.ShutdownDomain("x", 1),  # type: ignore[arg-type]
+                                       s.StartDomain("x")), None)
+    assert forced == ChangeResult("VirtualMachine/x", Outcome.DONE, "powered off")
+
+
+def test_a_guest_that_ignores_acpi_is_powered_off_and_the_apply_says_so(
+        host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    host.apply(host.manifests(lab(host.folder)))
+    monkeypatch.setattr(host.hv, "shutdown_domain", lambda name, timeout: False)
+    result = host.apply(host.manifests(lab(host.folder, state="stopped", shutdownTimeout=3)))
+    assert ("VirtualMachine/u-vm: done (u-vm did not shut down within 3 s of the ACPI request "
+            "and was powered off)") in result.stdout
