@@ -1,4 +1,5 @@
-"""The only module that imports libvirt: reads live state and performs single operations.
+"""The hypervisor: one libvirt connection; reads live state (reading.py), performs single
+operations (here).
 
 Every libvirt error is wrapped into HypervisorError naming the object and the operation. Nothing
 here decides anything: the planner decides, apply sequences, this module does one call at a time.
@@ -12,74 +13,28 @@ import hashlib
 import posixpath
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import libvirt
 from lxml import etree
 
 from ..errors import HypervisorError
-from ..kinds import NAMESPACE, RECORD_PREFIX, Kind
+from ..kinds import NAMESPACE, RECORD_PREFIX
 from ..render.definitions import pool_definition, volume_xml
 from ..render.specs import VolumeSpec
-from ..units import xml_bytes
-from .ownership import Owner, OwnershipRecord, owner_from_xml
-from .state import LiveDomain, LiveNetwork, LivePool, LiveState, LiveVolume
+from .connection import call, silence_default_handler
+from .ownership import OwnershipRecord
+from .reading import HostReader
 
-T = TypeVar("T")
-_STATES = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
-           libvirt.VIR_DOMAIN_PAUSED: "paused", libvirt.VIR_DOMAIN_SHUTDOWN: "shutting-down",
-           libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
-           libvirt.VIR_DOMAIN_BLOCKED: "running"}
 AFFECT_LIVE = libvirt.VIR_DOMAIN_AFFECT_LIVE
-_libvirt_quiet = threading.Lock()
 
 
-def _silence_default_handler() -> None:
-    # libvirt prints every error to stderr by default; we report them ourselves.
-    with _libvirt_quiet:
-        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-
-
-def call(what: str, fn: Callable[..., T], *args: Any) -> T:
-    try:
-        return fn(*args)
-    except libvirt.libvirtError as exc:
-        raise HypervisorError(f"{what}: {exc.get_error_message() or exc}") from None
-
-
-_VANISHED = {libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_NO_NETWORK,
-             libvirt.VIR_ERR_NO_STORAGE_POOL, libvirt.VIR_ERR_NO_STORAGE_VOL}
-
-
-def _each(read: Callable[[Any], T], objects: list[Any]) -> Iterator[T]:
-    """Read every listed object, skipping those deleted by someone else in the meantime."""
-    for obj in objects:
-        try:
-            yield read(obj)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() in _VANISHED:
-                continue
-            raise HypervisorError(f"read {obj.name()}: {exc.get_error_message()}") from None
-        except HypervisorError:
-            if not _exists(obj):
-                continue
-            raise
-
-
-def _exists(obj: Any) -> bool:
-    try:
-        obj.XMLDesc(0)
-        return True
-    except libvirt.libvirtError:
-        return False
-
-
-class Hypervisor:
-    """One libvirt connection."""
+class Hypervisor(HostReader):
+    """One libvirt connection: reads (HostReader) and single operations."""
 
     def __init__(self, uri: str) -> None:
-        _silence_default_handler()
+        silence_default_handler()
         self.uri = uri
         self.conn = call(f"cannot connect to {uri}", libvirt.open, uri)
         self._import_lock = threading.Lock()
@@ -88,139 +43,11 @@ class Hypervisor:
         with contextlib.suppress(libvirt.libvirtError):
             self.conn.close()
 
-    # ---- reading -------------------------------------------------------------------------
-
-    def read(self) -> LiveState:
-        listed = call("list domains", self.conn.listAllDomains, 0)
-        # Two filtered lists instead of a state and an autostart call per domain: a domain that
-        # is not active is shut off; only the active ones are asked for their exact state.
-        active, autostart = ({d.UUIDString() for d in call("list domains",
-                                                          self.conn.listAllDomains, flags)}
-                             for flags in (libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE,
-                                           libvirt.VIR_CONNECT_LIST_DOMAINS_AUTOSTART))
-        domains = {d.name: d for d in _each(lambda dom: self._domain(dom, active, autostart),
-                                            listed)}
-        networks = {n.name: n for n in _each(self._network, call("list networks",
-                                                                self.conn.listAllNetworks, 0))}
-        pools = {p.name: p for p in _each(self._pool, call("list storage pools",
-                                                          self.conn.listAllStoragePools, 0))}
-        return LiveState(domains, networks, pools, self.host_bridges())
-
-    def _domain(self, dom: Any, active: set[str] | None = None,
-                autostart: set[str] | None = None) -> LiveDomain:
-        """One domain; `active` and `autostart` (UUIDs, from filtered lists) spare two calls."""
-        name, uuid = dom.name(), dom.UUIDString()
-        inactive = call(f"read domain {name}", dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE)
-        state = _STATES.get(call(f"read domain {name}", dom.state)[0], "other") \
-            if active is None or uuid in active else "shutoff"
-        live = call(f"read domain {name}", dom.XMLDesc, 0) if state != "shutoff" else None
-        auto = uuid in autostart if autostart is not None else \
-            bool(call(f"read domain {name}", dom.autostart))
-        return LiveDomain(name, uuid, inactive, live, state, auto, owner_from_xml(inactive))
-
-    def _network(self, net: Any) -> LiveNetwork:
-        name = net.name()
-        try:
-            xml = net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() != libvirt.VIR_ERR_INVALID_ARG:
-                raise
-            # Drivers without separate persistent network XML (test:///default) reject the flag.
-            xml = call(f"read network {name}", net.XMLDesc, 0)
-        return LiveNetwork(name, net.UUIDString(), xml, bool(net.isActive()),
-                           bool(call(f"read network {name}", net.autostart)), owner_from_xml(xml))
-
-    def _pool(self, pool: Any) -> LivePool:
-        name = pool.name()
-        xml = call(f"read pool {name}", pool.XMLDesc, 0)
-        active = bool(pool.isActive())
-        path = etree.fromstring(xml.encode()).findtext("target/path") or ""
-        volumes: list[LiveVolume] = []
-        records: list[OwnershipRecord] = []
-        if active:
-            for vol in call(f"list volumes of pool {name}", pool.listAllVolumes, 0):
-                if vol.name().startswith(RECORD_PREFIX):
-                    record = OwnershipRecord.from_json(self._download(vol))
-                    if record:
-                        records.append(record)
-                    continue
-                volumes.extend(_each(lambda v: self._volume(name, v), [vol]))
-        owners = {v: o for r in records for v, o in r.volumes.items()}
-        pool_owner = next((r.project for r in records if r.owns_pool), None)
-        return LivePool(name, pool.UUIDString(), xml, path, active,
-                        bool(call(f"read pool {name}", pool.autostart)),
-                        Owner(pool_owner, Kind.POOL, name) if pool_owner else None,
-                        tuple(LiveVolume(v.pool, v.name, v.path, v.capacity_bytes, v.format,
-                                         v.backing_path, owners.get(v.name)) for v in volumes))
-
-    def _volume(self, pool: str, vol: Any) -> LiveVolume:
-        xml = etree.fromstring(call(f"read volume {vol.name()}", vol.XMLDesc, 0).encode())
-        capacity = xml.find("capacity")
-        size = xml_bytes(capacity.text, capacity.get("unit")) if capacity is not None else None
-        fmt = xml.find("target/format")
-        return LiveVolume(pool, vol.name(), vol.path(), size or 0,
-                          fmt.get("type", "raw") if fmt is not None else "raw",
-                          xml.findtext("backingStore/path"))
-
-    def host_bridges(self) -> frozenset[str]:
-        """Network interface names on the hypervisor host (bridges included), via libvirt."""
-        names: set[str] = set()
-        # The interface driver enumerates the host's links on every call; the node device
-        # driver only learns of links created after libvirtd started through udev events, which
-        # hosts without a running udevd never send. Ask both.
-        with contextlib.suppress(libvirt.libvirtError):
-            names.update(i.name() for i in self.conn.listAllInterfaces(0))
-        flags = libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_NET
-        for dev in call("list host network devices", self.conn.listAllDevices, flags):
-            with contextlib.suppress(libvirt.libvirtError, etree.XMLSyntaxError):
-                iface = etree.fromstring(dev.XMLDesc(0).encode()).findtext("capability/interface")
-                if iface:
-                    names.add(iface)
-        return frozenset(names)
-
-    def host_has_virt(self) -> bool:
-        """Whether the host CPU has VT-x/AMD-V (slow: libvirt probes the host each time)."""
-        caps = etree.fromstring(call("read host capabilities", self.conn.getCapabilities).encode())
-        features = {f.get("name") for f in caps.iterfind("host/cpu/feature")}
-        return bool(features & {"vmx", "svm"})
-
-    def dhcp_leases(self, network: str) -> list[dict[str, Any]]:
-        net = call(f"look up network {network}", self.conn.networkLookupByName, network)
-        return call(f"read DHCP leases of {network}", net.DHCPLeases) if net.isActive() else []
-
-    def agent_addresses(self, domain: str) -> dict[str, list[str]]:
-        dom = self._dom(domain)
-        try:
-            ifaces = dom.interfaceAddresses(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT, 0)
-        except libvirt.libvirtError:
-            return {}
-        return {(i.get("hwaddr") or "").lower(): [a["addr"] for a in (i.get("addrs") or [])]
-                for i in ifaces.values()}
-
-    def live_xml(self, name: str) -> str:
-        return str(call(f"read domain {name}", self._dom(name).XMLDesc, 0))
-
-    def domain_state(self, name: str) -> str:
-        return _STATES.get(call(f"read domain {name}", self._dom(name).state)[0], "other")
-
     # ---- domains ---------------------------------------------------------------------------
-
-    def _dom(self, name: str) -> Any:
-        return call(f"look up domain {name}", self.conn.lookupByName, name)
 
     def define_domain(self, name: str, xml: str) -> None:
         call(f"define domain {name}", self.conn.defineXMLFlags, xml,
              libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
-
-    def identity(self, kind: str, name: str) -> tuple[str, Owner | None] | None:
-        """(uuid, ownership mark) of the domain or network called `name`, if there is one."""
-        lookup = self.conn.lookupByName if kind == Kind.VM else \
-            self.conn.networkLookupByName
-        try:
-            obj = lookup(name)
-            return obj.UUIDString(), owner_from_xml(obj.XMLDesc(0))
-        except libvirt.libvirtError:
-            return None
 
     def start_domain(self, name: str) -> None:
         call(f"start domain {name}", self._dom(name).create)
@@ -395,21 +222,6 @@ class Hypervisor:
             with contextlib.suppress(libvirt.libvirtError):
                 stream.abort()
             raise
-
-    def _download(self, vol: Any) -> bytes:
-        stream = self.conn.newStream(0)
-        data = bytearray()
-        try:
-            vol.download(stream, 0, 0, 0)
-            while chunk := stream.recv(65536):
-                if isinstance(chunk, int):  # -2: would block; not used with a blocking stream
-                    break
-                data += chunk
-            stream.finish()
-        except libvirt.libvirtError:
-            with contextlib.suppress(libvirt.libvirtError):
-                stream.abort()
-        return bytes(data)
 
     def write_record(self, pool: str, record: OwnershipRecord) -> None:
         """Store a project's ownership record as a small volume inside the pool it describes."""
