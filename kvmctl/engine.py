@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
@@ -141,7 +142,14 @@ def host_facts(live: LiveState) -> checks.HostFacts:
                     f"{ipv4.address}/{ipv4.prefix}", strict=False)))
             except ValueError:
                 continue  # not IPv4 (libvirt also has IPv6 networks): no overlap check
-    return checks.HostFacts(frozenset(live.networks), frozenset(live.pools), tuple(subnets))
+    macs = {d.name: tuple(m.lower() for m in _MAC.findall(d.inactive_xml))
+            for d in live.domains.values()}
+    return checks.HostFacts(frozenset(live.networks), frozenset(live.pools), tuple(subnets),
+                            macs)
+
+
+# A domain's MACs, without parsing its whole definition (this runs over every domain per plan).
+_MAC = re.compile(r"<mac\s+address=['\"]([0-9A-Fa-f:]{17})['\"]")
 
 
 # ---- saved plans --------------------------------------------------------------------------------

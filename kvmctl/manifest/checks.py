@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import Problem
 from ..kinds import Kind
@@ -25,11 +25,13 @@ ObjIndex = Mapping[tuple[str, str], Resource]
 
 @dataclass(frozen=True)
 class HostFacts:
-    """Names that exist on the hypervisor though not in the manifests, and its subnets."""
+    """Names that exist on the hypervisor though not in the manifests, its subnets, and the MACs
+    of its domains (by domain name)."""
 
     networks: frozenset[str] = frozenset()
     pools: frozenset[str] = frozenset()
     subnets: tuple[tuple[str, ipaddress.IPv4Network], ...] = ()
+    domain_macs: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def duplicates(documents: list[Document]) -> Iterator[Problem]:

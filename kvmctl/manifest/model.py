@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from functools import cached_property
+from itertools import count, islice
 from typing import Any
 
 from ..errors import Location
@@ -223,14 +224,57 @@ def spec_hash(spec: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def derived_mac(vm_name: str, index: int) -> str:
-    """A MAC that is the same on every run for the same VM and NIC position.
-
-    Identity must not depend on libvirt's random choice: a redefinition, a replace, or a fresh
-    CI runner gives the guest the same MAC, hence the same DHCP lease.
+def derived_mac(vm_name: str, index: int, attempt: int = 0) -> str:
+    """The `attempt`-th candidate MAC of a VM's NIC at `index`: the same on every run and every
+    machine. Identity must not depend on libvirt's random choice: a redefinition, a replace, or a
+    fresh CI runner gives the guest the same MAC, hence the same DHCP lease.
     """
-    digest = hashlib.sha256(f"kvmctl:{vm_name}:{index}".encode()).digest()
+    seed = f"kvmctl:{vm_name}:{index}" + (f":{attempt}" if attempt else "")
+    digest = hashlib.sha256(seed.encode()).digest()
     return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
+def assign_macs(vms: tuple[VirtualMachine, ...],
+                host_macs: Mapping[str, tuple[str, ...]]) -> tuple[VirtualMachine, ...]:
+    """`vms` with a unique MAC on every NIC the manifest gives none.
+
+    24 bits of a hash collide within a few thousand NICs, so each NIC takes the first of its
+    candidates (derived_mac attempts 0, 1, ...) that nothing else uses: no MAC written in the
+    manifests, no other NIC of the set, no domain on the host (`host_macs`: domain name -> its
+    MACs). A VM that is defined keeps the candidate it already has, so adding or removing other
+    VMs never moves a defined VM's MAC.
+    """
+    taken = {nic.mac for vm in vms for nic in vm.interfaces if nic.mac_given}
+    on_host = {mac for macs in host_macs.values() for mac in macs}
+    chosen: dict[tuple[str, int], str] = {}
+    for vm in vms:  # first what defined VMs already have
+        own = set(host_macs.get(vm.meta.name, ()))
+        for i, nic in enumerate(vm.interfaces):
+            kept = next((mac for mac in islice(_candidates(vm.meta.name, i), MAC_KEPT_LOOKUP)
+                         if mac in own and mac not in taken), None) if own else None
+            if not nic.mac_given and kept is not None:
+                chosen[(vm.meta.name, i)] = kept
+                taken.add(kept)
+    for vm in vms:
+        for i, nic in enumerate(vm.interfaces):
+            if nic.mac_given or (vm.meta.name, i) in chosen:
+                continue
+            mac = next(m for m in _candidates(vm.meta.name, i)
+                       if m not in taken and m not in on_host)
+            chosen[(vm.meta.name, i)] = mac
+            taken.add(mac)
+    return tuple(replace(vm, interfaces=tuple(
+        replace(nic, mac=chosen.get((vm.meta.name, i), nic.mac))
+        for i, nic in enumerate(vm.interfaces))) if vm.interfaces else vm for vm in vms)
+
+
+# How far back a defined VM's MAC is looked for among its candidates: a NIC only moves past
+# its first candidate on a collision, and more than a few in a row never happen in 2^24 MACs.
+MAC_KEPT_LOOKUP = 64
+
+
+def _candidates(vm_name: str, index: int) -> Iterator[str]:
+    return (derived_mac(vm_name, index, attempt) for attempt in count())
 
 
 def _meta(doc: Document) -> Meta:
@@ -332,12 +376,14 @@ _BUILDERS: dict[Kind, Callable[[Document, dict[str, Any]], Resource]] = {
     Kind.POOL: _pool, Kind.IMAGE: _image, Kind.DISK: _disk, Kind.NETWORK: _network, Kind.VM: _vm}
 
 
-def build(documents: list[Document]) -> ManifestSet:
-    """The typed model of schema-valid documents (semantic checks come after, in checks.py)."""
+def build(documents: list[Document],
+          host_macs: Mapping[str, tuple[str, ...]] | None = None) -> ManifestSet:
+    """The typed model of schema-valid documents (semantic checks come after, in checks.py);
+    `host_macs` (domain name -> MACs on the host) keeps derived MACs unique and stable."""
     by_kind: dict[Kind, list[Any]] = {kind: [] for kind in MANIFEST_KINDS}
     for doc in documents:
         kind = Kind(doc.kind)
         by_kind[kind].append(_BUILDERS[kind](doc, doc.body.get("spec") or {}))
     return ManifestSet(pools=tuple(by_kind[Kind.POOL]), images=tuple(by_kind[Kind.IMAGE]),
                        disks=tuple(by_kind[Kind.DISK]), networks=tuple(by_kind[Kind.NETWORK]),
-                       vms=tuple(by_kind[Kind.VM]))
+                       vms=assign_macs(tuple(by_kind[Kind.VM]), host_macs or {}))

@@ -309,7 +309,7 @@ def validate(documents: list[Document], host: checks.HostFacts | None = None,
     problems.extend(checks.duplicates(documents))
     if problems:
         raise ManifestError(problems)
-    manifest = build(documents)
+    manifest = build(documents, host.domain_macs if host is not None else None)
     problems.extend(checks.semantic(manifest, {(d.kind, d.name): d for d in documents}, host))
     if problems:
         raise ManifestError(_sorted(problems))
