@@ -76,7 +76,8 @@ class Plan:
                  ChangeClass.REPLACE, ChangeClass.DELETE, ChangeClass.NOOP)
         counts = {str(k): 0 for k in order}
         for c in self.changes:
-            counts[c.change_class] += 1
+            if not c.blocked:  # a blocked change is counted apart: it will not be made
+                counts[c.change_class] += 1
         counts["blocked"] = sum(1 for c in self.changes if c.blocked)
         counts["pending_restart"] = sum(1 for c in self.changes if c.pending_restart)
         return counts
