@@ -112,7 +112,9 @@ class Session:
         named = {o.meta.ref for o in self.manifest.all()}
         named |= {ref(Kind.SEED, vm.meta.name) for vm in self.manifest.vms if vm.cloud_init}
         opts = Options(self.target.project, prune=True, prune_disks=with_disks,
-                       allow_empty=True, scope=tuple(sorted(named)))
+                       allow_empty=True, scope=tuple(sorted(named)),
+                       shutdown_timeouts=tuple((vm.meta.name, float(vm.shutdown_timeout))
+                                               for vm in self.manifest.vms))
         empty = ManifestSet()
         everything = make_plan(empty, self.desired(empty), self.live, opts, self.uri)
         # The planner's advice names prune's flag; destroy's own is --with-disks.

@@ -20,6 +20,7 @@ class Owner:
     spec_hash: str = ""
     seed_hash: str = ""
     protect: bool = False
+    shutdown_timeout_s: float | None = None  # a VM's shutdownTimeout, for deletes of it
 
 
 def resource_fields(root: etree._Element) -> dict[str, str] | None:
@@ -52,7 +53,15 @@ def owner_from_xml(xml: str) -> Owner | None:
     return Owner(fields.get("project", ""), known_kind(fields.get("kind", "")),
                  fields.get("name", ""),
                  fields.get("spec-hash", ""), fields.get("seed-hash", ""),
-                 fields.get("protect") == "true")
+                 fields.get("protect") == "true", _seconds(fields.get("shutdown-timeout")))
+
+
+def _seconds(text: str | None) -> float | None:
+    try:
+        value = float(text) if text else None
+    except ValueError:
+        return None
+    return value if value is not None and 0 <= value <= 86400 else None
 
 
 @dataclass(frozen=True)

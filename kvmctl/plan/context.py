@@ -26,6 +26,8 @@ class Options:
     targets: tuple[str, ...] = ()
     # With prune: only these refs (KIND/NAME) may be deleted (destroy: what its manifests name).
     scope: tuple[str, ...] = ()
+    # (VM name, shutdownTimeout) of VMs a delete shuts down (destroy: from its manifests).
+    shutdown_timeouts: tuple[tuple[str, float], ...] = ()
 
 
 class Context:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from ..host.ownership import Owner
-from ..host.state import LivePool, LiveVolume, fingerprint, volume_fingerprint
+from ..host.state import LiveDomain, LivePool, LiveVolume, fingerprint, volume_fingerprint
 from ..kinds import Kind, ref
 from .context import Context, attached_to
 from .steps import DeleteDomain, DeleteNetwork, DeletePool, DeleteVolume, Step
 from .types import Change, ChangeClass
 
-# How long a pruned VM gets to shut down gracefully before it is powered off.
-DELETE_SHUTDOWN_TIMEOUT_S = 60
+# How long a pruned VM gets to shut down gracefully before it is powered off, when neither the
+# manifests (destroy) nor its own metadata (the shutdownTimeout it was defined with) say.
+DELETE_SHUTDOWN_TIMEOUT_S = 120
 
 # ---- prune --------------------------------------------------------------------------------------
 
@@ -27,7 +28,7 @@ def plan_prune(ctx: Context) -> list[Change]:
         if _mine(dom.owner, project) and (Kind.VM, dom.name) not in wanted \
                 and in_scope(Kind.VM, dom.name):
             out.append(_delete(dom.owner, Kind.VM, dom.name,
-                               DeleteDomain(dom.name, DELETE_SHUTDOWN_TIMEOUT_S),
+                               DeleteDomain(dom.name, _shutdown_timeout(ctx, dom)),
                                fingerprint(dom.inactive_xml, dom.state)))
     for net in ctx.live.networks.values():
         if _mine(net.owner, project) and (Kind.NETWORK, net.name) not in wanted \
@@ -54,6 +55,14 @@ def plan_prune(ctx: Context) -> list[Change]:
                 and in_scope(Kind.POOL, pool.name):
             out.append(_prune_pool(ctx, pool, going))
     return out
+
+
+def _shutdown_timeout(ctx: Context, dom: LiveDomain) -> float:
+    given = dict(ctx.opts.shutdown_timeouts).get(dom.name)
+    if given is not None:
+        return given
+    recorded = dom.owner.shutdown_timeout_s if dom.owner else None
+    return recorded if recorded is not None else DELETE_SHUTDOWN_TIMEOUT_S
 
 
 def _mine(owner: Owner | None, project: str) -> bool:

@@ -489,3 +489,22 @@ def test_a_guest_that_ignores_acpi_is_powered_off_and_the_apply_says_so(
     result = host.apply(host.manifests(lab(host.folder, state="stopped", shutdownTimeout=3)))
     assert ("VirtualMachine/u-vm: done (u-vm did not shut down within 3 s of the ACPI request "
             "and was powered off)") in result.stdout
+
+
+def test_destroy_and_prune_wait_the_vms_own_shutdown_timeout(
+        host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    waited: list[tuple[str, float]] = []
+    real = host.hv.shutdown_domain
+
+    def shutdown(name: str, timeout: float) -> bool:
+        waited.append((name, timeout))
+        return real(name, timeout)
+
+    monkeypatch.setattr(host.hv, "shutdown_domain", shutdown)
+    path = host.manifests(lab(host.folder, shutdownTimeout=7))
+    host.apply(path)
+    assert host.cli("destroy", "-y", "-f", path).code == 0
+    host.apply(path)
+    # prune: the VM left the manifests; its metadata says how long it may take
+    host.apply(host.manifests(lab(host.folder)[:3]), "--prune")
+    assert waited == [("u-vm", 7.0), ("u-vm", 7.0)]
