@@ -54,6 +54,7 @@ class Executor:
             s.DefineNetwork: self.define_network, s.StartNetwork: self.start_network,
             s.SetNetworkAutostart: lambda st: hv.set_network_autostart(st.name, st.on),
             s.DeleteNetwork: lambda st: hv.delete_network(st.name),
+            s.RestartNetwork: self.restart_network,
             s.UpdateNetwork: lambda st: hv.update_network(st.name, str(st.command),
                                                           str(st.section), st.xml),
             s.ReplugNic: self.replug_nic,
@@ -200,6 +201,10 @@ class Executor:
     def start_network(self, step: s.StartNetwork) -> None:
         with self._network_lock:
             self.hv.start_network(step.name)
+
+    def restart_network(self, step: s.RestartNetwork) -> None:
+        with self._network_lock:
+            self.hv.restart_network(step.name)
 
     def replug_nic(self, step: s.ReplugNic) -> None:
         """Reconnect a running guest's NIC to a network that was just created again: libvirt

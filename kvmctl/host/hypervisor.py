@@ -123,6 +123,12 @@ class Hypervisor(HostReader):
         if not net.isActive():
             call(f"start network {name}", net.create)
 
+    def restart_network(self, name: str) -> None:
+        net = self._net(name)
+        if net.isActive():
+            call(f"stop network {name}", net.destroy)
+        call(f"start network {name}", net.create)
+
     def set_network_autostart(self, name: str, on: bool) -> None:
         call(f"set autostart of network {name}", self._net(name).setAutostart, int(on))
 

@@ -4,7 +4,7 @@ network update call, no restart); anything else replaces the network."""
 from __future__ import annotations
 
 from ..host import facts
-from ..host.state import fingerprint
+from ..host.state import LiveNetwork, fingerprint
 from ..kinds import Kind
 from ..manifest.model import Network
 from .context import Context
@@ -15,6 +15,7 @@ from .steps import (
     NetworkCommand,
     NetworkSection,
     ReplugNic,
+    RestartNetwork,
     SetNetworkAutostart,
     StartNetwork,
     Step,
@@ -58,16 +59,42 @@ def plan_network(ctx: Context, net: Network) -> Change:
     live_steps = _network_live_steps(name, changes, xml, live.xml)
     if changes:
         live_steps.append(DefineNetwork(name, xml))
-    if not live.active:
-        live_steps.append(StartNetwork(name))
+    reasons = ["changed live, without restarting the network"] if live_steps else []
+    repair, why, repaired = _repair(ctx, name, live)
+    live_steps += repair
+    reasons += why
+    fields += repaired
     if live.autostart != net.autostart:
         live_steps.append(SetNetworkAutostart(name, net.autostart))
         fields += (FieldDiff("autostart", live.autostart, net.autostart),)
+        reasons = reasons or ["changed live, without restarting the network"]
     if not live_steps:
         return Change(Kind.NETWORK, name, ChangeClass.NOOP, fingerprint=fp)
-    return Change(Kind.NETWORK, name, ChangeClass.UPDATE_LIVE,
-                  ("changed live, without restarting the network",), fields, tuple(live_steps),
-                  fingerprint=fp)
+    return Change(Kind.NETWORK, name, ChangeClass.UPDATE_LIVE, tuple(reasons), fields,
+                  tuple(live_steps), fingerprint=fp)
+
+
+def _repair(ctx: Context, name: str, live: LiveNetwork
+            ) -> tuple[list[Step], list[str], tuple[FieldDiff, ...]]:
+    """Steps, reasons and fields that bring back a network stopped, or whose bridge was deleted,
+    outside kvmctl: libvirt then still calls it active, but its guests are cut off. Either way
+    the running guests' NICs on it are plugged in again, as a replace does."""
+    bridge = facts.network_facts(live.xml)["bridge"] if live.active else None
+    if live.active and not (bridge and ctx.live.host_bridges
+                            and bridge not in ctx.live.host_bridges):
+        return [], [], ()
+    users = _running_nics(ctx, name)
+    guests = ", ".join(sorted({u.domain for u in users}))
+    replug = (f"; the NICs of the running guests on it are plugged in again: {guests}"
+              if users else "")
+    if not live.active:
+        return ([StartNetwork(name), *users],
+                [f"the network is not running (stopped outside kvmctl): it is started{replug}"],
+                (FieldDiff("active", False, True),))
+    return ([RestartNetwork(name), *users],
+            [f"its bridge {bridge} is gone from the host (deleted outside libvirt), which cuts "
+             f"its guests off: the network is restarted{replug}"],
+            (FieldDiff("bridge", f"{bridge} (missing on the host)", bridge),))
 
 
 def _running_nics(ctx: Context, network: str) -> list[ReplugNic]:

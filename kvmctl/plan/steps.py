@@ -162,6 +162,13 @@ class StartNetwork:
 
 
 @dataclasses.dataclass(frozen=True)
+class RestartNetwork:
+    """Stop and start a network (its bridge, dnsmasq and NAT rules are made anew)."""
+
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
 class SetNetworkAutostart:
     name: str
     on: bool
@@ -271,7 +278,8 @@ class UpdateDevice:
 Step = Union[
     CreatePool, StartPool, SetPoolAutostart, ClaimPool, DeletePool,
     CreateVolume, ClaimVolume, GrowVolume, DeleteVolume, ImportImage, WriteSeed,
-    DefineNetwork, StartNetwork, SetNetworkAutostart, DeleteNetwork, UpdateNetwork, ReplugNic,
+    DefineNetwork, StartNetwork, RestartNetwork, SetNetworkAutostart, DeleteNetwork,
+    UpdateNetwork, ReplugNic,
     DefineDomain, SetDomainAutostart, StartDomain, ShutdownDomain, RestartDomain, DeleteDomain,
     SetVcpusLive, SetMemoryLive, SetMetadataLive, AttachDevice, DetachDevice, UpdateDevice,
 ]
