@@ -21,7 +21,7 @@ _UNITS = {
     "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4,
     "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
 }
-_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]+)\s*", re.ASCII)
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]+)\s*")  # [0-9]: ASCII digits only
 _MAX_DIGITS = 40  # more digits than any size libvirt can hold, in the number or its fraction
 _EXACT = Context(prec=2 * _MAX_DIGITS + 8)  # products of such numbers are never rounded
 _XML_PREFIX = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5, "e": 6}

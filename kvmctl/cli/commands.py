@@ -103,7 +103,7 @@ def cmd_apply(opts: CommandOptions, env: Env) -> int:
     from ..engine import load_saved
     if opts.plan_file and opts.filenames:
         raise UsageError("give either a saved plan or -f manifests, not both")
-    # A saved plan names its project and URI; the lock is taken for those.
+    # The lock is the command line's project and URI (for a saved plan too, as it always was).
     with project_lock(opts.uri, opts.project, opts.lock_timeout,
                       lambda m: env.stderr.write(m + "\n")):
         if opts.plan_file:

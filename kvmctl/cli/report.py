@@ -12,7 +12,7 @@ from ..errors import Problem
 
 if TYPE_CHECKING:  # rich and the plan types are imported when there is something to show
     from ..apply import Event
-    from ..plan.types import Change, Plan
+    from ..plan.types import Change, FieldDiff, Plan
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,8 @@ _COLORS = {"create": "green", "update-live": "yellow", "update-restart": "yellow
 
 
 def print_plan(plan: Plan, env: Env) -> None:
-    from ..plan.types import MASK, SYMBOLS, ChangeClass
+    from ..plan.describe import INTERNAL_FIELDS
+    from ..plan.types import SYMBOLS, ChangeClass
     shown = [c for c in plan.changes if c.is_change]
     if shown:  # rich is imported only when there is something to print in colour
         from rich.console import Console
@@ -82,9 +83,13 @@ def print_plan(plan: Plan, env: Env) -> None:
             console.print(f"      {reason}", markup=False)
         if c.blocked:
             console.print(f"      [bold red]blocked:[/] {c.blocked}", markup=True)
-        for f in c.fields:
-            old, new = (MASK, MASK) if f.sensitive else (_fmt(f.old), _fmt(f.new))
-            console.print(f"      {f.field}: {old} → {new}", markup=False)
+        shown_fields = [f for f in c.fields if f.field not in INTERNAL_FIELDS]
+        for f in shown_fields:
+            console.print("      " + _field_line(f, c.change_class), markup=False)
+        if c.fields and not shown_fields:
+            console.print("      only kvmctl's record of the manifest changes (settings that "
+                          "are not part of the libvirt definition, e.g. onRestartNeeded or "
+                          "protect)", markup=False)
     s = plan.summary()
     env.stdout.write(
         f"Plan: {s['create']} to create, {s['update-live']} to update live, "
@@ -94,6 +99,14 @@ def print_plan(plan: Plan, env: Env) -> None:
         + (f", {s['pending_restart']} pending restart" if s["pending_restart"] else "") + ".\n")
     if not plan.changes_present:
         env.stdout.write("No changes: the host matches the manifests.\n")
+
+
+def _field_line(f: FieldDiff, change_class: str) -> str:
+    from ..plan.types import MASK
+    old, new = (MASK, MASK) if f.sensitive else (_fmt(f.old), _fmt(f.new))
+    if change_class == "create":  # a create lists what it makes, from nothing
+        return f"{f.field}: {new}"
+    return f"{f.field}: {old} → {new}"
 
 
 def _fmt(value: Any) -> str:

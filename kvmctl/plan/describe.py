@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from ..host.facts import (
     DhcpHostFact,
     DiskFact,
@@ -12,8 +14,19 @@ from ..host.facts import (
     RangeFact,
 )
 from ..units import format_kib
+from .types import FieldDiff
 
 KIB_FIELDS = ("memory", "memory.max")  # domain facts counted in KiB
+
+
+INTERNAL_FIELDS = ("metadata",)  # kvmctl's own record (digests): shown in JSON, not in text
+
+
+def created(facts: Mapping[str, object]) -> tuple[FieldDiff, ...]:
+    """What a create makes, as field diffs from nothing: a reviewer sees the whole object."""
+    return tuple(FieldDiff(field, None, shown) for field, value in facts.items()
+                 if field not in INTERNAL_FIELDS
+                 and (shown := describe(field, value)) not in (None, False, ()))
 
 
 def describe(field: str, value: object) -> object:

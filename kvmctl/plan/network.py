@@ -8,7 +8,7 @@ from ..host.state import LiveNetwork, fingerprint
 from ..kinds import Kind
 from ..manifest.model import Network
 from .context import Context
-from .describe import describe
+from .describe import created, describe
 from .steps import (
     DefineNetwork,
     DeleteNetwork,
@@ -35,7 +35,7 @@ def plan_network(ctx: Context, net: Network) -> Change:
               SetNetworkAutostart(name, net.autostart))
     if live is None:
         return Change(Kind.NETWORK, name, ChangeClass.CREATE, (f"new {net.mode} network",),
-                      steps=create)
+                      created(facts.network_facts(xml)), create)
     if not ctx.check_owner(net.meta, live.owner):
         return Change(Kind.NETWORK, name, ChangeClass.NOOP)
     fp = fingerprint(live.xml, live.active, live.autostart)

@@ -31,8 +31,10 @@ def plan_pool(ctx: Context, pool: StoragePool) -> Change:
     live = ctx.live.pools.get(name)
     if live is None:
         return Change(Kind.POOL, name, ChangeClass.CREATE, ("new storage pool at " + pool.path,),
-                      steps=(CreatePool(name, ctx.desired.pools[name]),
-                             SetPoolAutostart(name, pool.autostart)))
+                      (FieldDiff("type", None, pool.type), FieldDiff("path", None, pool.path),
+                       FieldDiff("autostart", None, pool.autostart)),
+                      (CreatePool(name, ctx.desired.pools[name]),
+                       SetPoolAutostart(name, pool.autostart)))
     if not ctx.check_owner(pool.meta, live.owner):
         return Change(Kind.POOL, name, ChangeClass.NOOP)
     fp = fingerprint(live.xml, live.active, live.autostart)
@@ -68,7 +70,10 @@ def plan_image(ctx: Context, image: Image) -> Change:
     deps = (ref(Kind.POOL, image.pool),)
     if live is None:
         return Change(Kind.IMAGE, name, ChangeClass.CREATE, (f"import from {image.source}",),
-                      steps=(create,), depends=deps)
+                      (FieldDiff("source", None, image.source),
+                       FieldDiff("format", None, image.format),
+                       FieldDiff("volume", None, f"{image.pool}/{volume}")),
+                      (create,), depends=deps)
     if not ctx.check_owner(image.meta, live.owner):
         return Change(Kind.IMAGE, name, ChangeClass.NOOP)
     fp = volume_fingerprint(live)
@@ -135,8 +140,14 @@ def _create_disk(ctx: Context, disk: Disk, create: CreateVolume, deps: tuple[str
                               create.size_bytes, VolumeRef(image.pool, image.volume))
     how = f"{format_size(disk.size_bytes)} {disk.format}" + (
         f", {'copy' if disk.clone else 'overlay'} of Image {disk.image}" if disk.image else "")
+    fields = [FieldDiff("size", None, format_size(disk.size_bytes)),
+              FieldDiff("format", None, disk.format),
+              FieldDiff("volume", None, f"{disk.pool}/{create.volume}")]
+    if disk.image:
+        how_made = "copy" if disk.clone else "overlay"
+        fields.append(FieldDiff("image", None, f"{disk.image} ({how_made})"))
     return Change(Kind.DISK, disk.meta.name, ChangeClass.CREATE, (f"new disk: {how}",),
-                  steps=(create,), depends=deps)
+                  tuple(fields), (create,), depends=deps)
 
 
 def _replace_disk(ctx: Context, disk: Disk, old: LiveVolume, create: CreateVolume,

@@ -11,7 +11,7 @@ from ..kinds import Kind, ref
 from ..manifest.model import VirtualMachine
 from ..memo import key as memo_key
 from .context import Context
-from .describe import describe
+from .describe import created, describe
 from .steps import (
     GUEST_STEPS,
     AttachDevice,
@@ -79,10 +79,17 @@ def plan_vm(ctx: Context, vm: VirtualMachine) -> Change:
         if vm.state == "running":
             steps.append(StartDomain(name))
         return Change(Kind.VM, name, ChangeClass.CREATE, (f"new VM ({vm.state})",),
-                      steps=tuple(steps), depends=deps)
+                      _created(vm, xml), tuple(steps), depends=deps)
     if not ctx.check_owner(vm.meta, live.owner):
         return Change(Kind.VM, name, ChangeClass.NOOP)
     return _update_vm(ctx, vm, live, xml, deps)
+
+
+def _created(vm: VirtualMachine, xml: str) -> tuple[FieldDiff, ...]:
+    """What a new VM is made of; its NICs with the addresses reserved for them."""
+    ips = {facts.nic_key(nic.mac): nic.ip for nic in vm.interfaces if nic.ip}
+    return tuple(FieldDiff(f.field, None, f"{f.new}, address {ips[f.field]}")
+                 if f.field in ips else f for f in created(facts.domain_facts(xml)))
 
 
 def _vm_differences(ctx: Context, xml: str, live: LiveDomain

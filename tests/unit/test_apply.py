@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import re
 import threading
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -508,3 +509,15 @@ def test_destroy_and_prune_wait_the_vms_own_shutdown_timeout(
     # prune: the VM left the manifests; its metadata says how long it may take
     host.apply(host.manifests(lab(host.folder)[:3]), "--prune")
     assert waited == [("u-vm", 7.0), ("u-vm", 7.0)]
+
+
+def test_the_text_plan_shows_what_a_create_makes_and_no_digests(host: Host) -> None:
+    path = host.manifests(lab(host.folder))
+    text = host.cli("plan", "-f", path).stdout
+    assert "memory: 128MiB" in text and "size: 16MiB" in text and "ipv4: 10.250.1.1/24" in text
+    assert re.search(r"nic:52:54:00:[0-9a-f:]{8}: network u-net, .*address 10\.250\.1\.10", text)
+    host.apply(path)
+    policy_only = lab(host.folder, onRestartNeeded="restart")  # not part of the definition
+    text = host.cli("plan", "-f", host.manifests(policy_only)).stdout
+    assert "metadata" not in text and "spec " not in text
+    assert "only kvmctl's record of the manifest changes" in text
