@@ -220,7 +220,8 @@ def inventory(what: str, live: LiveState, hv: Hypervisor, project: str) -> list[
         return owner is not None and owner.project == project
 
     if what == "vms":
-        return [_vm_row(d, live, hv) for d in live.domains.values() if mine(d.owner)]
+        resolve = facts.volume_resolver(live)
+        return [_vm_row(d, live, hv, resolve) for d in live.domains.values() if mine(d.owner)]
     if what == "networks":
         return [{"name": n.name, "active": n.active, "autostart": n.autostart}
                 for n in live.networks.values() if mine(n.owner)]
@@ -234,7 +235,8 @@ def inventory(what: str, live: LiveState, hv: Hypervisor, project: str) -> list[
             if v.owner is not None and mine(v.owner) and v.owner.kind == kind]
 
 
-def _vm_row(d: LiveDomain, live: LiveState, hv: Hypervisor) -> dict[str, Any]:
+def _vm_row(d: LiveDomain, live: LiveState, hv: Hypervisor,
+            resolve: facts.VolumeResolver) -> dict[str, Any]:
     domain_facts = facts.domain_facts(d.live_xml or d.inactive_xml)
     nics = [(facts.key_id(key), nic.source if nic.type == "network" else None)
             for key, nic in domain_facts.items() if isinstance(nic, facts.NicFact)]
@@ -245,6 +247,6 @@ def _vm_row(d: LiveDomain, live: LiveState, hv: Hypervisor) -> dict[str, Any]:
             leases[network] = hv.dhcp_leases(network) if net and net.active else []
     agent = hv.agent_addresses(d.name) if d.running and domain_facts["guestAgent"] else {}
     ips = [ip for _, ip in nic_addresses(nics, leases, agent)]
-    pending = pending_restart(d.inactive_xml, d.live_xml) if d.live_xml else []
+    pending = pending_restart(d.inactive_xml, d.live_xml, resolve) if d.live_xml else []
     return {"name": d.name, "state": d.state, "addresses": ips, "autostart": d.autostart,
             "pending_restart": pending}

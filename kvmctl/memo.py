@@ -26,10 +26,13 @@ MAX_KEYS = 200_000
 def code_fingerprint() -> str:
     here = Path(__file__).resolve().parent
     digest = hashlib.sha256()
+    # Every module of every stage (a verdict of manifest/validate.py is as much the code's as
+    # one of this folder's), and the schemas, installed or beside the package.
     for folder in (here, here.parent / "schemas", here / "schemas"):
         if folder.is_dir():
-            for path in sorted(folder.glob("*.py")) + sorted(folder.glob("*.json")):
-                digest.update(path.name.encode() + path.read_bytes())
+            for path in sorted(folder.rglob("*.py")) + sorted(folder.glob("*.json")):
+                if "__pycache__" not in path.parts:
+                    digest.update(str(path.relative_to(folder)).encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 
 

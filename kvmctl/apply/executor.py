@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..errors import ApplyError, KvmctlError
+from ..errors import ApplyError, HypervisorError, KvmctlError
 from ..host.hypervisor import Hypervisor
 from ..host.ownership import Owner, OwnershipRecord
 from ..host.state import LiveState
@@ -63,7 +63,7 @@ class Executor:
             s.StartDomain: self.start_domain,
             s.ShutdownDomain: self.shutdown_domain,
             s.RestartDomain: self.restart_domain, s.DeleteDomain: self.delete_domain,
-            s.SetVcpusLive: lambda st: hv.set_vcpus_live(st.name, st.count),
+            s.SetVcpusLive: self.set_vcpus_live,
             s.SetMemoryLive: lambda st: hv.set_memory_live(st.name, st.kib),
             s.SetMetadataLive: lambda st: hv.set_metadata_live(st.name, st.xml),
             s.AttachDevice: lambda st: hv.attach_device_live(st.name, st.xml),
@@ -234,6 +234,21 @@ class Executor:
                     self.project, kind, name) or "<uuid>" in xml:
                 raise
             define(name, with_uuid(xml, found[0]))
+
+    def set_vcpus_live(self, step: s.SetVcpusLive) -> str:
+        """Hot-plug or unplug vCPUs. The guest must release unplugged ones and may not (libvirt
+        gives up waiting): the definition already has the new count, so the change is done and
+        the running guest keeps its vCPUs until its next restart, which the next plan shows as
+        pending."""
+        running = self.hv.vcpus_live(step.name)
+        try:
+            self.hv.set_vcpus_live(step.name, step.count)
+        except HypervisorError as exc:
+            if running is None or step.count >= running:
+                raise
+            return (f"the guest did not release vCPUs ({exc}); it keeps {running} until its "
+                    f"next restart, its definition has {step.count}")
+        return ""
 
     def start_domain(self, step: s.StartDomain) -> None:
         if self.hv.domain_state(step.name) != "running":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -33,9 +34,7 @@ def project_lock(uri: str, project: str, timeout: float,
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         _acquire(fd, path, timeout, waiting)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                      f"{time.strftime('%H:%M:%S')}\n".encode(), 0)
+        _name_holder(fd)
         yield
     finally:
         os.close(fd)
@@ -60,9 +59,48 @@ def _acquire(fd: int, path: str, timeout: float, waiting: Callable[[str], object
             time.sleep(0.2)
 
 
-def _holder(path: str) -> str:
+def _name_holder(fd: int) -> None:
+    """Put this process's holder line at the start of the lock file.
+
+    One write over the previous holder's line, then the file is cut to this line's length: the
+    file never is empty or shorter than a line, so a reader finds the previous holder's complete
+    line or this one's (a longer previous line's tail, until the cut, follows the newline).
+    """
+    line = (f"pid {os.getpid()} on {socket.gethostname()} since "
+            f"{time.strftime('%H:%M:%S')}\n").encode()
+    os.pwrite(fd, line, 0)
+    os.ftruncate(fd, len(line))
+
+
+HOLDER_LINE = re.compile(r"pid (\d+) on (\S+) since \d\d:\d\d:\d\d")
+HOLDER_WAIT_S = 1.0  # how long a reader waits for a new holder to write its line
+
+
+def _holder(path: str, wait: float = HOLDER_WAIT_S) -> str:
+    """Who holds the lock: the first line of the lock file, once it is a complete holder line
+    of a live process. A holder writes its line right after it got the lock, so for a moment
+    the file may still be new (empty) or name the previous, finished holder: read again."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with open(path, "rb") as f:
+                first = f.read(4096).split(b"\n", 1)
+        except OSError:
+            return "unknown holder"
+        line = first[0].decode("utf-8", "replace").strip() if len(first) == 2 else ""
+        found = HOLDER_LINE.fullmatch(line)
+        if found and not (found[2] == socket.gethostname() and not _alive(int(found[1]))):
+            return line
+        if time.monotonic() >= deadline:
+            return "unknown holder"
+        time.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip() or "unknown holder"
-    except OSError:
-        return "unknown holder"
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

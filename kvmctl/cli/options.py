@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..xmltext import describe_char, first_non_xml_char
+
 DOMAIN_TYPES = ("auto", "kvm", "qemu")
 GET_WHAT = ("vms", "networks", "disks", "pools", "images")
 
@@ -91,7 +93,7 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connect", "-c", default=None, metavar="URI",
                    help="libvirt URI (default: $KVMCTL_CONNECT, $LIBVIRT_DEFAULT_URI, "
                         "qemu:///system)")
-    p.add_argument("--project", default=default_project(),
+    p.add_argument("--project", default=default_project(), type=project_name,
                    help="the project that owns what these manifests create "
                         "(default: $KVMCTL_PROJECT or 'default')")
     p.add_argument("--domain-type", choices=DOMAIN_TYPES,
@@ -119,6 +121,23 @@ def _apply_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallelism", type=_positive_int, default=8, metavar="N")
     p.add_argument("--lock-timeout", type=_seconds, default=0, metavar="SECONDS",
                    help="wait this long for another apply of the project (default: fail at once)")
+
+
+def project_name(text: str) -> str:
+    """A --project value (or $KVMCTL_PROJECT, which argparse passes through here too): it is
+    written into every definition's XML metadata, so it must be text XML 1.0 can carry, and
+    into each VM's <title>, which libvirt keeps to one line."""
+    at = first_non_xml_char(text)
+    if at >= 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} holds {describe_char(text[at])} at character {at + 1}, which XML cannot "
+            "carry (the project name is written into libvirt definitions; from --project or "
+            "$KVMCTL_PROJECT)")
+    if "\n" in text or "\r" in text:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is more than one line (the project name is written into each VM's "
+            "title, which libvirt keeps to one line; from --project or $KVMCTL_PROJECT)")
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -158,7 +177,7 @@ def build_parser(commands: dict[str, Command], version: str) -> argparse.Argumen
     _manifest_options(p)
     p.add_argument("--kind", help="only objects of this kind")
     p.add_argument("--name", help="only the object with this name")
-    p.add_argument("--project", default=default_project())
+    p.add_argument("--project", default=default_project(), type=project_name)
     env_type = os.environ.get("KVMCTL_DOMAIN_TYPE")
     p.add_argument("--domain-type", choices=("kvm", "qemu"),
                    default=env_type if env_type in ("kvm", "qemu") else "kvm")

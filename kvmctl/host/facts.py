@@ -4,10 +4,18 @@ Desired XML (from the templates) and live XML (from libvirt) go through the same
 everything libvirt adds or rewrites (uuid, PCI addresses, controllers, `pc-q35-7.2` for `q35`,
 units, emulator path) either normalises to the same value or is not a fact at all. That is what
 keeps a second plan empty.
+
+Objects made by other tools (virt-install, virt-manager, virsh) spell the same settings in other
+ways, which compare equal too: a netmask or a prefix length, a disk given by the path of a pool's
+volume or by the pool and volume (`domain_facts` takes a resolver, `volume_resolver`), a disk
+without a format (qemu opens it as raw), the serial console's log on the console element.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -15,12 +23,16 @@ from lxml import etree
 
 from ..units import xml_kib
 from .ownership import resource_fields
+from .state import LiveState
 
 # Fact name -> value. Scalars for single settings (`memory` in KiB, `vcpus`, `machine`), the
 # named tuples below for devices and network entries; a device's fact name carries its key.
 Facts = dict[str, Any]
 DISK_PREFIX = "disk:"  # disk:<target dev>
 NIC_PREFIX = "nic:"  # nic:<mac>
+
+# The (pool, volume) of the volume at a path on the host, None for a path that is no volume.
+VolumeResolver = Callable[[str], "tuple[str, str] | None"]
 
 
 class DiskFact(NamedTuple):
@@ -46,7 +58,7 @@ class MetadataFact(NamedTuple):
 
 class Ipv4Fact(NamedTuple):
     address: str | None
-    prefix: str | None  # a prefix length or a netmask, as written
+    prefix: str | None  # the prefix length (from a prefix or a netmask); as written if invalid
 
 
 class RangeFact(NamedTuple):
@@ -126,19 +138,50 @@ def _metadata(root: etree._Element) -> MetadataFact | None:
     return MetadataFact(fields.get("spec-hash", ""), fields.get("seed-hash", ""))
 
 
-def _disk_fact(disk: etree._Element) -> tuple[str, DiskFact] | None:
+def volume_resolver(live: LiveState) -> VolumeResolver:
+    """Resolves a path to the (pool, volume) the host has there, from the volumes of every pool
+    in `live` (indexed on the first call, so a resolver nobody asks costs nothing)."""
+    index: dict[str, tuple[str, str]] | None = None
+
+    def resolve(path: str) -> tuple[str, str] | None:
+        nonlocal index
+        if index is None:
+            index = {_norm_path(v.path): (v.pool, v.name)
+                     for p in live.pools.values() for v in p.volumes}
+        return index.get(_norm_path(path))
+
+    return resolve
+
+
+def _norm_path(path: str) -> str:
+    """`/pool//dir/./x.qcow2` and `/pool/dir/x.qcow2` are one file (libvirt keeps a disk's path as
+    written); symbolic links are not followed: this runs where kvmctl runs, not on the host."""
+    return posixpath.normpath(path) if path else path
+
+
+def _disk_fact(disk: etree._Element, resolve: VolumeResolver | None = None
+               ) -> tuple[str, DiskFact] | None:
+    """A disk given by its file or block device path (`<disk type="file"><source file=...>`, as
+    virt-install writes `--disk vol=pool/vol` and `--disk path=...`) is the (pool, volume) that
+    path resolves to, so it equals `<disk type="volume"><source pool=... volume=...>`. A disk
+    without a format (no `<driver type>`) is opened by qemu as raw: its format is raw."""
     target = disk.find("target")
     if target is None:
         return None
     source = disk.find("source")
     driver = disk.find("driver")
-    src = None
+    src: tuple[str | None, str | None] | str | None = None
     if source is not None:
-        src = (source.get("pool"), source.get("volume")) if disk.get("type") == "volume" else \
-            source.get("file") or source.get("dev")
+        if disk.get("type") == "volume":
+            src = (source.get("pool"), source.get("volume"))
+        else:
+            path = source.get("file") or source.get("dev")
+            src = (resolve(path) if resolve is not None and path else None) or path
+    fmt = driver.get("type") if driver is not None else None
+    if fmt is None and src is not None:
+        fmt = "raw"
     return disk_key(target.get("dev") or ""), DiskFact(
-        disk.get("device", "disk"), target.get("bus"), src,
-        driver.get("type") if driver is not None else None,
+        disk.get("device", "disk"), target.get("bus"), src, fmt,
         disk.find("readonly") is not None, disk.find("shareable") is not None)
 
 
@@ -155,7 +198,9 @@ def _nic_fact(nic: etree._Element) -> tuple[str, NicFact] | None:
         link.get("state") if link is not None else "up")
 
 
-def domain_facts(xml: str) -> Facts:
+def domain_facts(xml: str, resolve: VolumeResolver | None = None) -> Facts:
+    """The facts of a domain definition; `resolve` (see volume_resolver) turns disks given by a
+    path into the pool volumes they are. Without it, such a disk's source is its path."""
     root = tree(xml)
     os_el = root.find("os")
     os_type = os_el.find("type") if os_el is not None else None
@@ -187,7 +232,7 @@ def domain_facts(xml: str) -> Facts:
     facts["cpu.model"] = cpu.findtext("model") if cpu is not None and cpu.get("mode") == "custom" \
         else None
     for disk in root.iterfind("devices/disk"):
-        if (disk_fact := _disk_fact(disk)) is not None:
+        if (disk_fact := _disk_fact(disk, resolve)) is not None:
             facts[disk_fact[0]] = disk_fact[1]
     for nic in root.iterfind("devices/interface"):
         if (nic_fact := _nic_fact(nic)) is not None:
@@ -195,9 +240,37 @@ def domain_facts(xml: str) -> Facts:
     return facts
 
 
+def _serial(root: etree._Element) -> etree._Element | None:
+    """The serial port the guest's ttyS0 is (port 0, else the first).
+
+    libvirt turns a lone `<console type="pty"><target type="serial"/>` (virt-install
+    `--graphics none` or `--console pty,target_type=serial,log.file=...`) into this serial, with
+    its log, and formats the console as a copy of it, so the console element is never read."""
+    serials = root.findall("devices/serial")
+    return next((s for s in serials if _attr(s.find("target"), "port") in ("0", None)),
+                serials[0] if serials else None)
+
+
+FILE_SERIAL = " (a file serial: no interactive console)"
+
+
 def _serial_log(root: etree._Element) -> str | None:
-    log = root.find("devices/serial/log")
-    return log.get("file") if log is not None else None
+    """The file receiving the serial console's output: the `<log file>` of its pty (kvmctl's,
+    virt-install `--serial pty,log.file=...`, or libvirt's move of a console's log).
+
+    A `<serial type="file"><source path>` (virt-install `--serial file,path=...`) writes the
+    output to that file too, but has no pty: `virsh console` has nothing to attach to, while
+    kvmctl's console is always there. Not the same for the user, so its fact is the path with
+    FILE_SERIAL after it: it differs from the manifest's `console.log` and says why. Whether a
+    log is appended or truncated at start (`append`) is not a fact: manifests do not own it."""
+    serial = _serial(root)
+    if serial is None:
+        return None
+    log = serial.find("log")
+    path = log.get("file") if log is not None else None
+    if serial.get("type") == "file":
+        return (path or _attr(serial.find("source"), "path") or "") + FILE_SERIAL
+    return path
 
 
 def owned_domain_facts(desired: Facts, actual: Facts) -> tuple[Facts, Facts]:
@@ -231,24 +304,62 @@ def _field_order(key: str) -> tuple[int, str]:
 
 # ---- networks ---------------------------------------------------------------------------------
 
+def _ip_text(value: str | None) -> str | None:
+    """An IP address in its one spelling (as Python writes it); as written when it is none."""
+    if value is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        return value
+
+
+def _prefix(ip: etree._Element) -> str | None:
+    """The prefix length of an IPv4 `<ip>`, as libvirt derives it: `prefix="24"`, else
+    `netmask="255.255.255.0"` (virsh's and virt-manager's spelling; libvirt keeps whichever it
+    was given), else the address's classful prefix (10.x: 8, 172.16.x: 16, 192.168.x: 24)."""
+    prefix, netmask, address = ip.get("prefix"), ip.get("netmask"), ip.get("address")
+    try:
+        if prefix is not None and int(prefix) > 0:
+            return str(int(prefix))
+        if netmask is not None:
+            return str(ipaddress.IPv4Network(f"0.0.0.0/{netmask.strip()}").prefixlen)
+        if address is not None:
+            value = int(ipaddress.IPv4Address(address.strip()))
+            octet = value >> 24
+            return "0" if value == 0 else "8" if octet < 0x80 else "16" if octet < 0xC0 \
+                else "24" if octet < 0xE0 else None
+    except ValueError:
+        return prefix or netmask
+    return prefix
+
+
+def _ipv4_element(root: etree._Element) -> etree._Element | None:
+    """The network's IPv4 `<ip>`: the first one of family ipv4 (written or not) whose address is
+    not IPv6. An IPv6 one may come first: libvirt keeps the order it was given."""
+    return next((ip for ip in root.iterfind("ip") if ip.get("family", "ipv4") == "ipv4"
+                 and ":" not in (ip.get("address") or "")), None)
+
+
 def network_facts(xml: str, bridge_owned: bool = True) -> Facts:
     root = tree(xml)
     forward = root.find("forward")
     mode = forward.get("mode", "nat") if forward is not None else "isolated"
-    ip = root.find("ip")
+    ip = _ipv4_element(root)
     dhcp_range = ip.find("dhcp/range") if ip is not None else None
     mtu = root.find("mtu")
     facts: Facts = {
         "mode": mode,
-        "ipv4": Ipv4Fact(ip.get("address"), ip.get("prefix") or ip.get("netmask"))
-        if ip is not None else None,
-        "dhcp.range": RangeFact(dhcp_range.get("start"), dhcp_range.get("end"))
+        "ipv4": Ipv4Fact(_ip_text(ip.get("address")), _prefix(ip)) if ip is not None else None,
+        "dhcp.range": RangeFact(_ip_text(dhcp_range.get("start")),
+                                _ip_text(dhcp_range.get("end")))
         if dhcp_range is not None else None,
+        # libvirt keeps a DHCP host's MAC as written (virsh net-define with upper case)
         "dhcp.hosts": tuple(sorted(DhcpHostFact(h.get("mac", "").lower(), h.get("name"),
-                                                h.get("ip"))
+                                                _ip_text(h.get("ip")))
                                    for h in ip.iterfind("dhcp/host"))) if ip is not None else (),
-        "dns.hosts": tuple(sorted(DnsHostFact(h.get("ip"), tuple(n.text for n in
-                                                                 h.iterfind("hostname")))
+        "dns.hosts": tuple(sorted(DnsHostFact(_ip_text(h.get("ip")),
+                                              tuple(n.text for n in h.iterfind("hostname")))
                                   for h in root.iterfind("dns/host"))),
         "domain": _attr(root.find("domain"), "name"),
         "mtu": int(_required_attr(mtu, "size")) if mtu is not None else None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import posixpath
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -24,10 +25,11 @@ from ..kinds import NAMESPACE, RECORD_PREFIX
 from ..render.definitions import pool_definition, volume_xml
 from ..render.specs import VolumeSpec
 from .connection import call, silence_default_handler
-from .ownership import OwnershipRecord
+from .ownership import OwnershipRecord, record_names, slot_capacity
 from .reading import HostReader
 
 AFFECT_LIVE = libvirt.VIR_DOMAIN_AFFECT_LIVE
+_UEFI = re.compile(r"<nvram|<loader|firmware=['\"]efi['\"]")
 
 
 class Hypervisor(HostReader):
@@ -74,8 +76,10 @@ class Hypervisor(HostReader):
             call(f"power off domain {name}", dom.destroy)
         flags = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
         # A UEFI guest's NVRAM file goes with it; only such guests get the flag, which some
-        # drivers (libvirt's test driver) do not know.
-        if "<nvram" in call(f"read domain {name}", dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE):
+        # drivers (libvirt's test driver) do not know. libvirt before 9.2 keeps no <nvram> in
+        # the definition of a firmware="efi" guest, yet refuses to undefine it without the flag.
+        xml = call(f"read domain {name}", dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE)
+        if _UEFI.search(xml):
             flags |= libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
         call(f"undefine domain {name}", dom.undefineFlags, flags)
 
@@ -230,17 +234,67 @@ class Hypervisor(HostReader):
             raise
 
     def write_record(self, pool: str, record: OwnershipRecord) -> None:
-        """Store a project's ownership record as a small volume inside the pool it describes."""
-        name = f"{RECORD_PREFIX}{record.project}.json"
-        data = record.to_json()
-        pool_obj = self._pool_obj(pool)
-        with contextlib.suppress(libvirt.libvirtError):
-            pool_obj.storageVolLookupByName(name).delete(0)
-        if not record.owns_pool and not record.volumes:
+        """Store a project's ownership record as a small volume inside the pool it describes.
+
+        Never a moment without a complete record (see ownership.py): the new record is written
+        whole into the next-record slot, then into the record slot, and only then is the
+        next-record slot removed. The new record is in force from the moment its next-record
+        slot is complete (readers prefer a complete one); a kill before that leaves the
+        previous record in force. An empty record removes both slots.
+        """
+        current, pending = record_names(record.project)
+        has_current = self._record_slot(pool, current)
+        if self._record_slot(pool, pending):
+            if OwnershipRecord.from_json(self._slot_bytes(pool, pending), record.project):
+                # A killed write left its complete next record, which is in force: the record
+                # slot is free for the new one, which is in force once that slot is removed.
+                if record.empty:
+                    if has_current:
+                        self.delete_volume(pool, current)
+                else:
+                    self._put_slot(pool, current, record.to_json())
+                self.delete_volume(pool, pending)
+                return
+            self.delete_volume(pool, pending)  # incomplete: it never replaced anything
+        if record.empty:
+            if has_current:
+                self.delete_volume(pool, current)
             return
-        xml = volume_xml(VolumeSpec(pool, name, len(data), "raw", allocation_bytes=len(data)))
-        call(f"write ownership record in pool {pool}", pool_obj.createXML, xml, 0)
-        self.upload(pool, name, iter([data]), len(data))
+        data = record.to_json()
+        if not has_current:
+            # A first record: until it is complete there is none, and it claims nothing yet.
+            self._put_slot(pool, current, data)
+            return
+        self._put_slot(pool, pending, data)
+        self._put_slot(pool, current, data)
+        self.delete_volume(pool, pending)
+
+    def _record_slot(self, pool: str, name: str) -> bool:
+        try:
+            self._pool_obj(pool).storageVolLookupByName(name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                return False
+            raise HypervisorError(f"look up ownership record {name} in pool {pool}: "
+                                  f"{exc.get_error_message() or exc}") from None
+        return True
+
+    def _slot_bytes(self, pool: str, name: str) -> bytes:
+        return self._download(self._vol(pool, name))
+
+    def _put_slot(self, pool: str, name: str, data: bytes) -> None:
+        """Make the slot `name` hold `data` (zero-padded to its size): in place if it exists and
+        is large enough, else in a new volume."""
+        if self._record_slot(pool, name):
+            size = self.volume_capacity_bytes(pool, name)
+            if size >= len(data):
+                self.upload(pool, name, iter([data.ljust(size, b"\0")]), size)
+                return
+            self.delete_volume(pool, name)
+        size = slot_capacity(len(data))
+        self.create_volume(pool, name, volume_xml(VolumeSpec(pool, name, size, "raw",
+                                                              allocation_bytes=size)))
+        self.upload(pool, name, iter([data.ljust(size, b"\0")]), size)
 
     def import_host_file(self, pool: str, name: str, xml: str, path: str) -> None:
         """Copy a file that lives on the hypervisor host into a pool, through libvirt.

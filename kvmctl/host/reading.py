@@ -12,7 +12,14 @@ from lxml import etree
 from ..kinds import RECORD_PREFIX, Kind
 from ..units import xml_bytes
 from .connection import STATES, call, each_listed
-from .ownership import Owner, OwnershipRecord, owner_from_xml
+from .ownership import (
+    Owner,
+    OwnershipRecord,
+    choose_record,
+    owner_from_xml,
+    parse_record_name,
+    record_names,
+)
 from .state import LiveDomain, LiveNetwork, LivePool, LiveState, LiveVolume
 
 
@@ -59,8 +66,14 @@ class HostReader:
                 raise
             # Drivers without separate persistent network XML (test:///default) reject the flag.
             xml = call(f"read network {name}", net.XMLDesc, 0)
-        return LiveNetwork(name, net.UUIDString(), xml, bool(net.isActive()),
-                           bool(call(f"read network {name}", net.autostart)), owner_from_xml(xml))
+        active = bool(net.isActive())
+        bridge = None
+        if active:
+            with contextlib.suppress(libvirt.libvirtError):  # a network without a bridge
+                bridge = net.bridgeName() or None
+        return LiveNetwork(name, net.UUIDString(), xml, active,
+                           bool(call(f"read network {name}", net.autostart)), owner_from_xml(xml),
+                           bridge)
 
     def _pool(self, pool: Any) -> LivePool:
         name = pool.name()
@@ -68,15 +81,16 @@ class HostReader:
         active = bool(pool.isActive())
         path = etree.fromstring(xml.encode()).findtext("target/path") or ""
         volumes: list[LiveVolume] = []
-        records: list[OwnershipRecord] = []
+        slots: dict[str, dict[bool, Any]] = {}  # project -> {is the next-record slot: volume}
         if active:
             for vol in call(f"list volumes of pool {name}", pool.listAllVolumes, 0):
                 if vol.name().startswith(RECORD_PREFIX):
-                    record = OwnershipRecord.from_json(self._download(vol))
-                    if record:
-                        records.append(record)
+                    if found := parse_record_name(vol.name()):
+                        slots.setdefault(found[0], {})[found[1]] = vol
                     continue
                 volumes.extend(each_listed(lambda v: self._volume(name, v), [vol]))
+        records = [r for project, vols in sorted(slots.items())
+                   if (r := self._record(pool, project, vols)) is not None]
         owners = {v: o for r in records for v, o in r.volumes.items()}
         pool_owner = next((r.project for r in records if r.owns_pool), None)
         return LivePool(name, pool.UUIDString(), xml, path, active,
@@ -84,6 +98,21 @@ class HostReader:
                         Owner(pool_owner, Kind.POOL, name) if pool_owner else None,
                         tuple(LiveVolume(v.pool, v.name, v.path, v.capacity_bytes, v.format,
                                          v.backing_path, owners.get(v.name)) for v in volumes))
+
+    def _record(self, pool: Any, project: str, vols: dict[bool, Any]) -> OwnershipRecord | None:
+        """A project's record in a pool from its listed slots (see ownership.choose_record)."""
+        pending = self._download(vols[True]) if True in vols else None
+        if pending is not None and (record := OwnershipRecord.from_json(pending, project)):
+            return record  # the record slot is not read: it may be half rewritten
+        current = self._download(vols[False]) if False in vols else None
+        record = choose_record(project, current, None)
+        if record is None and current is not None and pending is None:
+            # A writer may have begun rewriting the record slot after the pool was listed; its
+            # next record is complete by then.
+            with contextlib.suppress(libvirt.libvirtError):
+                late = pool.storageVolLookupByName(record_names(project)[1])
+                record = choose_record(project, None, self._download(late))
+        return record
 
     def _volume(self, pool: str, vol: Any) -> LiveVolume:
         xml = etree.fromstring(call(f"read volume {vol.name()}", vol.XMLDesc, 0).encode())
@@ -128,6 +157,14 @@ class HostReader:
             return {}
         return {(i.get("hwaddr") or "").lower(): [a["addr"] for a in (i.get("addrs") or [])]
                 for i in ifaces.values()}
+
+    def vcpus_live(self, name: str) -> int | None:
+        """The running guest's vCPU count (None when it is not running)."""
+        dom = self._dom(name)
+        if not dom.isActive():
+            return None
+        return int(call(f"read vCPUs of domain {name}", dom.vcpusFlags,
+                        libvirt.VIR_DOMAIN_AFFECT_LIVE))
 
     def live_xml(self, name: str) -> str:
         return str(call(f"read domain {name}", self._dom(name).XMLDesc, 0))

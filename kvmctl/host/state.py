@@ -38,6 +38,9 @@ class LiveNetwork:
     active: bool
     autostart: bool
     owner: Owner | None
+    # The bridge the running network has (its persistent definition may name another, once
+    # libvirt gave a redefinition a free virbrN); None when it is not running.
+    bridge: str | None = None
 
 
 @dataclass(frozen=True)

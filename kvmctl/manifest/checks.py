@@ -16,6 +16,7 @@ from ..errors import Problem
 from ..kinds import Kind
 from ..units import format_size
 from .cloudinit import SeedError, seed_content_of, seed_pool
+from .devices import Q35_DEVICES, Q35_ROOT_PORTS, TARGET_NAMES
 from .documents import Document, JsonPath, json_path
 from .model import ManifestSet, Network, Resource, VirtualMachine
 
@@ -208,6 +209,36 @@ def limits(m: ManifestSet, docs: DocIndex) -> Iterator[Problem]:
                            f"memory.size ({format_size(vm.memory_bytes)})")
 
 
+def device_limits(m: ManifestSet, docs: DocIndex) -> Iterator[Problem]:
+    """Disks and interfaces within the target names and the machine's buses (devices.py)."""
+    for vm in m.vms:
+        name = vm.meta.name
+        virtio = [i for i, att in enumerate(vm.disks) if att.bus == "virtio"]
+        sd = [i for i, att in enumerate(vm.disks) if att.bus != "virtio"]
+        if len(virtio) > TARGET_NAMES:
+            yield _problem(docs, Kind.VM, name, ("spec", "disks", virtio[TARGET_NAMES]),
+                           f"too many virtio disks: {len(virtio)} (at most {TARGET_NAMES}, "
+                           "vda to vdzz)", "attach some on bus sata or scsi")
+        seed = 1 if vm.cloud_init is not None else 0
+        if len(sd) + seed > TARGET_NAMES:
+            first = sd[TARGET_NAMES - seed]
+            yield _problem(docs, Kind.VM, name, ("spec", "disks", first),
+                           f"too many sata and scsi disks: {len(sd)}"
+                           + (" and the cloud-init seed" if seed else "")
+                           + f" (at most {TARGET_NAMES} together, sda to sdzz)",
+                           "attach some on bus virtio")
+        devices = len(vm.disks) + len(vm.interfaces)
+        if vm.machine == "q35" and devices > Q35_DEVICES:
+            path: JsonPath = (("spec", "disks", Q35_DEVICES) if len(vm.disks) > Q35_DEVICES
+                              else ("spec", "interfaces", Q35_DEVICES - len(vm.disks)))
+            yield _problem(docs, Kind.VM, name, path,
+                           f"too many disks and interfaces for machine q35: {devices} (at most "
+                           f"{Q35_DEVICES})",
+                           f"each gets a pcie-root-port, and the q35 root bus holds "
+                           f"{Q35_ROOT_PORTS} (29 slots of 8), 10 of them for the VM's own "
+                           "controllers and hot-plug; use fewer, or machine: pc")
+
+
 def cloud_init(m: ManifestSet, docs: DocIndex) -> Iterator[Problem]:
     """The seed content is built here too, so that `validate` catches what `render` would."""
     if not any(vm.cloud_init for vm in m.vms):
@@ -223,7 +254,8 @@ def cloud_init(m: ManifestSet, docs: DocIndex) -> Iterator[Problem]:
         try:
             seed_content_of(vm)
         except SeedError as exc:
-            yield _problem(docs, Kind.VM, vm.meta.name, ("spec", "cloudInit"), str(exc))
+            where: JsonPath = ("spec", "cloudInit") + ((exc.field,) if exc.field else ())
+            yield _problem(docs, Kind.VM, vm.meta.name, where, str(exc))
 
 
 def semantic(m: ManifestSet, docs: DocIndex, host: HostFacts | None = None) -> list[Problem]:
@@ -232,7 +264,7 @@ def semantic(m: ManifestSet, docs: DocIndex, host: HostFacts | None = None) -> l
     checks: Iterable[Iterator[Problem]] = (
         references(m, docs, host), shared_disks(m, docs, objs), network_ranges(m, docs),
         overlapping_subnets(m, docs, host), interfaces(m, docs, objs), limits(m, docs),
-        cloud_init(m, docs))
+        device_limits(m, docs), cloud_init(m, docs))
     for check in checks:
         found.extend(check)
     return found

@@ -18,6 +18,7 @@ import yaml
 
 from ..errors import KvmctlError
 from ..kinds import Kind
+from .documents import MAX_DEPTH, node_too_large
 from .model import Disk, ManifestSet, VirtualMachine
 
 __all__ = ["SeedContent", "SeedError", "meta_data_text", "seed_content", "seed_content_of",
@@ -28,7 +29,12 @@ _DIGEST_VERSION: Final = "kvmctl.seed/1"
 
 
 class SeedError(KvmctlError):
-    """Invalid seed input (user-data, network-config, keys, hostname)."""
+    """Invalid seed input (user-data, network-config, keys, hostname); `field` names the
+    cloudInit field at fault (`userData`), when there is one."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -113,15 +119,55 @@ def _is_cloud_config(text: str) -> bool:
     return text.startswith(CLOUD_CONFIG_HEADER)
 
 
+class _TooDeep(Exception):
+    pass
+
+
+class _DepthLimitedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (what cloud-init reads user data with) that stops composing past
+    MAX_DEPTH levels, before its recursion (and its scanner, quadratic in flow nesting) goes
+    any deeper."""
+
+    depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH + 1:
+                raise _TooDeep
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
 def _parse_cloud_config(text: str) -> dict[str, Any]:
+    """The #cloud-config mapping of a user-data string, read as cloud-init reads it (PyYAML's
+    safe loader), within the limits of a manifest document (nesting, values, expanded size):
+    composed first, checked, then constructed, so that no shape of text can exhaust the stack
+    (the composer recurses per level) or the clock."""
     try:
-        config = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=_DepthLimitedLoader)
     except yaml.YAMLError as exc:
-        raise SeedError(f"user data is not valid #cloud-config YAML: {exc}") from exc
+        raise SeedError(f"user data is not valid #cloud-config YAML: {exc}", "userData"
+                        ) from None
+    except (_TooDeep, RecursionError):
+        raise SeedError(f"#cloud-config user data is nested more than {MAX_DEPTH} levels deep",
+                        "userData") from None
+    if node is None:
+        return {}
+    too_large = node_too_large(node)
+    if too_large:
+        raise SeedError(f"#cloud-config user data is too large: {too_large}", "userData")
+    try:
+        config = yaml.constructor.SafeConstructor().construct_document(node)
+    except (yaml.YAMLError, ValueError, OverflowError, TypeError) as exc:
+        # ValueError: a timestamp that is no date (2024-13-45), an integer past Python's limit
+        raise SeedError(f"user data is not valid #cloud-config YAML: {exc}", "userData"
+                        ) from None
     if config is None:
         return {}
     if not isinstance(config, dict):
-        raise SeedError("#cloud-config user data must be a YAML mapping")
+        raise SeedError("#cloud-config user data must be a YAML mapping", "userData")
     return config
 
 
@@ -132,11 +178,26 @@ def _merge(config: dict[str, Any], keys: list[str], hostname: str | None) -> dic
         if isinstance(existing, str):
             existing = [existing]
         if not isinstance(existing, list):
-            raise SeedError("ssh_authorized_keys in user data must be a list")
+            raise SeedError("ssh_authorized_keys in user data must be a list of strings, "
+                            f"not a {_shape(existing)}", "userData")
+        for position, item in enumerate(existing):
+            if not isinstance(item, str):
+                raise SeedError(f"ssh_authorized_keys in user data must be a list of strings: "
+                                f"item {position + 1} is a {_shape(item)}", "userData")
         config["ssh_authorized_keys"] = list(dict.fromkeys([*existing, *keys]))
     if hostname is not None and config.get("hostname") is None:
         config["hostname"] = hostname
     return config
+
+
+def _shape(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "mapping"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else "boolean"
+    return "number" if isinstance(value, (int, float)) else type(value).__name__
 
 
 def _render_network_config(network_config: str | dict[str, Any] | None) -> str | None:

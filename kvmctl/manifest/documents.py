@@ -8,6 +8,7 @@ code must not turn into a bool). Timestamps stay strings too.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -34,6 +35,14 @@ MAX_DEPTH = 100
 # Values built per document. Aliases are shared node references, so `*a` repeated nine times in
 # nine levels ("billion laughs") would expand to 9**9 values: building stops long before.
 MAX_VALUES = 200_000
+# Bytes (UTF-8) of every string and key of a document, counted once per use: an alias of a 1 MB
+# string repeated forty times is 40 MB to validate, hash and serialize, though the file is 1 MB.
+# 1 MiB is four times the largest user-data any cloud accepts (256 KiB) and far beyond any
+# manifest; validating a document that size takes about a second.
+MAX_DOCUMENT_BYTES = 1 << 20
+# Python refuses to convert integer strings longer than this (sys.int_info.default_max_str_digits)
+# and no manifest field needs a number anywhere near it; floats are held to the same length.
+MAX_NUMBER_DIGITS = 4300
 _CORE = "tag:yaml.org,2002:"
 # What plain YAML resolves to (merge and value are what `<<` and `=` resolve to). Anything
 # else, such as !!python/object or !!binary, is refused: tags are never constructed.
@@ -72,7 +81,12 @@ def json_path(path: Iterable[str | int]) -> str:
     """`('spec', 'disks', 0, 'bus')` -> `spec.disks[0].bus`."""
     text = ""
     for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif not part.isprintable():  # a key holding a newline or a control character: quoted
+            text += f"[{json.dumps(part)}]"
+        else:
+            text += f".{part}" if text else part
     return text
 
 
@@ -89,10 +103,61 @@ def _scalar(node: yaml.ScalarNode) -> Any:
     if value in _BOOLS:
         return _BOOLS[value]
     if _INT.match(value):
-        return int(value.replace("_", ""))
+        _check_digits(value)
+        try:
+            return int(value.replace("_", ""))
+        except ValueError:  # a lower limit set through PYTHONINTMAXSTRDIGITS
+            raise _NumberTooLong(_digits(value)) from None
     if _FLOAT.match(value):
+        _check_digits(value)
         return float(value.replace("_", ""))
     return value
+
+
+class _NumberTooLong(Exception):
+    def __init__(self, digits: int) -> None:
+        super().__init__(digits)
+        self.digits = digits
+
+
+def _digits(value: str) -> int:
+    return sum(1 for c in value if c.isdigit())
+
+
+def _check_digits(value: str) -> None:
+    if len(value) > MAX_NUMBER_DIGITS and _digits(value) > MAX_NUMBER_DIGITS:
+        raise _NumberTooLong(_digits(value))
+
+
+def _size(text: str) -> int:
+    """UTF-8 bytes of `text` (lone surrogates, which YAML escapes can make, count as 3)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def node_too_large(node: yaml.Node) -> str:
+    """Why a composed node tree is beyond the limits a manifest document has (nesting, values,
+    expanded bytes), or "". Iterative and stopping at the first limit: aliases make a tree a
+    graph whose expansion may be exponential, or cyclic."""
+    stack: list[tuple[yaml.Node, int]] = [(node, 0)]
+    values = size = 0
+    while stack:
+        current, depth = stack.pop()
+        values += 1
+        if values > MAX_VALUES:
+            return f"more than {MAX_VALUES} values (too many aliases?)"
+        if depth > MAX_DEPTH:
+            return f"nested more than {MAX_DEPTH} levels deep"
+        if isinstance(current, yaml.MappingNode):
+            for key, value in current.value:
+                stack += ((key, depth + 1), (value, depth + 1))
+        elif isinstance(current, yaml.SequenceNode):
+            stack.extend((item, depth + 1) for item in current.value)
+        elif isinstance(current, yaml.ScalarNode):
+            size += _size(current.value)
+            if size > MAX_DOCUMENT_BYTES:
+                return (f"more than {MAX_DOCUMENT_BYTES >> 20} MiB of text once aliases are "
+                        "expanded")
+    return ""
 
 
 class _TooLarge(Exception):
@@ -138,6 +203,7 @@ class _Builder:
         self.positions = _Positions(file, self.marks)
         self.problems: list[Problem] = []
         self.values = 0
+        self.bytes = 0
 
     def loc(self, node: yaml.Node) -> Location:
         mark = node.start_mark
@@ -165,7 +231,25 @@ class _Builder:
             return self._mapping(node, path)
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
-        return _scalar(cast(yaml.ScalarNode, node))  # composers make no other kind of node
+        scalar = cast(yaml.ScalarNode, node)  # composers make no other kind of node
+        self._count_bytes(scalar, path)
+        try:
+            return _scalar(scalar)
+        except _NumberTooLong as exc:
+            self.problems.append(Problem(
+                f"number too long: {exc.digits} digits (at most {MAX_NUMBER_DIGITS})",
+                self.loc(node), _jp(path),
+                hint="no field takes a number this long; quote it if it is meant as text"))
+            return None
+
+    def _count_bytes(self, node: yaml.ScalarNode, path: JsonPath) -> None:
+        self.bytes += _size(node.value)
+        if self.bytes > MAX_DOCUMENT_BYTES:
+            raise _TooLarge(Problem(
+                f"document too large: more than {MAX_DOCUMENT_BYTES >> 20} MiB of text once "
+                "aliases are expanded", self.loc(node), _jp(path),
+                hint="YAML aliases (*name) are expanded into copies; repeat less, or keep "
+                     "large content out of the manifest"))
 
     def _mapping(self, node: yaml.MappingNode, path: JsonPath) -> dict[str, Any]:
         result: dict[str, Any] = {}
@@ -179,6 +263,7 @@ class _Builder:
                                              self.loc(key_node), _jp(path)))
                 continue
             key = key_node.value
+            self._count_bytes(key_node, path)
             if key in result:
                 first = self.positions.get(path + (key,))
                 self.problems.append(Problem(

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import difflib
 import json
-from collections.abc import Iterable, Mapping
+import math
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from functools import cache, lru_cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any, cast
@@ -24,6 +26,7 @@ from ..kinds import MANIFEST_KINDS, Kind
 from ..memo import Memo
 from ..memo import key as digest_of
 from ..units import SizeError, parse_size
+from ..xmltext import describe_char, first_non_xml_char
 from . import checks
 from .documents import Document, json_path
 from .model import ManifestSet, build
@@ -50,6 +53,7 @@ def validators() -> dict[str, Draft202012Validator]:
     from referencing import Registry, Resource
     from referencing.jsonschema import DRAFT202012
     texts = _schema_texts()
+    validator_class = _validator_class()
     registry: Registry = Registry().with_resources(
         (schema["$id"], Resource.from_contents(schema, default_specification=DRAFT202012))
         for schema in texts.values() if "$id" in schema)
@@ -58,9 +62,100 @@ def validators() -> dict[str, Draft202012Validator]:
         schema = texts[file]
         base = schema.get("$id", "")
         inlined = _inline_refs(schema, registry.resolver(base_uri=base), base, ())
-        result[kind] = Draft202012Validator(inlined, registry=registry,
-                                            format_checker=Draft202012Validator.FORMAT_CHECKER)
+        result[kind] = validator_class(inlined, registry=registry,
+                                       format_checker=Draft202012Validator.FORMAT_CHECKER)
     return result
+
+
+# ---- the validator: draft 2020-12 as JSON Schema means it, not as Python's `re` reads it ---------
+
+@lru_cache(maxsize=1)
+def _validator_class() -> Any:
+    """Draft 2020-12 with two keywords made strict, for every schema and every value:
+
+    - `pattern`, `patternProperties` (and the additionalProperties that depends on it): `$`
+      is the end of the string. jsonschema calls `re.search`, whose `$` also matches before a
+      final newline, so "10.0.0.0/24\\n" matched the cidr pattern (ECMA-262, which JSON Schema
+      refers to, has no such exception);
+    - `integer` is an int, never a float: 2020-12 counts 1500.0 as an integer, and it would
+      reach the XML as `1500.0`.
+    Error messages are jsonschema's, with the pattern as written in the schema.
+    """
+    from jsonschema import Draft202012Validator
+    from jsonschema import validators as jsonschema_validators
+    from jsonschema.exceptions import ValidationError
+
+    original = Draft202012Validator.VALIDATORS
+
+    def pattern(validator: Any, patrn: str, instance: Any, schema: Any
+                ) -> Iterator[ValidationError]:
+        if validator.is_type(instance, "string") and not anchored(patrn).search(instance):
+            yield ValidationError(f"{instance!r} does not match {patrn!r}")
+
+    def pattern_properties(validator: Any, patterns: dict[str, Any], instance: Any,
+                           schema: Any) -> Iterator[ValidationError]:
+        if not validator.is_type(instance, "object"):
+            return
+        for patrn, subschema in patterns.items():
+            for key, value in instance.items():
+                if anchored(patrn).search(key):
+                    yield from validator.descend(value, subschema, path=key, schema_path=patrn)
+
+    def additional_properties(validator: Any, allowed: Any, instance: Any, schema: Any
+                              ) -> Iterator[ValidationError]:
+        if "patternProperties" not in schema or not validator.is_type(instance, "object"):
+            yield from original["additionalProperties"](validator, allowed, instance, schema)
+            return
+        properties = schema.get("properties", {})
+        extras = [key for key in instance if key not in properties and not any(
+            anchored(p).search(key) for p in schema["patternProperties"])]
+        if validator.is_type(allowed, "object"):
+            for extra in extras:
+                yield from validator.descend(instance[extra], allowed, path=extra)
+        elif not allowed and extras:
+            verb = "does" if len(extras) == 1 else "do"
+            joined = ", ".join(repr(each) for each in sorted(extras))
+            patterns = ", ".join(repr(each) for each in sorted(schema["patternProperties"]))
+            yield ValidationError(f"{joined} {verb} not match any of the regexes: {patterns}")
+
+    type_checker = Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool))
+    extend: Any = jsonschema_validators.extend  # untyped in the stubs
+    return extend(
+        Draft202012Validator,
+        {"pattern": pattern, "patternProperties": pattern_properties,
+         "additionalProperties": additional_properties},
+        type_checker=type_checker)
+
+
+@cache
+def anchored(pattern: str) -> re.Pattern[str]:
+    """`pattern` compiled with every `$` anchor (outside a character class, not escaped) made
+    `\\Z`, the end of the string: what `$` means in ECMA-262 regular expressions."""
+    out: list[str] = []
+    i, n, in_class = 0, len(pattern), False
+    while i < n:
+        char = pattern[i]
+        if char == "\\":
+            out.append(pattern[i:i + 2])
+            i += 2
+            continue
+        i += 1
+        if in_class:
+            in_class = char != "]"
+            out.append(char)
+        elif char == "[":
+            in_class = True
+            out.append(char)
+            if pattern.startswith("^", i):  # a negated class
+                out.append("^")
+                i += 1
+            if pattern.startswith("]", i):  # ']' first in a class is a literal
+                out.append("]")
+                i += 1
+        else:
+            out.append("\\Z" if char == "$" else char)
+    return re.compile("".join(out))
 
 
 @cache
@@ -225,6 +320,10 @@ def _hint(error: jsonschema.ValidationError) -> str:
     if isinstance(leaf.instance, (int, float)) and not isinstance(leaf.instance, bool):
         if _is_size_path(error):
             return f"sizes need a unit: write {leaf.instance}MiB or {leaf.instance}GiB"
+    if (leaf.validator == "type" and isinstance(leaf.instance, float)
+            and "integer" in _listed_types(leaf) and math.isfinite(leaf.instance)
+            and leaf.instance.is_integer()):
+        return f"write {int(leaf.instance)}, without a decimal point: this is a whole number"
     if (leaf.validator == "type" and leaf.validator_value == "boolean"
             and isinstance(leaf.instance, str) and leaf.instance.lower() in _YAML11_BOOLS):
         return "write true or false (yes/no/on/off are strings in kvmctl manifests)"
@@ -232,6 +331,41 @@ def _hint(error: jsonschema.ValidationError) -> str:
     if leaf.validator in ("pattern", "format", "type") and examples:
         return "for example: " + ", ".join(json.dumps(e) for e in examples[:2])
     return ""
+
+
+def _listed_types(error: jsonschema.ValidationError) -> list[Any]:
+    value: Any = error.validator_value
+    return list(value) if isinstance(value, list) else [value]
+
+
+def text_problems(doc: Document) -> list[Problem]:
+    """Every key and string of the document, whatever field it is in, is text XML 1.0 can carry
+    (kvmctl.xmltext): a NUL or U+FFFE written as a YAML escape would make a definition libvirt
+    cannot parse, and checking every string means no new field can forget it."""
+    problems = []
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), doc.body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                where = path + (key,)
+                if isinstance(key, str) and (at := first_non_xml_char(key)) >= 0:
+                    problems.append(Problem(
+                        f"key holds {describe_char(key[at])} at character {at + 1}, which XML "
+                        "cannot carry", doc.locate(where), json_path(where), hint=_XML_HINT))
+                stack.append((where, item))
+        elif isinstance(value, list):
+            stack.extend((path + (i,), item) for i, item in enumerate(value))
+        elif isinstance(value, str) and (at := first_non_xml_char(value)) >= 0:
+            problems.append(Problem(
+                f"text holds {describe_char(value[at])} at character {at + 1}, which XML "
+                "cannot carry", doc.locate(path + ("<value>",)) if path else doc.source,
+                json_path(path), hint=_XML_HINT))
+    return problems
+
+
+_XML_HINT = ("XML 1.0 allows tab, newline and carriage return, but no other control character, "
+             "no U+FFFE or U+FFFF and no lone surrogate; remove the YAML escape")
 
 
 def _size_problems(doc: Document) -> list[Problem]:
@@ -274,6 +408,10 @@ def schema_problems(doc: Document, memo: Memo | None = None) -> list[Problem]:
     validator = validators()[doc.kind]
     for error in sorted(validator.iter_errors(doc.body), key=lambda e: list(map(str, e.path))):
         problems.extend(_problems_from(error, doc))
+    texts = text_problems(doc)
+    if texts:  # one problem per value: the character, not also the pattern it breaks
+        located = {p.path for p in texts}
+        problems = texts + [p for p in problems if p.path not in located]
     problems = problems or _size_problems(doc) + _cidr_problems(doc)
     if known and not problems:
         memo.add(known)  # type: ignore[union-attr]

@@ -35,6 +35,8 @@ class Context:
                  memo: Memo | None = None) -> None:
         self.m, self.desired, self.live, self.opts, self.memo = m, desired, live, opts, memo
         self.errors: list[str] = []
+        # path -> (pool, volume) of the host's volumes, indexed once per plan on first use
+        self.resolve_volume = facts.volume_resolver(live)
         # (pool, volume) -> who uses it, built on first use by attached_to
         self.attachments: dict[object, list[Attachment]] | None = None
 
@@ -68,13 +70,15 @@ def owned_volume(ctx: Context, pool: str, kind: Kind, name: str) -> LiveVolume |
 
 
 def attached_to(ctx: Context, pool: str, volume: str) -> list[Attachment]:
-    """The running domains that use this volume right now, with its target dev in each."""
+    """The running domains that use this volume right now, with its target dev in each (a disk
+    given by its path, as virt-install writes it, uses the volume at that path)."""
     if ctx.attachments is None:  # every running domain is parsed once, not once per volume
         ctx.attachments = {}
+        resolve = ctx.resolve_volume
         for dom in ctx.live.domains.values():
             if not dom.running:
                 continue
-            for key, value in facts.domain_facts(dom.live_xml or "").items():
+            for key, value in facts.domain_facts(dom.live_xml or "", resolve).items():
                 if isinstance(value, facts.DiskFact):
                     ctx.attachments.setdefault(value.source, []).append(
                         Attachment(dom.name, facts.key_id(key)))

@@ -79,7 +79,7 @@ def _repair(ctx: Context, name: str, live: LiveNetwork
     """Steps, reasons and fields that bring back a network stopped, or whose bridge was deleted,
     outside kvmctl: libvirt then still calls it active, but its guests are cut off. Either way
     the running guests' NICs on it are plugged in again, as a replace does."""
-    bridge = facts.network_facts(live.xml)["bridge"] if live.active else None
+    bridge = live.bridge if live.active else None
     if live.active and not (bridge and ctx.live.host_bridges
                             and bridge not in ctx.live.host_bridges):
         return [], [], ()

@@ -54,10 +54,12 @@ def field_reach(change: FactChange) -> Reach:
     return Reach.RESTART
 
 
-def pending_restart(inactive_xml: str, live_xml: str) -> list[str]:
+def pending_restart(inactive_xml: str, live_xml: str,
+                    resolve: facts.VolumeResolver | None = None) -> list[str]:
     """The facts a running guest will only take at its next boot: its definition differs
     from what runs, and no live call can close the gap."""
-    changes = facts.diff(facts.domain_facts(inactive_xml), facts.domain_facts(live_xml))
+    changes = facts.diff(facts.domain_facts(inactive_xml, resolve),
+                         facts.domain_facts(live_xml, resolve))
     return [c.field for c in changes if field_reach(c) is Reach.RESTART]
 
 
@@ -96,20 +98,31 @@ def _vm_differences(ctx: Context, xml: str, live: LiveDomain
                     ) -> tuple[list[FactChange], list[FactChange], Facts]:
     """Owned differences of the desired definition from the persistent and the running one.
 
-    A definition pair already known to have none (ctx.memo) is not parsed again."""
+    Disks the live definitions give by a path are the pool volumes at that path (the host's
+    volumes, ctx.live). A definition pair already known to have none (ctx.memo) is not parsed
+    again; a verdict that took a path lookup depends on the host's volumes, not only on the
+    pair, so it is not remembered."""
     memo = ctx.memo
     config_key = memo_key("domain", xml, live.inactive_xml) if memo is not None else ""
     live_key = memo_key("domain", xml, live.live_xml or "") if memo is not None and \
         live.running else ""
     if memo is not None and config_key in memo and (not live_key or live_key in memo):
         return [], [], {}
+    volumes = ctx.resolve_volume
+    lookups: list[str] = []  # the disk paths looked up, of both definitions
+
+    def resolve(path: str) -> tuple[str, str] | None:
+        lookups.append(path)
+        return volumes(path)
+
     desired = facts.domain_facts(xml)
-    config_changes = facts.diff(desired, facts.domain_facts(live.inactive_xml))
-    live_facts = facts.domain_facts(live.live_xml or "") if live.running else {}
+    config_changes = facts.diff(desired, facts.domain_facts(live.inactive_xml, resolve))
+    config_lookups = len(lookups)
+    live_facts = facts.domain_facts(live.live_xml or "", resolve) if live.running else {}
     live_changes = facts.diff(desired, live_facts) if live.running else []
-    if memo is not None and not config_changes:
+    if memo is not None and not config_changes and not config_lookups:
         memo.add(config_key)
-    if memo is not None and live_key and not live_changes:
+    if memo is not None and live_key and not live_changes and len(lookups) == config_lookups:
         memo.add(live_key)
     return config_changes, live_changes, live_facts
 
@@ -135,6 +148,14 @@ def _update_vm(ctx: Context, vm: VirtualMachine, live: LiveDomain, xml: str,
             # A running guest's memory is what its balloon reports, which trails the target
             # for a while after boot: only a change of the definition is acted on.
             if c.field == "memory" and c.field not in changed_in_config:
+                continue
+            if c.field not in changed_in_config:  # only the running guest differs: say so
+                fields.append(FieldDiff(f"{c.field} (running guest)",
+                                        describe(c.field, c.old), describe(c.field, c.new)))
+            # A vCPU unplug the guest refused once (the definition has the new count already)
+            # is not asked again on every apply: it waits for the next restart.
+            if c.field == "vcpus" and c.field not in changed_in_config and c.new < c.old:
+                pending.append(c.field)
                 continue
             step = _live_step(name, c, xml, live.live_xml or "", live_facts)
             if step is None:

@@ -6,7 +6,6 @@ structure of the XML it lands in. No XML is built any other way.
 
 from __future__ import annotations
 
-import string
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -18,6 +17,7 @@ import jinja2
 from ..errors import RenderError
 from ..kinds import NAMESPACE, Kind
 from ..manifest.cloudinit import seed_content_of, seed_pool
+from ..manifest.devices import pcie_root_ports, target_names
 from ..manifest.model import (
     Disk,
     Image,
@@ -30,8 +30,6 @@ from ..manifest.model import (
     volume_name,
 )
 from .specs import Desired, DesiredVolume, HostHints, Rendered, SeedSpec, VolumeSpec
-
-SPARE_HOTPLUG_PORTS = 4
 
 
 @dataclass(frozen=True)
@@ -66,11 +64,15 @@ def render_template(template: str, **values: Any) -> str:
 
 
 def _targets(prefix: str) -> Iterator[str]:
-    for letter in string.ascii_lowercase:
-        yield prefix + letter
-    for first in string.ascii_lowercase:
-        for second in string.ascii_lowercase:
-            yield prefix + first + second
+    return target_names(prefix)
+
+
+def _next_target(names: Iterator[str], vm: VirtualMachine) -> str:
+    """The next target name; validation (checks.device_limits) keeps a VM within them."""
+    name = next(names, None)
+    if name is None:
+        raise RenderError(f"VirtualMachine {vm.meta.name}: more disks than target names")
+    return name
 
 
 def _disk_devices(vm: VirtualMachine, m: ManifestSet) -> list[_DiskDevice]:
@@ -80,7 +82,7 @@ def _disk_devices(vm: VirtualMachine, m: ManifestSet) -> list[_DiskDevice]:
         disk = m.find(Kind.DISK, att.disk)
         if not isinstance(disk, Disk):
             raise RenderError(f"VirtualMachine {vm.meta.name}: Disk {att.disk} is not defined")
-        target = next(virtio) if att.bus == "virtio" else next(sd)
+        target = _next_target(virtio if att.bus == "virtio" else sd, vm)
         devices.append(_DiskDevice(disk.pool, disk.volume,
                                    disk.format, target, att.bus, att.readonly, disk.shareable))
     return devices
@@ -94,15 +96,12 @@ def seed_spec(vm: VirtualMachine, m: ManifestSet) -> SeedSpec | None:
     if pool is None:
         raise RenderError(f"VirtualMachine {vm.meta.name}: cloudInit needs a StoragePool")
     used = sum(1 for att in vm.disks if att.bus != "virtio")
-    target = list(_targets_upto("sd", used + 1))[-1]
+    names = _targets("sd")
+    for _ in range(used):
+        next(names, None)
+    target = _next_target(names, vm)
     content = seed_content_of(vm)
     return SeedSpec(pool, seed_volume_name(vm.meta.name), target, content)
-
-
-def _targets_upto(prefix: str, count: int) -> Iterator[str]:
-    names = _targets(prefix)
-    for _ in range(count):
-        yield next(names)
 
 
 def domain_xml(vm: VirtualMachine, m: ManifestSet, project: str, domain_type: str,
@@ -111,7 +110,7 @@ def domain_xml(vm: VirtualMachine, m: ManifestSet, project: str, domain_type: st
     seed = seed_spec(vm, m)
     needs_scsi = seed is not None or any(d.bus == "scsi" for d in disks)
     pcie = vm.machine == "q35"
-    spare = (len(disks) + len(vm.interfaces) + 6 + SPARE_HOTPLUG_PORTS) if pcie else 0
+    spare = pcie_root_ports(len(disks), len(vm.interfaces)) if pcie else 0
     return render_template("domain.xml.j2", vm=vm, disks=disks, seed=seed, project=project,
                            domain_type=vm.domain_type or domain_type, uuid=uuid,
                            needs_scsi=needs_scsi, spare_ports=spare)

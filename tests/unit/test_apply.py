@@ -521,3 +521,23 @@ def test_the_text_plan_shows_what_a_create_makes_and_no_digests(host: Host) -> N
     text = host.cli("plan", "-f", host.manifests(policy_only)).stdout
     assert "metadata" not in text and "spec " not in text
     assert "only kvmctl's record of the manifest changes" in text
+
+
+def test_a_refused_vcpu_unplug_ends_as_a_pending_restart(host: Host,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    host.apply(host.manifests(lab(host.folder, cpus={"count": 2, "max": 2})))
+
+    def refuse(name: str, count: int) -> None:
+        raise HypervisorError(f"set vCPUs of running domain {name} to {count}: vcpu unplug "
+                              "request timed out")
+
+    monkeypatch.setattr(host.hv, "set_vcpus_live", refuse)
+    fewer = host.manifests(lab(host.folder, cpus={"count": 1, "max": 2}))
+    result = host.apply(fewer)
+    assert "the guest did not release vCPUs" in result.stdout and "keeps 2" in result.stdout
+    again = host.plan(fewer)
+    assert not again["changes_present"]  # nothing left to apply: no retry on every apply
+    (vm_change,) = [c for c in again["changes"] if c["kind"] == "VirtualMachine"]
+    assert vm_change["pending_restart"] and vm_change["class"] == "no-op"
+    assert [(f["field"], f["old"], f["new"]) for f in vm_change["fields"]] == [
+        ("vcpus (running guest)", 2, 1)]
