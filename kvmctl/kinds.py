@@ -5,6 +5,7 @@ Shared by every stage (manifests, rendering, host, plan, apply), so it depends o
 
 from __future__ import annotations
 
+import uuid
 from enum import StrEnum, unique
 
 # libvirt metadata namespace of kvmctl's ownership mark (domains, networks).
@@ -45,3 +46,9 @@ def known_kind(text: str) -> Kind | str:
         return Kind(text)
     except ValueError:
         return text
+
+
+def pool_uuid(project: str, name: str) -> str:
+    """The uuid of a pool kvmctl creates for `project`: its definition is its mark until its
+    ownership record is written (libvirt 9.0 has no metadata for pools)."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{NAMESPACE}#pool/{project}/{name}"))

@@ -10,6 +10,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 from ..errors import ApplyError, HypervisorError, KvmctlError
@@ -182,13 +183,16 @@ class Executor:
     def write_seed(self, step: s.WriteSeed) -> None:
         data = build_seed_iso(step.content)
         capacity = max(SEED_CAPACITY, -(-len(data) // SEED_CAPACITY) * SEED_CAPACITY)
-        self._claim(step.pool, step.volume, step.owner)
+        # Claimed without its digest until the content is written: a kill in between leaves a
+        # seed the next plan rebuilds, never one it believes holds the new content.
+        self._claim(step.pool, step.volume, replace(step.owner, spec_hash=""))
         with contextlib.suppress(KvmctlError):  # not there yet
             self.hv.delete_volume(step.pool, step.volume)
         self.hv.create_volume(step.pool, step.volume,
                               volume_xml(VolumeSpec(step.pool, step.volume, capacity, "raw")))
         padded = data + b"\0" * (capacity - len(data))
         self.hv.upload(step.pool, step.volume, iter([padded]), capacity)
+        self._claim(step.pool, step.volume, step.owner)
 
     # ---- networks ----
     # libvirt picks a free virbrN for a network without a bridge name when it is defined; two

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..host.state import LiveVolume, fingerprint, volume_fingerprint
-from ..kinds import Kind, ref
+from ..kinds import Kind, pool_uuid, ref
 from ..manifest.model import Disk, Image, StoragePool, VirtualMachine
 from ..units import format_size
 from .context import Context, attached_to, owned_volume
@@ -35,7 +35,10 @@ def plan_pool(ctx: Context, pool: StoragePool) -> Change:
                        FieldDiff("autostart", None, pool.autostart)),
                       (CreatePool(name, ctx.desired.pools[name]),
                        SetPoolAutostart(name, pool.autostart)))
-    if not ctx.check_owner(pool.meta, live.owner):
+    # A pool whose definition carries this project's mark but no record yet: an apply was
+    # interrupted between creating it and recording it.
+    marked = live.owner is None and live.uuid == pool_uuid(ctx.opts.project, name)
+    if not marked and not ctx.check_owner(pool.meta, live.owner):
         return Change(Kind.POOL, name, ChangeClass.NOOP)
     fp = fingerprint(live.xml, live.active, live.autostart)
     fields: list[FieldDiff] = []
@@ -44,12 +47,14 @@ def plan_pool(ctx: Context, pool: StoragePool) -> Change:
     if live.path.rstrip("/") != pool.path.rstrip("/"):
         ctx.error(pool.meta, f"changing the path of a pool ({live.path} -> {pool.path}) is "
                              "not supported; define a new pool instead")
-    if live.owner is None:
-        steps.append(ClaimPool(name))
-        reasons.append("adopted: kvmctl takes ownership")
-    if not live.active:
+    if not live.active:  # the record is written into the pool: it must run first
         steps.append(StartPool(name))
         fields.append(FieldDiff("active", False, True))
+    if live.owner is None:
+        steps.append(ClaimPool(name))
+        reasons.append("created by this project (its uuid says so) but never recorded, as an "
+                       "interrupted apply leaves it: kvmctl records it now" if marked else
+                       "adopted: kvmctl takes ownership")
     if live.autostart != pool.autostart:
         steps.append(SetPoolAutostart(name, pool.autostart))
         fields.append(FieldDiff("autostart", live.autostart, pool.autostart))

@@ -15,7 +15,7 @@ from typing import Any
 import jinja2
 
 from ..errors import RenderError
-from ..kinds import NAMESPACE, Kind
+from ..kinds import NAMESPACE, Kind, pool_uuid
 from ..manifest.cloudinit import seed_content_of, seed_pool
 from ..manifest.devices import pcie_root_ports, target_names
 from ..manifest.model import (
@@ -143,13 +143,14 @@ def network_xml(net: Network, m: ManifestSet, project: str, uuid: str | None = N
                            project=project, uuid=uuid)
 
 
-def pool_xml(pool: StoragePool) -> str:
-    return pool_definition(pool.type, pool.meta.name, pool.path)
+def pool_xml(pool: StoragePool, project: str) -> str:
+    return pool_definition(pool.type, pool.meta.name, pool.path,
+                           pool_uuid(project, pool.meta.name))
 
 
-def pool_definition(pool_type: str, name: str, path: str) -> str:
+def pool_definition(pool_type: str, name: str, path: str, uuid: str | None = None) -> str:
     """A pool over `path`; also the transient pool through which a host file is imported."""
-    return render_template("pool.xml.j2", type=pool_type, name=name, path=path)
+    return render_template("pool.xml.j2", type=pool_type, name=name, path=path, uuid=uuid)
 
 
 def volume_xml(volume: VolumeSpec) -> str:
@@ -187,7 +188,7 @@ def render_all(m: ManifestSet, project: str, domain_type: str) -> list[Rendered]
 
 def _definition(obj: Resource, m: ManifestSet, project: str, domain_type: str) -> str:
     if isinstance(obj, StoragePool):
-        return pool_xml(obj)
+        return pool_xml(obj, project)
     if isinstance(obj, Image):
         return volume_xml(image_volume(obj))
     if isinstance(obj, Disk):
@@ -210,7 +211,7 @@ def render_desired(m: ManifestSet, project: str, domain_type: str,
     seeds = {vm.meta.name: seed for vm in m.vms if (seed := seed_spec(vm, m)) is not None}
     return Desired(
         project=project,
-        pools={p.meta.name: pool_xml(p) for p in m.pools},
+        pools={p.meta.name: pool_xml(p, project) for p in m.pools},
         images={i.meta.name: volume_xml(image_volume(i)) for i in m.images},
         disks=disks, seeds=seeds,
         networks={n.meta.name: network_xml(n, m, project, hints.network_uuids.get(n.meta.name))

@@ -452,7 +452,11 @@ def test_a_lone_half_record_makes_the_plan_refuse(tmp_path: Path,
         assert refused.code == 1 and "not managed by kvmctl" in refused.stderr, refused
         empty = write_manifests(tmp_path / "none.yaml", [docs[0]])
         pruned = cli("plan", "-f", empty, "--prune", "--prune-disks", "-o", "json")
-        assert pruned.code == 1 and "Disk/u-data" not in pruned.stdout, pruned
+        # The pool's uuid says this project made it, so it is recorded again; the disk, whose
+        # claim went with the record, is nobody's to delete.
+        assert pruned.code == 0 and "Disk/u-data" not in pruned.stdout, pruned
+        (pool_change,) = pruned.json()["changes"]
+        assert "created by this project (its uuid says so)" in pool_change["reasons"][0]
         assert cli("apply", "-y", "-f", path, "--adopt").code == 0
         assert cli("plan", "-f", path, "--detailed-exitcode").code == 0
         rec = OwnershipRecord.from_json(host.contents[("u-pool", current)], PROJECT)
