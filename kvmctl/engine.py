@@ -33,6 +33,7 @@ from .plan.types import Plan, plan_json
 from .plan.vm import pending_restart
 from .render.definitions import render_desired
 from .render.specs import Desired
+from .xmltext import first_non_xml_char
 
 PLAN_FILE_KIND = "kvmctl-saved-plan"
 
@@ -122,6 +123,18 @@ class Session:
                         if c.blocked else c for c in everything.changes if c.ref in named)
         return replace(everything, changes=changes)
 
+    def not_destroyed(self, plan: Plan) -> list[str]:
+        """Objects the manifests name that the host has but a destroy plan leaves alone
+        (another project's, or nobody's): a destroy says so instead of leaving them silently."""
+        live, m = self.live, self.manifest
+        present = {ref(Kind.VM, n) for n in live.domains}
+        present |= {ref(Kind.NETWORK, n) for n in live.networks}
+        present |= {ref(Kind.POOL, n) for n in live.pools}
+        present |= {d.meta.ref for d in m.disks if live.volume(d.pool, d.volume) is not None}
+        present |= {i.meta.ref for i in m.images if live.volume(i.pool, i.volume) is not None}
+        planned = {c.ref for c in plan.changes}
+        return sorted(o.meta.ref for o in m.all() if o.meta.ref in present - planned)
+
     def execute(self, plan: Plan, parallelism: int = 8,
                 progress: apply.Progress | None = None) -> apply.ApplyResult:
         return apply.run(plan, self.hv, self.live, parallelism, progress)
@@ -192,6 +205,10 @@ def load_saved(path: str, uri: str | None) -> tuple[Session, Plan]:
                               tuple(str(t) for t in options["target"]))
         target = Target(uri or str(saved["uri"]), str(saved["project"]),
                         str(saved["domain_type"]))
+        if first_non_xml_char(target.project) >= 0 or "\n" in target.project \
+                or target.domain_type not in ("auto", "kvm", "qemu"):
+            raise UsageError(f"{path} names a project or domain type kvmctl cannot use: "
+                             f"{target.project!r}, {target.domain_type!r}")
         docs = [Document(body, Location(f"{path}#document{i + 1}"), {})
                 for i, body in enumerate(saved["documents"])]
         expected = {str(k): str(v) for k, v in saved["fingerprints"].items()}

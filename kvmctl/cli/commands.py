@@ -126,14 +126,20 @@ def cmd_destroy(opts: CommandOptions, env: Env) -> int:
         session = open_session(opts, env)
         plan = session.destroy_plan(opts.with_disks)
         print_plan(plan, env)
-        if not plan.changes_present:
-            return ExitStatus.OK
-        _confirm(opts, env)
-        ok = _execute(opts, env, session, plan)
+        ok = True
+        if plan.changes_present:
+            _confirm(opts, env)
+            ok = _execute(opts, env, session, plan)
         blocked = [c for c in plan.changes if c.blocked]
         if blocked:
             env.stderr.write("kept: " + ", ".join(f"{c.ref} ({c.blocked})" for c in blocked)
                              + "\n")
+        foreign = session.not_destroyed(plan)
+        if foreign:  # never silently: the manifests asked for these to go
+            env.stderr.write(f"error: not deleted, because project {opts.project!r} does not "
+                             "own them (another project's, or made outside kvmctl; --adopt "
+                             "with apply takes them over): " + ", ".join(foreign) + "\n")
+            return ExitStatus.ERROR
         return ExitStatus.OK if ok else ExitStatus.ERROR
 
 

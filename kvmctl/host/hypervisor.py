@@ -167,8 +167,15 @@ class Hypervisor(HostReader):
         call(f"build pool {name}", pool.build, 0)
 
     def start_pool(self, name: str) -> None:
+        """Start a pool; if its directory is gone, make it again (libvirt's pool build) first.
+        An existing directory is never built over: a build may change its permissions."""
         pool = self._pool_obj(name)
-        if not pool.isActive():
+        if pool.isActive():
+            return
+        try:
+            pool.create(0)
+        except libvirt.libvirtError:
+            call(f"make the directory of pool {name} again", pool.build, 0)
             call(f"start pool {name}", pool.create, 0)
 
     def set_pool_autostart(self, name: str, on: bool) -> None:

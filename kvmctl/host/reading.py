@@ -82,6 +82,16 @@ class HostReader:
         path = etree.fromstring(xml.encode()).findtext("target/path") or ""
         volumes: list[LiveVolume] = []
         slots: dict[str, dict[bool, Any]] = {}  # project -> {is the next-record slot: volume}
+        target_missing = False
+        if active:
+            # libvirt lists what it saw when it last scanned the directory: files deleted or
+            # added since would make a plan wrong. A refresh that fails (the directory is gone)
+            # stops the pool in libvirt too.
+            try:
+                pool.refresh(0)
+            except libvirt.libvirtError:
+                active = bool(pool.isActive())
+                target_missing = not active
         if active:
             for vol in call(f"list volumes of pool {name}", pool.listAllVolumes, 0):
                 if vol.name().startswith(RECORD_PREFIX):
@@ -97,7 +107,8 @@ class HostReader:
                         bool(call(f"read pool {name}", pool.autostart)),
                         Owner(pool_owner, Kind.POOL, name) if pool_owner else None,
                         tuple(LiveVolume(v.pool, v.name, v.path, v.capacity_bytes, v.format,
-                                         v.backing_path, owners.get(v.name)) for v in volumes))
+                                         v.backing_path, owners.get(v.name)) for v in volumes),
+                        target_missing)
 
     def _record(self, pool: Any, project: str, vols: dict[bool, Any]) -> OwnershipRecord | None:
         """A project's record in a pool from its listed slots (see ownership.choose_record)."""

@@ -64,6 +64,9 @@ class LivePool:
     autostart: bool
     owner: Owner | None
     volumes: tuple[LiveVolume, ...] = ()
+    # Its directory is gone (deleted outside libvirt): libvirt stopped it when the read
+    # refreshed it, and its volumes and ownership records went with the directory.
+    target_missing: bool = False
 
     def volume(self, name: str) -> LiveVolume | None:
         return next((v for v in self.volumes if v.name == name), None)

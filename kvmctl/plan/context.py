@@ -4,12 +4,13 @@ on the host."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ..host import facts
 from ..host.ownership import Owner
-from ..host.state import LiveState, LiveVolume
-from ..kinds import Kind
+from ..host.state import LivePool, LiveState, LiveVolume
+from ..kinds import Kind, pool_uuid
 from ..manifest.model import ManifestSet, Meta
 from ..memo import Memo
 from ..render.specs import Desired
@@ -59,6 +60,24 @@ class Context:
             self.error(meta, f"already exists and belongs to kvmctl project {owner.project!r}; "
                              f"it is never changed from project {self.opts.project!r}", ref)
         return False
+
+
+def pool_owner(ctx: Context, pool: LivePool) -> Owner | None:
+    """Who owns a pool: its record says; without one (a kill before the record was written,
+    or the directory holding it deleted), the pool's uuid marks a pool this project made, and a
+    pool whose directory is gone is this project's when this project's VMs use it."""
+    if pool.owner is not None:
+        return pool.owner
+    project = ctx.opts.project
+    if pool.uuid == pool_uuid(project, pool.name) or (pool.target_missing and any(
+            d.owner is not None and d.owner.project == project
+            and _uses_pool(d.inactive_xml, pool.name) for d in ctx.live.domains.values())):
+        return Owner(project, Kind.POOL, pool.name)
+    return None
+
+
+def _uses_pool(xml: str, pool: str) -> bool:
+    return re.search(r"<source\s+pool=(['\"])" + re.escape(pool) + r"\1", xml) is not None
 
 
 def owned_volume(ctx: Context, pool: str, kind: Kind, name: str) -> LiveVolume | None:

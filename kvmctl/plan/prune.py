@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..host.ownership import Owner
 from ..host.state import LiveDomain, LivePool, LiveVolume, fingerprint, volume_fingerprint
 from ..kinds import Kind, ref
-from .context import Context, attached_to
+from .context import Context, attached_to, pool_owner
 from .steps import DeleteDomain, DeleteNetwork, DeletePool, DeleteVolume, Step
 from .types import Change, ChangeClass
 
@@ -51,7 +51,7 @@ def plan_prune(ctx: Context) -> list[Change]:
             going.add(vol.path)
     for pool in ctx.live.pools.values():
         out += [decided[vol.path] for vol in pool.volumes if vol.path in decided]
-        if _mine(pool.owner, project) and (Kind.POOL, pool.name) not in wanted \
+        if _mine(pool_owner(ctx, pool), project) and (Kind.POOL, pool.name) not in wanted \
                 and in_scope(Kind.POOL, pool.name):
             out.append(_prune_pool(ctx, pool, going))
     return out

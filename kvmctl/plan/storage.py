@@ -6,7 +6,7 @@ from ..host.state import LiveVolume, fingerprint, volume_fingerprint
 from ..kinds import Kind, pool_uuid, ref
 from ..manifest.model import Disk, Image, StoragePool, VirtualMachine
 from ..units import format_size
-from .context import Context, attached_to, owned_volume
+from .context import Context, attached_to, owned_volume, pool_owner
 from .steps import (
     ClaimPool,
     ClaimVolume,
@@ -35,10 +35,14 @@ def plan_pool(ctx: Context, pool: StoragePool) -> Change:
                        FieldDiff("autostart", None, pool.autostart)),
                       (CreatePool(name, ctx.desired.pools[name]),
                        SetPoolAutostart(name, pool.autostart)))
-    # A pool whose definition carries this project's mark but no record yet: an apply was
-    # interrupted between creating it and recording it.
-    marked = live.owner is None and live.uuid == pool_uuid(ctx.opts.project, name)
-    if not marked and not ctx.check_owner(pool.meta, live.owner):
+    owner = pool_owner(ctx, live)  # its record, else its uuid or its VMs (see pool_owner)
+    if live.target_missing and owner is None and not ctx.opts.adopt:
+        ctx.error(pool.meta, f"its directory {live.path} is gone from the host (deleted outside "
+                             "libvirt), and kvmctl's ownership record with it; neither its uuid "
+                             "nor a VM of this project shows it is this project's: check it, "
+                             "then take it over with --adopt")
+        return Change(Kind.POOL, name, ChangeClass.NOOP)
+    if not ctx.check_owner(pool.meta, owner):
         return Change(Kind.POOL, name, ChangeClass.NOOP)
     fp = fingerprint(live.xml, live.active, live.autostart)
     fields: list[FieldDiff] = []
@@ -47,14 +51,20 @@ def plan_pool(ctx: Context, pool: StoragePool) -> Change:
     if live.path.rstrip("/") != pool.path.rstrip("/"):
         ctx.error(pool.meta, f"changing the path of a pool ({live.path} -> {pool.path}) is "
                              "not supported; define a new pool instead")
+    if live.target_missing:
+        reasons.append(f"its directory {live.path} is gone from the host (deleted outside "
+                       "libvirt), and the volumes in it with it: the directory is made again, "
+                       "the pool started and recorded; its disks are created again, empty")
     if not live.active:  # the record is written into the pool: it must run first
         steps.append(StartPool(name))
         fields.append(FieldDiff("active", False, True))
     if live.owner is None:
         steps.append(ClaimPool(name))
-        reasons.append("created by this project (its uuid says so) but never recorded, as an "
-                       "interrupted apply leaves it: kvmctl records it now" if marked else
-                       "adopted: kvmctl takes ownership")
+        if live.uuid == pool_uuid(ctx.opts.project, name) and not live.target_missing:
+            reasons.append("created by this project (its uuid says so) but never recorded, as "
+                           "an interrupted apply leaves it: kvmctl records it now")
+        elif owner is None:
+            reasons.append("adopted: kvmctl takes ownership")
     if live.autostart != pool.autostart:
         steps.append(SetPoolAutostart(name, pool.autostart))
         fields.append(FieldDiff("autostart", live.autostart, pool.autostart))

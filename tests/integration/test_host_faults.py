@@ -9,11 +9,12 @@ re-plugged, a new DHCP lease) shows that it is connected again, not only that li
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from engine_support import Kvmctl, change, fields, host_ip, network, vm
+from engine_support import Kvmctl, change, disk, fields, host_ip, network, pool, vm
 from guestlog import SerialLog
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -80,3 +81,37 @@ def test_a_stopped_network_and_a_deleted_bridge_are_repaired(kv, prefix, free_su
     assert _link_exists(_bridge(conn, net))
     log.wait_for(r"^KVMCTL-NIC-REMOVED iface=eth0 ", 60, since=since, alive=alive)
     log.wait_for(lease, 90, since=since, alive=alive)
+
+
+def test_a_deleted_disk_file_and_a_deleted_pool_directory_are_repaired(kv, prefix, test_guest,
+                                                                      scratch_dir, conn):
+    pool_name, data = f"{prefix}pool", f"{prefix}data"
+    target = scratch_dir / "pool"
+    docs = [pool(pool_name, target), disk(data, pool_name, "16MiB"),
+            vm(f"{prefix}vm", test_guest, disks=[{"disk": data}])]
+    manifest = kv.write("storage.yaml", docs)
+    kv.converge(manifest)
+    volume = target / f"{data}.qcow2"
+    assert volume.is_file()
+
+    # 1. The disk's file deleted by hand: created again at once (the read refreshes the pool).
+    volume.unlink()
+    c = change(kv.plan_json(manifest), f"Disk/{data}")
+    assert c is not None and c["class"] == "create", c
+    kv.converge(manifest)
+    assert volume.is_file()
+
+    # 2. The pool's directory deleted, with its volumes and kvmctl's record: made again.
+    shutil.rmtree(target)
+    plan = kv.plan_json(manifest)
+    c = change(plan, f"StoragePool/{pool_name}")
+    assert c is not None and any("is gone from the host" in r for r in c["reasons"]), c
+    assert change(plan, f"Disk/{data}")["class"] == "create"
+    kv.converge(manifest)
+    assert volume.is_file() and conn.storagePoolLookupByName(pool_name).isActive()
+
+    # 3. Gone again, then destroyed: the pool goes too, nothing is left silently.
+    shutil.rmtree(target)
+    done = kv.run("destroy", "-y", "--with-disks", "-f", manifest, *kv.engine_args())
+    assert done.code == 0, done
+    assert pool_name not in {p.name() for p in conn.listAllStoragePools()}
