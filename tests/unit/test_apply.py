@@ -19,9 +19,8 @@ from typing import Any
 import pytest
 from cli_support import CliResult, run_cli
 from manifest_docs import disk, doc, pool
-from testdriver import DriverHypervisor, node_uri, write_manifests
+from testdriver import DriverHypervisor, install, write_manifests
 
-from kvmctl import engine
 from kvmctl.apply import ChangeResult, Outcome, levels, run, run_change
 from kvmctl.apply.executor import Executor
 from kvmctl.errors import ApplyError, HypervisorError
@@ -79,13 +78,7 @@ class Host:
 
 @pytest.fixture
 def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Host]:
-    for name in ("KVMCTL_PROJECT", "KVMCTL_DOMAIN_TYPE", "KVMCTL_CONNECT"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("KVMCTL_NO_CACHE", "1")
-    monkeypatch.setattr("kvmctl.apply.lock.LOCK_DIR", str(tmp_path / "locks"))
-    uri = node_uri(tmp_path)
-    hv = DriverHypervisor(uri)
-    monkeypatch.setattr(engine, "Hypervisor", lambda _uri: hv)
+    hv, uri = install(monkeypatch, tmp_path)
     yield Host(tmp_path, hv, uri)
     hv.close()
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from manifest_docs import disk, pool
-from testdriver import DriverHypervisor, node_uri, write_manifests
+from testdriver import DriverHypervisor, install, node_uri, write_manifests
 
 from kvmctl.host.ownership import (
     NEXT_SUFFIX,
@@ -428,14 +428,7 @@ def test_a_lone_half_record_makes_the_plan_refuse(tmp_path: Path,
     take over silently: the plan says so, and --adopt takes it over."""
     from cli_support import run_cli
 
-    from kvmctl import engine
-    for name in ("KVMCTL_PROJECT", "KVMCTL_DOMAIN_TYPE", "KVMCTL_CONNECT"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("KVMCTL_NO_CACHE", "1")
-    monkeypatch.setattr("kvmctl.apply.lock.LOCK_DIR", str(tmp_path / "locks"))
-    uri = node_uri(tmp_path)
-    host = SlotHypervisor(uri)
-    monkeypatch.setattr(engine, "Hypervisor", lambda _uri: host)
+    host, uri = install(monkeypatch, tmp_path, SlotHypervisor)
 
     def cli(*argv: Any) -> Any:
         return run_cli([argv[0], "--connect", uri, "--project", PROJECT, "--domain-type",

@@ -64,6 +64,20 @@ class DriverHypervisor(Hypervisor):
         return list(self.leases.get(network, []))
 
 
+def install(monkeypatch: Any, folder: Path,
+            kind: type[DriverHypervisor] = DriverHypervisor) -> tuple[DriverHypervisor, str]:
+    """A new test-driver host that every Session of the test shares (a second test-driver
+    connection would be a second, empty host), with the CLI's environment made neutral."""
+    for name in ("KVMCTL_PROJECT", "KVMCTL_DOMAIN_TYPE", "KVMCTL_CONNECT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KVMCTL_NO_CACHE", "1")
+    monkeypatch.setattr("kvmctl.apply.lock.LOCK_DIR", str(folder / "locks"))
+    uri = node_uri(folder)
+    hv = kind(uri)
+    monkeypatch.setattr("kvmctl.engine.Hypervisor", lambda _uri: hv)
+    return hv, uri
+
+
 def node_uri(folder: Path) -> str:
     """The URI of a new, empty test-driver host (a node file in `folder`)."""
     node = folder / "node.xml"
