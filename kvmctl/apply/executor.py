@@ -39,6 +39,8 @@ class Executor:
         self._network_lock = threading.Lock()
         self._records: dict[str, OwnershipRecord] = {}
         for name, pool in live.pools.items():
+            if not pool.active:  # its records were not read: they are read when first needed
+                continue
             owned = {v.name: v.owner for v in pool.volumes
                      if v.owner is not None and v.owner.project == project}
             owns = pool.owner is not None and pool.owner.project == project
@@ -83,7 +85,10 @@ class Executor:
     def _update_record(self, pool: str, volume: str | None, owner: Owner | None,
                        owns_pool: bool | None = None) -> None:
         with self._lock:
-            record = self._records.get(pool, OwnershipRecord(self.project, False, {}))
+            record = self._records.get(pool)
+            if record is None:  # a pool that was stopped when the host was read: read it now
+                record = self.hv.read_record(pool, self.project) or OwnershipRecord(
+                    self.project, False, {})
             volumes = dict(record.volumes)
             if volume is not None:
                 if owner is None:
@@ -127,6 +132,12 @@ class Executor:
             raise ApplyError(f"{step.owner.kind} {step.owner.name}: its size "
                              f"({format_size(step.size_bytes)}) is smaller than the image it "
                              f"copies ({format_size(base)})")
+        if self.hv.volume_exists(step.pool, step.volume):
+            # Not this plan's to claim: somebody's volume (another project's, or one the
+            # plan could not see because its pool was stopped). Claiming it would make it ours.
+            raise ApplyError(f"{step.owner.kind} {step.owner.name}: volume {step.volume} already "
+                             f"exists in pool {step.pool}; it was not created and not claimed "
+                             "(plan again: if it is this project's, the new plan sees it)")
         self._claim(step.pool, step.volume, step.owner)
         with self._unclaim_on_failure(step.pool, step.volume):
             self.hv.create_volume(step.pool, step.volume, step.xml, clone)

@@ -183,6 +183,11 @@ class Hypervisor(HostReader):
 
     def delete_pool(self, name: str, remove_directory: bool = True) -> None:
         pool = self._pool_obj(name)
+        if not pool.isActive():
+            # What a stopped pool holds is unknown: it is started to be looked at. One that
+            # cannot start (its directory is gone) holds nothing any more.
+            with contextlib.suppress(libvirt.libvirtError):
+                pool.create(0)
         if pool.isActive():
             call(f"refresh pool {name}", pool.refresh, 0)
             left = [v.name() for v in call(f"list volumes of pool {name}", pool.listAllVolumes, 0)
@@ -220,6 +225,13 @@ class Hypervisor(HostReader):
 
     def delete_volume(self, pool: str, name: str) -> None:
         call(f"delete volume {name} in pool {pool}", self._vol(pool, name).delete, 0)
+
+    def volume_exists(self, pool: str, name: str) -> bool:
+        try:
+            self._pool_obj(pool).storageVolLookupByName(name)
+            return True
+        except libvirt.libvirtError:
+            return False
 
     def volume_names(self, pool: str) -> set[str]:
         pool_obj = self._pool_obj(pool)

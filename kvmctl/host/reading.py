@@ -27,6 +27,7 @@ class HostReader:
     """The reading half of Hypervisor (which holds the connection)."""
 
     conn: Any
+    interfaces_listed = False  # whether the last host_bridges() could list every interface
 
 
     def read(self) -> LiveState:
@@ -43,7 +44,8 @@ class HostReader:
                                                                 self.conn.listAllNetworks, 0))}
         pools = {p.name: p for p in each_listed(self._pool, call("list storage pools",
                                                           self.conn.listAllStoragePools, 0))}
-        return LiveState(domains, networks, pools, self.host_bridges())
+        bridges = self.host_bridges()
+        return LiveState(domains, networks, pools, bridges, self.interfaces_listed)
 
     def _domain(self, dom: Any, active: set[str] | None = None,
                 autostart: set[str] | None = None) -> LiveDomain:
@@ -83,15 +85,16 @@ class HostReader:
         volumes: list[LiveVolume] = []
         slots: dict[str, dict[bool, Any]] = {}  # project -> {is the next-record slot: volume}
         target_missing = False
-        if active:
+        if active and _kvmctl_dir_pool(pool, xml):
             # libvirt lists what it saw when it last scanned the directory: files deleted or
-            # added since would make a plan wrong. A refresh that fails (the directory is gone)
-            # stops the pool in libvirt too.
+            # added since would make a plan wrong. Only kvmctl's dir pools are refreshed (a
+            # failed refresh stops a pool in libvirt; others' pools are never touched), and
+            # only a directory that is gone counts as one.
             try:
                 pool.refresh(0)
-            except libvirt.libvirtError:
+            except libvirt.libvirtError as exc:
                 active = bool(pool.isActive())
-                target_missing = not active
+                target_missing = not active and "No such file or directory" in str(exc)
         if active:
             for vol in call(f"list volumes of pool {name}", pool.listAllVolumes, 0):
                 if vol.name().startswith(RECORD_PREFIX):
@@ -109,6 +112,18 @@ class HostReader:
                         tuple(LiveVolume(v.pool, v.name, v.path, v.capacity_bytes, v.format,
                                          v.backing_path, owners.get(v.name)) for v in volumes),
                         target_missing)
+
+    def read_record(self, pool_name: str, project: str) -> OwnershipRecord | None:
+        """One project's record in one (running) pool, read now."""
+        pool = call(f"look up pool {pool_name}", self.conn.storagePoolLookupByName, pool_name)
+        if not pool.isActive():
+            return None
+        slots: dict[bool, Any] = {}
+        for vol in call(f"list volumes of pool {pool_name}", pool.listAllVolumes, 0):
+            found = parse_record_name(vol.name())
+            if found is not None and found[0] == project:
+                slots[found[1]] = vol
+        return self._record(pool, project, slots) if slots else None
 
     def _record(self, pool: Any, project: str, vols: dict[bool, Any]) -> OwnershipRecord | None:
         """A project's record in a pool from its listed slots (see ownership.choose_record)."""
@@ -140,8 +155,10 @@ class HostReader:
         # The interface driver enumerates the host's links on every call; the node device
         # driver only learns of links created after libvirtd started through udev events, which
         # hosts without a running udevd never send. Ask both.
+        self.interfaces_listed = False
         with contextlib.suppress(libvirt.libvirtError):
             names.update(i.name() for i in self.conn.listAllInterfaces(0))
+            self.interfaces_listed = True
         flags = libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_NET
         for dev in call("list host network devices", self.conn.listAllDevices, flags):
             with contextlib.suppress(libvirt.libvirtError, etree.XMLSyntaxError):
@@ -210,3 +227,12 @@ class HostReader:
 
     def _dom(self, name: str) -> Any:
         return call(f"look up domain {name}", self.conn.lookupByName, name)
+
+
+def _kvmctl_dir_pool(pool: Any, xml: str) -> bool:
+    """A dir pool that holds kvmctl ownership records (as libvirt listed it last)."""
+    if not xml.lstrip().startswith(("<pool type='dir'", '<pool type="dir"')):
+        return False
+    with contextlib.suppress(libvirt.libvirtError):
+        return any(v.name().startswith(RECORD_PREFIX) for v in pool.listAllVolumes(0))
+    return False

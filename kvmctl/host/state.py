@@ -78,6 +78,9 @@ class LiveState:
     networks: dict[str, LiveNetwork] = field(default_factory=dict)
     pools: dict[str, LivePool] = field(default_factory=dict)
     host_bridges: frozenset[str] = frozenset()
+    # Whether host_bridges lists every interface (libvirt's interface driver answered); a
+    # missing bridge means something only then.
+    interfaces_listed: bool = False
 
     def volume(self, pool: str, name: str) -> LiveVolume | None:
         live_pool = self.pools.get(pool)

@@ -160,8 +160,10 @@ def _parse_cloud_config(text: str) -> dict[str, Any]:
         raise SeedError(f"#cloud-config user data is too large: {too_large}", "userData")
     try:
         config = yaml.constructor.SafeConstructor().construct_document(node)
-    except (yaml.YAMLError, ValueError, OverflowError, TypeError) as exc:
-        # ValueError: a timestamp that is no date (2024-13-45), an integer past Python's limit
+    except Exception as exc:  # noqa: BLE001 (any constructor failure is bad user data)
+        # PyYAML's constructors fail in many ways on explicit tags with values they do not take
+        # (`!!bool maybe`: KeyError, `!!timestamp foo`: AttributeError, `!!int ""`: IndexError,
+        # 2024-13-45: ValueError); each is user data that is not valid YAML.
         raise SeedError(f"user data is not valid #cloud-config YAML: {exc}", "userData"
                         ) from None
     if config is None:

@@ -69,11 +69,16 @@ def pool_owner(ctx: Context, pool: LivePool) -> Owner | None:
     if pool.owner is not None:
         return pool.owner
     project = ctx.opts.project
-    if pool.uuid == pool_uuid(project, pool.name) or (pool.target_missing and any(
+    if uuid_marked(ctx, pool) or (pool.target_missing and any(
             d.owner is not None and d.owner.project == project
             and _uses_pool(d.inactive_xml, pool.name) for d in ctx.live.domains.values())):
         return Owner(project, Kind.POOL, pool.name)
     return None
+
+
+def uuid_marked(ctx: Context, pool: LivePool) -> bool:
+    """The pool's uuid is the one this project gives the pools it creates (kinds.pool_uuid)."""
+    return pool.uuid == pool_uuid(ctx.opts.project, pool.name)
 
 
 def _uses_pool(xml: str, pool: str) -> bool:

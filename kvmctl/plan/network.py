@@ -80,7 +80,7 @@ def _repair(ctx: Context, name: str, live: LiveNetwork
     outside kvmctl: libvirt then still calls it active, but its guests are cut off. Either way
     the running guests' NICs on it are plugged in again, as a replace does."""
     bridge = live.bridge if live.active else None
-    if live.active and not (bridge and ctx.live.host_bridges
+    if live.active and not (bridge and ctx.live.interfaces_listed
                             and bridge not in ctx.live.host_bridges):
         return [], [], ()
     users = _running_nics(ctx, name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..host.ownership import Owner
 from ..host.state import LiveDomain, LivePool, LiveVolume, fingerprint, volume_fingerprint
 from ..kinds import Kind, ref
-from .context import Context, attached_to, pool_owner
+from .context import Context, attached_to, uuid_marked
 from .steps import DeleteDomain, DeleteNetwork, DeletePool, DeleteVolume, Step
 from .types import Change, ChangeClass
 
@@ -51,7 +51,12 @@ def plan_prune(ctx: Context) -> list[Change]:
             going.add(vol.path)
     for pool in ctx.live.pools.values():
         out += [decided[vol.path] for vol in pool.volumes if vol.path in decided]
-        if _mine(pool_owner(ctx, pool), project) and (Kind.POOL, pool.name) not in wanted \
+        # A pool is pruned on its record's word, or on its uuid's when its records could be
+        # read (it runs) or are gone with its directory: never on the VMs that use it, and
+        # never while it is stopped (what it holds is unread).
+        owner = pool.owner or (Owner(project, Kind.POOL, pool.name) if uuid_marked(ctx, pool)
+                               and (pool.active or pool.target_missing) else None)
+        if _mine(owner, project) and (Kind.POOL, pool.name) not in wanted \
                 and in_scope(Kind.POOL, pool.name):
             out.append(_prune_pool(ctx, pool, going))
     return out

@@ -534,3 +534,28 @@ def test_a_refused_vcpu_unplug_ends_as_a_pending_restart(host: Host,
     assert vm_change["pending_restart"] and vm_change["class"] == "no-op"
     assert [(f["field"], f["old"], f["new"]) for f in vm_change["fields"]] == [
         ("vcpus (running guest)", 2, 1)]
+
+
+def test_a_stopped_pool_is_never_planned_from_an_empty_listing(host: Host) -> None:
+    """Another project's disk in our pool while the pool is stopped: the apply refuses to claim
+    a volume it cannot see, keeps every record, and a prune deletes nothing of theirs."""
+    ours = lab(host.folder)
+    host.apply(host.manifests(ours))
+    theirs = [pool("u-pool", host.folder / "pool"), disk("shared", "u-pool", "8MiB")]
+    other = run_cli(["apply", "-y", "--adopt", "--connect", host.uri, "--project", "other",
+                     "--domain-type", "qemu", "-f",
+                     write_manifests(host.folder / "theirs.yaml", theirs[1:])])
+    assert other.code == 0, other
+    host.hv.conn.storagePoolLookupByName("u-pool").destroy()
+    both = host.manifests(ours + theirs[1:], "both.yaml")
+    refused = host.cli("apply", "-y", "-f", both)
+    assert "already exists in pool u-pool; it was not created and not claimed" in refused.stderr
+    live = host.hv.read()
+    shared = live.volume("u-pool", "shared.qcow2")
+    assert shared is not None and shared.owner is not None and shared.owner.project == "other"
+    data = live.volume("u-pool", "u-data.qcow2")
+    assert data is not None and data.owner is not None and data.owner.project == PROJECT
+    pruned = host.cli("apply", "-y", "-f", host.manifests(ours, "ours.yaml"), "--prune",
+                      "--prune-disks")
+    assert pruned.code == 0, pruned
+    assert host.hv.read().volume("u-pool", "shared.qcow2") is not None

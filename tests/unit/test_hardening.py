@@ -760,3 +760,11 @@ def test_the_memo_fingerprint_covers_every_module_of_every_stage(tmp_path: Path)
     (package / "manifest" / "validate.py").write_text("A = 2\n")
     assert fingerprint() != before
 
+
+
+@pytest.mark.parametrize("value", ["!!bool maybe", "!!timestamp foo", "!!int ''", "!!float x",
+                                   "!!int 0x", "!!timestamp 2024-13-45"])
+def test_user_data_with_a_tag_its_value_does_not_fit_is_a_located_error(value: str) -> None:
+    from kvmctl.manifest.cloudinit import SeedError, seed_content
+    with pytest.raises(SeedError, match="not valid #cloud-config YAML"):
+        seed_content("vm", None, f"#cloud-config\na: {value}\n", None, ["ssh-ed25519 AAAA k"])

@@ -221,7 +221,7 @@ class SlotHypervisor(DriverHypervisor):
                            "</capacity><target><format type='raw'/></target></volume>", 0)
         self.contents[(POOL, name)] = data
 
-    def read_record(self, project: str = PROJECT) -> OwnershipRecord | None:
+    def recorded(self, project: str = PROJECT) -> OwnershipRecord | None:
         live = self.read().pools[POOL]
         owners = {v.name: v.owner for v in live.volumes if v.owner is not None}
         owns = live.owner is not None and live.owner.project == project
@@ -248,24 +248,24 @@ def test_a_write_at_rest_leaves_one_slot(hv: SlotHypervisor) -> None:
     current, pending = record_names(PROJECT)
     hv.write_record(POOL, OLD)
     assert hv.changes == [("create_volume", current), ("upload", current)]
-    assert hv.slots() == {current} and hv.read_record() == OLD
+    assert hv.slots() == {current} and hv.recorded() == OLD
     hv.changes.clear()
     hv.write_record(POOL, NEW)
     assert hv.changes == [("create_volume", pending), ("upload", pending), ("upload", current),
                           ("delete_volume", pending)]  # rewritten in place: it had room
-    assert hv.slots() == {current} and hv.read_record() == NEW
+    assert hv.slots() == {current} and hv.recorded() == NEW
     hv.write_record(POOL, record(owns_pool=False))
-    assert hv.slots() == set() and hv.read_record() is None
+    assert hv.slots() == set() and hv.recorded() is None
 
 
 def test_format_1_is_upgraded_by_the_next_write(hv: SlotHypervisor) -> None:
     current, _ = record_names(PROJECT)
     hv.put_raw(current, format1(OLD))
-    assert hv.read_record() == OLD
+    assert hv.recorded() == OLD
     hv.write_record(POOL, NEW)
     assert hv.slots() == {current}
     assert json.loads(hv.contents[(POOL, current)].rstrip(b"\0"))["version"] == 2
-    assert hv.read_record() == NEW
+    assert hv.recorded() == NEW
     assert ("create_volume", current) in hv.changes  # a format-1 slot is exactly full: made anew
 
 
@@ -276,7 +276,7 @@ def test_other_projects_records_are_untouched(hv: SlotHypervisor) -> None:
     hv.write_record(POOL, NEW)
     hv.write_record(POOL, record(owns_pool=False))
     assert hv.slots() == {record_names("other")[0]}
-    assert hv.read_record("other") == theirs
+    assert hv.recorded("other") == theirs
 
 
 def _kill_points(hv: SlotHypervisor, before: OwnershipRecord | bytes | None,
@@ -329,14 +329,14 @@ def test_a_write_killed_at_any_step_leaves_the_old_or_the_new_record(
             else:
                 assert when == "half", "the write was not killed"  # n-th change no upload
                 continue
-            found = hv.read_record()
+            found = hv.recorded()
             assert found in (old, new), (n, when, hv.changes, found)
             seen.add(found == new)
             # The next write (another record) finishes from there, and leaves one slot.
             hv.kill_at = None
             final = record("b.qcow2", protect=True)
             hv.write_record(POOL, final)
-            assert hv.read_record() == final, (n, when)
+            assert hv.recorded() == final, (n, when)
             assert hv.slots() == {record_names(PROJECT)[0]}, (n, when)
     assert seen == {False, True}  # some kills left the old record, later ones the new
 
@@ -365,7 +365,7 @@ def test_a_write_killed_after_a_killed_write_still_leaves_a_record(hv: SlotHyper
         _setup(hv, first)
         if not _killed_write(hv, second, at):
             continue
-        left = hv.read_record()
+        left = hv.recorded()
         assert left in (first, second), at
         hv.changes.clear()
         hv.write_record(POOL, third)  # a dry run of the next write from there
@@ -375,9 +375,9 @@ def test_a_write_killed_after_a_killed_write_still_leaves_a_record(hv: SlotHyper
             assert _killed_write(hv, second, at)
             if not _killed_write(hv, third, at2):
                 continue
-            assert hv.read_record() in (left, third), (at, at2, hv.changes)
+            assert hv.recorded() in (left, third), (at, at2, hv.changes)
             hv.write_record(POOL, record("a.qcow2", "b.qcow2", "c.qcow2"))
-            assert hv.read_record() == record("a.qcow2", "b.qcow2", "c.qcow2"), (at, at2)
+            assert hv.recorded() == record("a.qcow2", "b.qcow2", "c.qcow2"), (at, at2)
             assert hv.slots() == {record_names(PROJECT)[0]}, (at, at2)
             checked += 1
     assert checked > 50
@@ -394,7 +394,7 @@ def test_a_lone_half_record_claims_and_disowns_nothing(hv: SlotHypervisor) -> No
     assert live.owner is None and all(v.owner is None for v in live.volumes)
     # Writing over it keeps nothing of it and needs no other record first.
     hv.write_record(POOL, OLD)
-    assert hv.read_record() == OLD and hv.slots() == {current}
+    assert hv.recorded() == OLD and hv.slots() == {current}
 
 
 def test_a_record_slot_rewritten_after_the_listing_is_read_from_the_next_record(
