@@ -89,14 +89,15 @@ def _holder(path: str, wait: float = HOLDER_WAIT_S) -> str:
             return "unknown holder"
         line = first[0].decode("utf-8", "replace").strip() if len(first) == 2 else ""
         found = HOLDER_LINE.fullmatch(line)
-        if found and not (found[2] == socket.gethostname() and not _alive(int(found[1]))):
+        if found and not (found[2] == socket.gethostname() and not pid_alive(int(found[1]))):
             return line
         if time.monotonic() >= deadline:
             return "unknown holder"
         time.sleep(0.02)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine runs with `pid`."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -68,6 +68,8 @@ except ImportError as _e:  # reported by the conn fixture, so that collection st
 
 from guestlog import GuestFiles
 
+from kvmctl.apply.lock import pid_alive
+
 URI = os.environ.get("KVMCTL_TEST_URI", "qemu:///system")
 TEST_GUEST_DIR = Path(os.environ.get("KVMCTL_TEST_GUEST_DIR", "/var/cache/kvmctl/test-guest"))
 RUN_DIR = Path("/run/kvmctl-tests")
@@ -368,16 +370,6 @@ def libvirt_ipv4_networks(conn) -> list[ipaddress.IPv4Network]:
     return nets
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class SubnetAllocator:
     """free_subnet(): see the module docstring. Safe across parallel pytest processes."""
 
@@ -393,7 +385,7 @@ class SubnetAllocator:
             data = json.loads(self.registry_path.read_text())
         except (FileNotFoundError, ValueError):
             return {}
-        return {k: v for k, v in data.items() if _pid_alive(int(v.get("pid", 0)))}
+        return {k: v for k, v in data.items() if pid_alive(int(v.get("pid", 0)))}
 
     def _save(self, data: dict) -> None:
         tmp = self.registry_path.with_suffix(f".{os.getpid()}.tmp")

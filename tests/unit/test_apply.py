@@ -168,42 +168,38 @@ def test_saved_plan_applies_and_refuses_when_the_host_moved(host: Host) -> None:
     assert refused.code == 1 and "the host changed since the plan was saved" in refused.stderr
 
 
+def first_mac(host: Host, domain: str) -> str:
+    """The MAC of a domain's first NIC (derived: read from its definition)."""
+    found = re.search(r"<mac address='([^']+)'", host.hv.conn.lookupByName(domain).XMLDesc(0))
+    assert found is not None
+    return found.group(1)
+
+
 def test_get_lists_owned_objects_with_addresses_and_drift(host: Host) -> None:
     path = host.manifests(lab(host.folder))
     host.apply(path)
-    mac = host.plan(path)  # no changes; the MAC is derived, read it from the definition
-    assert not mac["changes_present"]
-    xml = host.hv.conn.lookupByName("u-vm").XMLDesc(0)
-    address = xml.split("<mac address='")[1].split("'")[0]
-    DriverHypervisor.leases = {"u-net": [{"mac": address, "ipaddr": "10.250.1.10"}]}
-    try:
-        rows = host.cli("get", "vms", "-o", "json").json()
-        assert rows == [{"name": "u-vm", "state": "running", "addresses": ["10.250.1.10"],
-                         "autostart": False, "pending_restart": []}]
-        drift = host.cli("get", "vms", "-o", "json", "-f",
-                         host.manifests(lab(host.folder, autostart=True), "drift.yaml")).json()
-        assert drift[0]["drift"] == "update-live"
-        table = host.cli("get", "disks")
-        assert table.code == 0 and "u-data" in table.stdout
-        assert "No images" in host.cli("get", "images").stdout
-    finally:
-        DriverHypervisor.leases = {}
+    assert not host.plan(path)["changes_present"]
+    host.hv.leases = {"u-net": [{"mac": first_mac(host, "u-vm"), "ipaddr": "10.250.1.10"}]}
+    rows = host.cli("get", "vms", "-o", "json").json()
+    assert rows == [{"name": "u-vm", "state": "running", "addresses": ["10.250.1.10"],
+                     "autostart": False, "pending_restart": []}]
+    drift = host.cli("get", "vms", "-o", "json", "-f",
+                     host.manifests(lab(host.folder, autostart=True), "drift.yaml")).json()
+    assert drift[0]["drift"] == "update-live"
+    table = host.cli("get", "disks")
+    assert table.code == 0 and "u-data" in table.stdout
+    assert "No images" in host.cli("get", "images").stdout
 
 
 def test_apply_waits_for_addresses(host: Host) -> None:
     path = host.manifests(lab(host.folder))
     host.apply(path)
-    xml = host.hv.conn.lookupByName("u-vm").XMLDesc(0)
-    address = xml.split("<mac address='")[1].split("'")[0]
     not_ready = host.cli("apply", "-y", "-f", path, "--wait", "--wait-timeout", "0")
     assert not_ready.code == 1 and "u-vm: running, no address after 0 s" in not_ready.stderr
-    DriverHypervisor.leases = {"u-net": [{"mac": address, "ipaddr": "10.250.1.10"}]}
-    try:
-        ready = host.cli("apply", "-y", "-f", path, "--wait", "--wait-timeout", "5")
-        assert ready.code == 0, ready
-        assert "u-vm: 10.250.1.10" in ready.stdout
-    finally:
-        DriverHypervisor.leases = {}
+    host.hv.leases = {"u-net": [{"mac": first_mac(host, "u-vm"), "ipaddr": "10.250.1.10"}]}
+    ready = host.cli("apply", "-y", "-f", path, "--wait", "--wait-timeout", "5")
+    assert ready.code == 0, ready
+    assert "u-vm: 10.250.1.10" in ready.stdout
 
 
 def test_cloud_init_seed_is_built_and_uploaded(host: Host) -> None:

@@ -3,7 +3,6 @@ VM's MACs never move when other VMs come or go."""
 
 from __future__ import annotations
 
-import time
 from itertools import count
 
 import yaml
@@ -48,13 +47,9 @@ def colliding_pair() -> tuple[str, str]:
 
 
 def test_ten_thousand_vms_without_macs_validate_with_unique_macs() -> None:
-    names = [f"x-vm-{n}" for n in range(10_000)]
-    started = time.monotonic()
-    m = model(names)
-    took = time.monotonic() - started
+    m = model([f"x-vm-{n}" for n in range(10_000)])
     macs = [nic.mac for vm in m.vms for nic in vm.interfaces]
     assert len(set(macs)) == 10_000
-    assert took < 60  # a bound on work, not a benchmark: a quadratic search would not finish
 
 
 def test_a_collision_takes_the_next_candidate_and_the_first_name_keeps_its_mac() -> None:

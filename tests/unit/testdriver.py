@@ -24,10 +24,9 @@ EMPTY_NODE = "<node>\n</node>\n"
 class DriverHypervisor(Hypervisor):
     """A Hypervisor on the test driver; what the driver lacks is kept in `calls` and `volumes`."""
 
-    leases: dict[str, list[dict[str, Any]]] = {}
-
     def __init__(self, uri: str) -> None:
         super().__init__(uri)
+        self.leases: dict[str, list[dict[str, Any]]] = {}  # network -> what DHCPLeases gives
         self.calls: list[tuple[Any, ...]] = []
         self.contents: dict[tuple[str, str], bytes] = {}
 
