@@ -9,16 +9,28 @@ reports what these functions return.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import ipaddress
 import json
+import os
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
 from . import apply
 from .apply.readiness import nic_addresses
-from .errors import Location, PlanError, UsageError
+from .errors import (
+    KvmctlError,
+    Location,
+    ManifestError,
+    PlanError,
+    Problem,
+    UnreachableError,
+    UsageError,
+)
 from .host import facts
 from .host.hypervisor import Hypervisor
 from .host.ownership import Owner
@@ -27,9 +39,11 @@ from .kinds import Kind, ref
 from .manifest import checks, documents, validate
 from .manifest.documents import Document
 from .manifest.model import ManifestSet
-from .memo import open_memo, open_parse_memo
+from .manifest.project import HostConfig, ProjectConfig, place, split_project, with_defaults
+from .memo import Memo, open_memo, open_parse_memo
 from .plan import Options, make_plan
-from .plan.types import Plan, plan_json
+from .plan.moves import HostView, plan_moves
+from .plan.types import Change, HostPlan, Plan, ProjectPlan, project_plan_json
 from .plan.vm import pending_restart
 from .render.definitions import render_desired
 from .render.specs import Desired
@@ -59,29 +73,46 @@ class PlanRequest:
     scope: tuple[str, ...] = field(default=(), repr=False)
 
 
+@dataclass(frozen=True)
+class LockRequest:
+    """Hold the project's lock on every host of the run (apply, destroy): taken on each
+    hypervisor in one order before the host is read, released when the Deployment closes."""
+
+    timeout: float
+    waiting: Callable[[str], object] | None = None
+    command: str = "kvmctl apply"
+
+
 class Session:
     """Connection, live state, validated and rendered manifests for one command."""
 
     def __init__(self, target: Target, paths: list[str] | None = None, recursive: bool = False,
-                 stdin: TextIO | None = None, docs: list[Document] | None = None) -> None:
+                 stdin: TextIO | None = None, docs: list[Document] | None = None,
+                 prepared: tuple[Hypervisor, LiveState, Memo] | None = None,
+                 schemas_checked: bool = False) -> None:
         if docs is None and not paths:
             raise UsageError("no manifests given: use -f FILE, -f DIR or -f -")
         self.target = target
-        self.hv = Hypervisor(target.uri)
-        # Reading the host is mostly waiting for libvirtd: it overlaps with parsing manifests.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            reading = pool.submit(self.hv.read)
-            try:
-                self.documents = docs if docs is not None else documents.load(
-                    paths or [], recursive=recursive, stdin=stdin, memo=open_parse_memo())
-            except BaseException:
-                reading.cancel()
-                raise  # a manifest problem is reported first, whatever the host says
-            self.live: LiveState = reading.result()
-        self.memo = open_memo("verdicts")
+        if prepared is not None:  # one host of a Deployment: read, and its documents placed
+            self.hv, self.live, self.memo = prepared
+            self.documents = docs or []
+        else:
+            self.hv = Hypervisor(target.uri)
+            # Reading the host is mostly waiting for libvirtd: it overlaps with parsing.
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                reading = pool.submit(self.hv.read)
+                try:
+                    self.documents = docs if docs is not None else documents.load(
+                        paths or [], recursive=recursive, stdin=stdin, memo=open_parse_memo())
+                except BaseException:
+                    reading.cancel()
+                    raise  # a manifest problem is reported first, whatever the host says
+                self.live = reading.result()
+            self.memo = open_memo("verdicts")
         self.manifest: ManifestSet = validate.validate(self.documents, host_facts(self.live),
-                                                       self.memo)
+                                                       self.memo, schemas_checked)
         self._domain_type: str | None = None
+        self.rendered: Desired | None = None  # what the last plan compared with
 
     @property
     def uri(self) -> str:
@@ -103,19 +134,22 @@ class Session:
     def plan(self, request: PlanRequest = PlanRequest()) -> Plan:
         opts = Options(self.target.project, request.prune, request.prune_disks, request.adopt,
                        request.allow_empty, request.targets, request.scope)
-        plan = make_plan(self.manifest, self.desired(), self.live, opts, self.uri, self.memo)
+        self.rendered = self.desired()
+        plan = make_plan(self.manifest, self.rendered, self.live, opts, self.uri, self.memo)
         self.memo.save()
         return plan
 
-    def destroy_plan(self, with_disks: bool) -> Plan:
+    def destroy_plan(self, with_disks: bool, everywhere: ManifestSet | None = None) -> Plan:
         """Deleting what the manifests name: a prune against an empty wanted set, limited to
-        those objects (and their seeds)."""
-        named = {o.meta.ref for o in self.manifest.all()}
-        named |= {ref(Kind.SEED, vm.meta.name) for vm in self.manifest.vms if vm.cloud_init}
+        those objects (and their seeds). `everywhere`: the project's manifests on every host
+        (a VM that moved is deleted wherever it is)."""
+        whole = everywhere or self.manifest
+        named = {o.meta.ref for o in whole.all()}
+        named |= {ref(Kind.SEED, vm.meta.name) for vm in whole.vms if vm.cloud_init}
         opts = Options(self.target.project, prune=True, prune_disks=with_disks,
                        allow_empty=True, scope=tuple(sorted(named)),
                        shutdown_timeouts=tuple((vm.meta.name, float(vm.shutdown_timeout))
-                                               for vm in self.manifest.vms))
+                                               for vm in whole.vms))
         empty = ManifestSet()
         everything = make_plan(empty, self.desired(empty), self.live, opts, self.uri)
         # The planner's advice names prune's flag; destroy's own is --with-disks.
@@ -140,10 +174,245 @@ class Session:
         return apply.run(plan, self.hv, self.live, parallelism, progress)
 
 
+class Deployment:
+    """A project over its hosts: every selected host connected and read in parallel (while the
+    manifests load), the documents placed on hosts, one Session per host, one plan over all."""
+
+    def __init__(self, config: ProjectConfig, paths: list[str] | None = None,
+                 recursive: bool = False, stdin: TextIO | None = None,
+                 docs: list[Document] | None = None, only: tuple[str, ...] = (),
+                 lock: LockRequest | None = None) -> None:
+        if docs is None and not paths:
+            raise UsageError("no manifests given: use -f FILE, -f DIR or -f -")
+        unknown = sorted(set(only) - set(config.host_names))
+        if unknown:
+            raise UsageError(f"--host {unknown[0]}: not a host of the project (hosts: "
+                             + ", ".join(config.host_names) + ")")
+        self.config = config
+        self.selected = tuple(h for h in config.hosts if not only or h.name in only)
+        self._locks = contextlib.ExitStack()
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            hosts = pool.submit(_open_hosts, self.selected, config.name, lock, self._locks)
+            try:
+                loaded = docs if docs is not None else documents.load(
+                    paths or [], recursive=recursive, stdin=stdin, memo=open_parse_memo())
+                self.project_doc, rest = split_project(loaded, config.source)
+                self.documents = with_defaults(rest, config)
+                self.memo = open_memo("verdicts")
+                validate.check_schemas(self.documents, self.memo)
+                self.placement = place(self.documents, config)
+            except BaseException:
+                _close_all(hosts.result() if hosts.exception() is None else {})
+                self._locks.close()
+                raise  # a manifest problem is reported first, whatever the hosts say
+            if hosts.exception() is not None:  # a lock not had, or another host error
+                self._locks.close()
+                raise hosts.exception()  # type: ignore[misc]
+            opened = hosts.result()
+        self.sessions: dict[str, Session] = {}
+        problems: list[Problem] = []
+        for h in self.selected:
+            hv, live = opened[h.name]
+            try:
+                self.sessions[h.name] = Session(
+                    Target(h.uri, config.name, h.domain_type),
+                    docs=list(self.placement.by_host[h.name]), prepared=(hv, live, self.memo),
+                    schemas_checked=True)
+            except ManifestError as exc:
+                problems += [replace(p, message=f"{p.message} (on host {h.name})")
+                             if config.multi_host else p for p in exc.problems]
+        if problems:
+            self.close(opened)
+            raise ManifestError(sorted(problems, key=lambda p: (
+                p.location.file, p.location.line, p.location.column)))
+
+    @property
+    def project(self) -> str:
+        return self.config.name
+
+    def close(self, opened: dict[str, tuple[Hypervisor, LiveState]] | None = None) -> None:
+        """Release the locks and the connections."""
+        self._locks.close()
+        for hv, _ in (opened or {}).values():
+            hv.close()
+        for s in self.sessions.values():
+            s.hv.close()
+
+    def plan(self, request: PlanRequest = PlanRequest()) -> ProjectPlan:
+        views: dict[str, HostView] = {}
+        anything = any(True for _ in self.documents)
+        for name, session in self.sessions.items():
+            host_request = replace(request, targets=self._targets_on(name, request.targets),
+                                   allow_empty=request.allow_empty or anything)
+            if request.targets and not host_request.targets:
+                plan = Plan(self.project, session.uri, ())
+            else:
+                plan = self._on_host(name, functools.partial(session.plan, host_request))
+            disks = session.rendered.disks if session.rendered is not None else {}
+            views[name] = HostView(session.manifest, session.live, plan,
+                                   {d.spec.name: d.xml for d in disks.values()})
+        plans, moves = plan_moves(self.project, views)
+        if request.targets:
+            wanted = {t.split(":", 1)[-1].lower() for t in request.targets}
+            moves = tuple(c for c in moves if c.ref.lower() in wanted)
+        return self._project_plan(plans, moves)
+
+    def destroy_plan(self, with_disks: bool) -> ProjectPlan:
+        whole = self._whole()
+        plans = {name: self._on_host(name, functools.partial(s.destroy_plan, with_disks, whole))
+                 for name, s in self.sessions.items()}
+        return self._project_plan(plans, ())
+
+    def not_destroyed(self, plan: ProjectPlan) -> list[str]:
+        out = []
+        for h in plan.hosts:
+            gone = self.sessions[h.host].not_destroyed(h.plan)
+            out += [f"{h.host}:{r}" if self.config.multi_host else r for r in gone]
+        return out
+
+    def execute(self, plan: ProjectPlan, parallelism: int = 8,
+                progress: apply.Progress | None = None) -> apply.ProjectResult:
+        hosts = {name: (s.hv, s.live) for name, s in self.sessions.items()}
+        return apply.run_project(plan, hosts, parallelism, progress)
+
+    def _whole(self) -> ManifestSet:
+        """Every object of the project, once (for destroy's scope)."""
+        def union(pick: Callable[[ManifestSet], tuple[Any, ...]]) -> tuple[Any, ...]:
+            seen: dict[str, Any] = {}
+            for s in self.sessions.values():
+                for o in pick(s.manifest):
+                    seen.setdefault(o.meta.name, o)
+            return tuple(seen.values())
+
+        return ManifestSet(union(lambda m: m.pools), union(lambda m: m.images),
+                           union(lambda m: m.disks), union(lambda m: m.networks),
+                           union(lambda m: m.vms))
+
+    def _targets_on(self, host: str, targets: tuple[str, ...]) -> tuple[str, ...]:
+        """The --target values for one host: HOST:KIND/NAME of it, and KIND/NAME present."""
+        out = []
+        names = {o.meta.ref.lower() for o in self.sessions[host].manifest.all()}
+        for t in targets:
+            where, _, what = t.rpartition(":")
+            if where and where not in self.config.host_names:
+                raise UsageError(f"--target {t}: {where!r} is not a host of the project")
+            if where == host or (not where and what.lower() in names):
+                out.append(what)
+        everywhere = {o.lower() for s in self.sessions.values()
+                      for o in (x.meta.ref for x in s.manifest.all())}
+        for t in targets:
+            where, _, what = t.rpartition(":")
+            if not where and what.lower() not in everywhere:
+                raise PlanError(f"--target {t}: no such object in the manifests "
+                                "(write KIND/NAME or HOST:KIND/NAME, e.g. VirtualMachine/web)")
+        return tuple(out)
+
+    def _on_host(self, name: str, make: Callable[[], Plan]) -> Plan:
+        try:
+            return make()
+        except PlanError as exc:
+            if not self.config.multi_host:
+                raise
+            raise PlanError(f"host {name}: {exc}") from None
+
+    def _project_plan(self, plans: dict[str, Plan], moves: tuple[Change, ...]) -> ProjectPlan:
+        hosts = tuple(HostPlan(name, self.sessions[name].uri, replace(
+            plan, changes=tuple(replace(c, host=name) for c in plan.changes)))
+            for name, plan in plans.items())
+        return ProjectPlan(self.project, hosts, moves, self.config.multi_host)
+
+
+def _open_hosts(hosts: tuple[HostConfig, ...], project: str, lock: LockRequest | None,
+                locks: contextlib.ExitStack) -> dict[str, tuple[Hypervisor, LiveState]]:
+    """Every host connected (in parallel), locked (one after another, in name order, so two
+    runs over the same hosts never wait on each other crosswise), then read (in parallel).
+    UnreachableError naming every host that could not be connected to, or read."""
+    with ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
+        conns = {h.name: c for h, c in zip(
+            hosts, pool.map(lambda h: _attempt(lambda: Hypervisor(h.uri)), hosts), strict=True)}
+        failed = [(h.name, h.uri, _why(conns[h.name])) for h in hosts
+                  if isinstance(conns[h.name], BaseException)]
+        hvs = {n: c for n, c in conns.items() if not isinstance(c, BaseException)}
+        if failed:
+            _close_all({n: (hv, LiveState()) for n, hv in hvs.items()})
+            raise UnreachableError(failed)
+        try:
+            if lock is not None:
+                from .apply.hostlock import hypervisor_lock
+                for h in sorted(hosts, key=lambda h: h.name):
+                    locks.enter_context(hypervisor_lock(
+                        hvs[h.name].lock_store(), project, _holder(lock.command), lock.timeout,
+                        _waiting_on(h, lock.waiting)))
+            reads = dict(zip(hvs, pool.map(lambda hv: _attempt(hv.read), hvs.values()),
+                             strict=True))
+        except BaseException:
+            locks.close()
+            _close_all({n: (hv, LiveState()) for n, hv in hvs.items()})
+            raise
+    unread = [(h.name, h.uri, _why(reads[h.name])) for h in hosts
+              if isinstance(reads[h.name], BaseException)]
+    if unread:
+        locks.close()
+        _close_all({n: (hv, LiveState()) for n, hv in hvs.items()})
+        raise UnreachableError(unread)
+    return {n: (hvs[n], reads[n]) for n in hvs}
+
+
+def _attempt(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except KvmctlError as exc:
+        return exc
+
+
+def _holder(command: str) -> str:
+    import getpass
+    import socket
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()} pid {os.getpid()} ({command})"
+
+
+def _waiting_on(host: HostConfig, waiting: Callable[[str], object] | None
+                ) -> Callable[[str], object] | None:
+    if waiting is None:
+        return None
+    return lambda message: waiting(f"host {host.name}: {message}")
+
+
+def _close_all(opened: dict[str, tuple[Hypervisor, LiveState]]) -> None:
+    for hv, _ in opened.values():
+        hv.close()
+
+
+def _why(exc: object) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text.split(": ", 1)[1] if text.startswith("cannot connect to ") else text
+
+
 def open_host(uri: str) -> tuple[Hypervisor, LiveState]:
     """A connection and everything the host has, without manifests."""
     hv = Hypervisor(uri)
     return hv, hv.read()
+
+
+def open_project_hosts(config: ProjectConfig, only: tuple[str, ...] = ()
+                       ) -> tuple[dict[str, tuple[Hypervisor, LiveState]],
+                                  list[tuple[str, str, str]]]:
+    """Each host of the project (or of `only`) connected and read in parallel, without
+    manifests: (the hosts read, (name, uri, why) of those that could not be)."""
+    hosts = [h for h in config.hosts if not only or h.name in only]
+
+    def one(h: HostConfig) -> Any:
+        return _attempt(lambda: open_host(h.uri))
+
+    with ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
+        results = dict(zip([h.name for h in hosts], pool.map(one, hosts), strict=True))
+    failed = [(h.name, h.uri, _why(results[h.name])) for h in hosts
+              if isinstance(results[h.name], BaseException)]
+    return {n: r for n, r in results.items() if not isinstance(r, BaseException)}, failed
 
 
 def host_facts(live: LiveState) -> checks.HostFacts:
@@ -169,16 +438,22 @@ _MAC = re.compile(r"<mac\s+address=['\"]([0-9A-Fa-f:]{17})['\"]")
 
 # ---- saved plans --------------------------------------------------------------------------------
 
-def save_plan(path: str, session: Session, request: PlanRequest, plan: Plan) -> None:
-    bodies = [d.body for d in session.documents]
-    data = {"kind": PLAN_FILE_KIND, "format_version": 1, "uri": session.uri,
-            "project": session.target.project, "domain_type": session.domain_type,
+def save_plan(path: str, deployment: Deployment, request: PlanRequest,
+              plan: ProjectPlan) -> None:
+    config = deployment.config
+    bodies = [d.body for d in deployment.documents]
+    data = {"kind": PLAN_FILE_KIND, "format_version": 2, "project": config.name,
+            "hosts": [{"name": h.name, "uri": h.uri, "domain_type": h.domain_type}
+                      for h in config.hosts],
+            "default_host": config.default_host,
+            "only": [h.name for h in deployment.selected] if len(deployment.selected)
+            != len(config.hosts) else [],
             "options": {"prune": request.prune, "prune_disks": request.prune_disks,
                         "adopt": request.adopt, "allow_empty": request.allow_empty,
                         "target": list(request.targets)},
             "manifest_fingerprint": fingerprint(bodies), "documents": bodies,
-            "plan": plan_json(plan),
-            "fingerprints": {c.ref: c.fingerprint for c in plan.changes}}
+            "plan": project_plan_json(plan),
+            "fingerprints": {f"{c.host}:{c.ref}": c.fingerprint for c in plan.changes}}
     try:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1)
@@ -186,9 +461,21 @@ def save_plan(path: str, session: Session, request: PlanRequest, plan: Plan) -> 
         raise UsageError(f"cannot write {path}: {exc.strerror}") from None
 
 
-def load_saved(path: str, uri: str | None) -> tuple[Session, Plan]:
-    """The session and plan of a saved plan, made again against the host now; PlanError if
-    the file was edited or anything the plan looked at changed since."""
+@dataclass(frozen=True)
+class SavedPlan:
+    """What `plan --out` saved: enough to make the same plan again and compare it."""
+
+    config: ProjectConfig
+    documents: list[Document]
+    request: PlanRequest
+    only: tuple[str, ...]
+    fingerprints: dict[str, str]
+    path: str
+
+
+def load_saved(path: str, connect: str | None = None,
+               only: tuple[str, ...] = ()) -> SavedPlan:
+    """A saved plan, checked for edits (PlanError) and for shape (UsageError)."""
     try:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
@@ -196,6 +483,9 @@ def load_saved(path: str, uri: str | None) -> tuple[Session, Plan]:
         raise UsageError(f"cannot read saved plan {path}: {exc}") from None
     if not isinstance(saved, dict) or saved.get("kind") != PLAN_FILE_KIND:
         raise UsageError(f"{path} is not a plan saved by `kvmctl plan --out`")
+    if saved.get("format_version") != 2:
+        raise UsageError(f"{path} was saved by another version of kvmctl (format "
+                         f"{saved.get('format_version')!r}, this one reads 2): make a new plan")
     try:
         if fingerprint(saved["documents"]) != saved["manifest_fingerprint"]:
             raise PlanError(f"{path} was modified after it was saved")
@@ -203,26 +493,33 @@ def load_saved(path: str, uri: str | None) -> tuple[Session, Plan]:
         request = PlanRequest(bool(options["prune"]), bool(options["prune_disks"]),
                               bool(options["adopt"]), bool(options["allow_empty"]),
                               tuple(str(t) for t in options["target"]))
-        target = Target(uri or str(saved["uri"]), str(saved["project"]),
-                        str(saved["domain_type"]))
-        if first_non_xml_char(target.project) >= 0 or "\n" in target.project \
-                or target.domain_type not in ("auto", "kvm", "qemu"):
-            raise UsageError(f"{path} names a project or domain type kvmctl cannot use: "
-                             f"{target.project!r}, {target.domain_type!r}")
+        project = str(saved["project"])
+        default = str(saved["default_host"])
+        hosts = tuple(HostConfig(str(h["name"]), connect if connect and h["name"] == default
+                                 else str(h["uri"]), str(h["domain_type"]))
+                      for h in saved["hosts"])
+        if first_non_xml_char(project) >= 0 or "\n" in project or any(
+                h.domain_type not in ("auto", "kvm", "qemu") for h in hosts) or not hosts:
+            raise UsageError(f"{path} names a project, hosts or domain types kvmctl cannot "
+                             f"use: {project!r}")
         docs = [Document(body, Location(f"{path}#document{i + 1}"), {})
                 for i, body in enumerate(saved["documents"])]
         expected = {str(k): str(v) for k, v in saved["fingerprints"].items()}
+        was_only = tuple(str(h) for h in saved["only"])
     except (KeyError, TypeError, AttributeError) as exc:
         raise UsageError(f"{path} is not a complete saved plan ({exc})") from None
-    session = Session(target, docs=docs)
-    plan = session.plan(request)
-    now = {c.ref: c.fingerprint for c in plan.changes}
-    moved = sorted(r for r in set(now) | set(expected) if now.get(r) != expected.get(r))
-    if moved:
-        raise PlanError("the host changed since the plan was saved, refusing to apply it: "
-                        + ", ".join(moved) + "; make a new plan")
-    return session, plan
+    config = ProjectConfig(project, hosts, default, {}, None)
+    return SavedPlan(config, docs, request, only or was_only, expected, path)
 
+
+def check_saved(saved: SavedPlan, plan: ProjectPlan) -> None:
+    """PlanError unless the plan made now is the one that was saved."""
+    now = {f"{c.host}:{c.ref}": c.fingerprint for c in plan.changes}
+    moved = sorted(r for r in set(now) | set(saved.fingerprints)
+                   if now.get(r) != saved.fingerprints.get(r))
+    if moved:
+        raise PlanError(f"the host{'s' if plan.multi_host else ''} changed since the plan was "
+                        "saved, refusing to apply it: " + ", ".join(moved) + "; make a new plan")
 
 
 # ---- inventory (kvmctl get) ---------------------------------------------------------------------

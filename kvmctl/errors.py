@@ -63,6 +63,18 @@ class HypervisorError(KvmctlError):
     """libvirt refused or failed an operation; the message names the object and the call."""
 
 
+class UnreachableError(HypervisorError):
+    """One or more hosts of the project could not be reached: nothing is applied anywhere.
+    One line per host, naming it and its URI."""
+
+    def __init__(self, hosts: list[tuple[str, str, str]]) -> None:  # (name, uri, why)
+        self.hosts = hosts
+        super().__init__("\n".join(f"host {name} ({uri}) is unreachable: {why}"
+                                   for name, uri, why in hosts)
+                         + "\nnothing was changed on any host; --host NAME limits the run to "
+                           "the hosts named")
+
+
 class PlanError(KvmctlError):
     """The wanted state cannot be reached (for example a shrink, or a conflict with an object
     kvmctl does not own); raised before anything changes."""

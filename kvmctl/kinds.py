@@ -31,6 +31,9 @@ class Kind(StrEnum):
 LEVEL: dict[Kind, int] = {Kind.POOL: 0, Kind.IMAGE: 1, Kind.DISK: 2, Kind.SEED: 2,
                           Kind.NETWORK: 3, Kind.VM: 4}
 ORDER: tuple[Kind, ...] = tuple(sorted(LEVEL, key=lambda k: (LEVEL[k], list(Kind).index(k))))
+# The project file's kind: it configures a run (hosts, project name), it declares no object.
+PROJECT_KIND = "Project"
+PROJECT_FILE = "kvmctl.yaml"
 # What a manifest document may declare, in that order.
 MANIFEST_KINDS: tuple[Kind, ...] = tuple(k for k in ORDER if k is not Kind.SEED)
 

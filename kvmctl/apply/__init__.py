@@ -10,7 +10,7 @@ there because every object's ownership is recorded before (volumes) or together 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum, unique
@@ -20,10 +20,11 @@ from ..host.hypervisor import Hypervisor
 from ..host.state import LiveState
 from ..kinds import LEVEL
 from ..plan.steps import op_name
-from ..plan.types import Change, ChangeClass, Plan
+from ..plan.types import Change, ChangeClass, Plan, ProjectPlan
 from .executor import Executor
 
-__all__ = ["ApplyResult", "ChangeResult", "Event", "Outcome", "levels", "run"]
+__all__ = ["ApplyResult", "ChangeResult", "Event", "Outcome", "ProjectResult", "levels", "run",
+           "run_project"]
 
 
 @unique
@@ -88,8 +89,8 @@ def levels(plan: Plan) -> list[list[Change]]:
 
 
 def run(plan: Plan, hv: Hypervisor, live: LiveState, parallelism: int = 8,
-        progress: Progress | None = None) -> ApplyResult:
-    executor = Executor(hv, live, plan.project)
+        progress: Progress | None = None, executor: Executor | None = None) -> ApplyResult:
+    executor = executor or Executor(hv, live, plan.project)
     results: list[ChangeResult] = []
     groups = levels(plan)
     for i, group in enumerate(groups):
@@ -120,10 +121,70 @@ def run_change(executor: Executor, change: Change, progress: Progress | None) ->
     detail = "; ".join(notes)
     if progress:
         progress(change, Event.DONE, detail)
-    return ChangeResult(change.ref, Outcome.DONE, detail)
+    return ChangeResult(change.id, Outcome.DONE, detail)
 
 
 def _failed(change: Change, detail: str, progress: Progress | None) -> ChangeResult:
     if progress:
         progress(change, Event.FAILED, detail)
-    return ChangeResult(change.ref, Outcome.FAILED, detail)
+    return ChangeResult(change.id, Outcome.FAILED, detail)
+
+
+@dataclass(frozen=True)
+class ProjectResult:
+    """What an apply over the project's hosts did: per host, then the moves between them."""
+
+    hosts: tuple[tuple[str, ApplyResult], ...]
+    moves: ApplyResult = ApplyResult(())
+
+    @property
+    def results(self) -> tuple[ChangeResult, ...]:
+        return tuple(r for _, res in self.hosts for r in res.results) + self.moves.results
+
+    def _ids(self, outcome: Outcome) -> tuple[str, ...]:
+        return tuple(r.ref for r in self.results if r.outcome is outcome)
+
+    @property
+    def done(self) -> tuple[str, ...]:
+        return self._ids(Outcome.DONE)
+
+    @property
+    def failed(self) -> tuple[tuple[str, str], ...]:
+        return tuple((r.ref, r.detail) for r in self.results if r.outcome is Outcome.FAILED)
+
+    @property
+    def skipped(self) -> tuple[str, ...]:
+        return self._ids(Outcome.SKIPPED)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def host_failed(self, host: str) -> bool:
+        return any(not res.ok for name, res in self.hosts if name == host)
+
+
+def run_project(plan: ProjectPlan, hosts: Mapping[str, tuple[Hypervisor, LiveState]],
+                parallelism: int = 8, progress: Progress | None = None) -> ProjectResult:
+    """Every host's plan at once, each in its own dependency order (a failing host does not stop
+    the others), then the moves between hosts whose own changes all succeeded."""
+    executors = {name: Executor(hv, live, plan.project) for name, (hv, live) in hosts.items()}
+    todo = [h for h in plan.hosts if any(c.steps for c in h.plan.changes)]
+    results: dict[str, ApplyResult] = {h.host: ApplyResult(()) for h in plan.hosts}
+    with ThreadPoolExecutor(max_workers=max(1, len(todo))) as pool:
+        running = {h.host: pool.submit(run, h.plan, hosts[h.host][0], hosts[h.host][1],
+                                       parallelism, progress, executors[h.host]) for h in todo}
+        for name, future in running.items():
+            results[name] = future.result()
+    outcome = ProjectResult(tuple(results.items()))
+    moves = [c for c in plan.moves if c.move_steps and not c.blocked]
+    if not moves:
+        return outcome
+    from .moves import run_move
+    ready = [c for c in moves if not outcome.host_failed(c.host)
+             and not outcome.host_failed(c.from_host)]
+    skipped = [ChangeResult(c.id, Outcome.SKIPPED, "a change on one of its hosts failed")
+               for c in moves if c not in ready]
+    with ThreadPoolExecutor(max_workers=max(1, min(parallelism, len(ready) or 1))) as pool:
+        done = list(pool.map(lambda c: run_move(c, executors, progress), ready))
+    return ProjectResult(outcome.hosts, ApplyResult(tuple(done + skipped)))

@@ -6,7 +6,9 @@ The engine is imported inside the commands that need it, so that `kvmctl --help`
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from typing import TYPE_CHECKING
 
 from ..errors import ManifestError, UsageError
@@ -15,15 +17,24 @@ from .options import CommandOptions
 from .report import Env, ProgressView, print_plan, print_problems
 
 if TYPE_CHECKING:
-    from ..engine import PlanRequest, Session, Target
+    from collections.abc import Iterator
+
+    from ..engine import Deployment, LockRequest, PlanRequest
     from ..manifest.documents import Document
     from ..manifest.model import ManifestSet
-    from ..plan.types import Plan
+    from ..manifest.project import ProjectConfig
+    from ..plan.types import ProjectPlan
 
 
-def target(opts: CommandOptions) -> Target:
-    from ..engine import Target
-    return Target(opts.uri, opts.project, opts.domain_type)
+def project_config(opts: CommandOptions) -> ProjectConfig:
+    """The run's project and hosts: the project file (--project-file, or kvmctl.yaml found from
+    the -f paths upward), overridden by --project, --connect and --domain-type."""
+    from ..manifest.project import Overrides, find_project_file, load_project_file, resolve
+    path = opts.project_file or find_project_file(list(opts.filenames))
+    if opts.project_file and not os.path.isfile(opts.project_file):
+        raise UsageError(f"--project-file {opts.project_file}: no such file")
+    doc = load_project_file(path) if path else None
+    return resolve(doc, Overrides(opts.project, opts.connect, opts.domain_type))
 
 
 def plan_request(opts: CommandOptions) -> PlanRequest:
@@ -31,17 +42,38 @@ def plan_request(opts: CommandOptions) -> PlanRequest:
     return PlanRequest(opts.prune, opts.prune_disks, opts.adopt, opts.allow_empty, opts.targets)
 
 
-def open_session(opts: CommandOptions, env: Env) -> Session:
-    from ..engine import Session
-    return Session(target(opts), list(opts.filenames), opts.recursive, env.stdin)
+def open_deployment(opts: CommandOptions, env: Env, config: ProjectConfig | None = None,
+                    lock: LockRequest | None = None) -> Deployment:
+    from ..engine import Deployment
+    return Deployment(config or project_config(opts), list(opts.filenames), opts.recursive,
+                      env.stdin, only=opts.hosts, lock=lock)
 
 
 def _load(opts: CommandOptions, env: Env) -> tuple[list[Document], ManifestSet]:
+    """Documents and model, offline: schemas, placement on the project's hosts, and each host's
+    share checked as a plan would check it (without what the hosts have)."""
     from ..manifest import documents, validate
+    from ..manifest.model import ManifestSet as Set
+    from ..manifest.project import place, split_project, with_defaults
     if not opts.filenames:
         raise UsageError("no manifests given: use -f FILE, -f DIR or -f -")
-    docs = documents.load(list(opts.filenames), recursive=opts.recursive, stdin=env.stdin)
-    return docs, validate.validate(docs)
+    config = project_config(opts)
+    loaded = documents.load(list(opts.filenames), recursive=opts.recursive, stdin=env.stdin)
+    project_doc, rest = split_project(loaded, config.source)
+    docs = with_defaults(rest, config)
+    validate.check_schemas(docs)
+    placement = place(docs, config)
+    if not config.multi_host:
+        return loaded, validate.validate(docs, schemas_checked=True)
+    problems = []
+    for placed in placement.by_host.values():
+        try:
+            validate.validate(list(placed), schemas_checked=True)
+        except ManifestError as exc:
+            problems += exc.problems
+    if problems:
+        raise ManifestError(problems)
+    return loaded, Set()
 
 
 # ---- validate, render ---------------------------------------------------------------------------
@@ -62,7 +94,8 @@ def cmd_validate(opts: CommandOptions, env: Env) -> int:
 def cmd_render(opts: CommandOptions, env: Env) -> int:
     from ..render.definitions import render_all
     _, manifest = _load(opts, env)
-    rendered = [r for r in render_all(manifest, opts.project, opts.domain_type)
+    project = opts.project or project_config(opts).name
+    rendered = [r for r in render_all(manifest, project, opts.domain_type or "kvm")
                 if (not opts.kind or r.kind.lower() == opts.kind.lower())
                 and (not opts.name or r.name == opts.name)]
     if not rendered:
@@ -78,17 +111,17 @@ def cmd_render(opts: CommandOptions, env: Env) -> int:
 
 def cmd_plan(opts: CommandOptions, env: Env) -> int:
     from ..engine import save_plan
-    from ..plan.types import plan_json
-    session = open_session(opts, env)
+    from ..plan.types import project_plan_json
+    deployment = open_deployment(opts, env)
     request = plan_request(opts)
-    plan = session.plan(request)
+    plan = deployment.plan(request)
     if opts.output == "json":
-        json.dump(plan_json(plan), env.stdout, indent=2)
+        json.dump(project_plan_json(plan), env.stdout, indent=2)
         env.stdout.write("\n")
     else:
         print_plan(plan, env)
     if opts.out:
-        save_plan(opts.out, session, request, plan)
+        save_plan(opts.out, deployment, request, plan)
         if opts.output == "text":
             env.stdout.write(f"plan saved to {opts.out}; run: kvmctl apply {opts.out}\n")
     if opts.detailed_exitcode and plan.changes_present:
@@ -98,49 +131,80 @@ def cmd_plan(opts: CommandOptions, env: Env) -> int:
 
 # ---- apply, destroy -----------------------------------------------------------------------------
 
-def cmd_apply(opts: CommandOptions, env: Env) -> int:
+def _lock_request(opts: CommandOptions, env: Env) -> LockRequest:
+    from ..engine import LockRequest
+    return LockRequest(opts.lock_timeout, lambda m: env.stderr.write(m + "\n"),
+                       f"kvmctl {opts.command}")
+
+
+@contextlib.contextmanager
+def _local_locks(config: ProjectConfig, opts: CommandOptions, env: Env) -> Iterator[None]:
+    """This machine's lock for each host the run touches, in one order (no two runs wait on
+    each other crosswise); the hypervisor-side lock is taken by the engine, per host."""
     from ..apply.lock import project_lock
-    from ..engine import load_saved
+    with contextlib.ExitStack() as stack:
+        for h in sorted(config.hosts, key=lambda h: h.uri):
+            if not opts.hosts or h.name in opts.hosts:
+                stack.enter_context(project_lock(h.uri, config.name, opts.lock_timeout,
+                                                 lambda m: env.stderr.write(m + "\n")))
+        yield
+
+
+def cmd_apply(opts: CommandOptions, env: Env) -> int:
+    from ..engine import Deployment, check_saved, load_saved
     if opts.plan_file and opts.filenames:
         raise UsageError("give either a saved plan or -f manifests, not both")
-    # The lock is the command line's project and URI (for a saved plan too, as it always was).
-    with project_lock(opts.uri, opts.project, opts.lock_timeout,
-                      lambda m: env.stderr.write(m + "\n")):
-        if opts.plan_file:
-            session, plan = load_saved(opts.plan_file, opts.connect)
-        else:
-            session = open_session(opts, env)
-            plan = session.plan(plan_request(opts))
+    if opts.plan_file:
+        saved = load_saved(opts.plan_file, opts.connect, opts.hosts)
+        with _local_locks(saved.config, opts, env):
+            deployment = Deployment(saved.config, docs=saved.documents, only=saved.only,
+                                    lock=_lock_request(opts, env))
+            plan = deployment.plan(saved.request)
+        try:
+            check_saved(saved, plan)
+        except BaseException:
+            deployment.close()
+            raise
+    else:
+        config = project_config(opts)
+        with _local_locks(config, opts, env):
+            deployment = open_deployment(opts, env, config, _lock_request(opts, env))
+            plan = deployment.plan(plan_request(opts))
+    try:
         print_plan(plan, env)
         if not plan.changes_present:
-            return _after_apply(opts, env, session, ok=True)
+            return _after_apply(opts, env, deployment, ok=True)
         _confirm(opts, env)
-        ok = _execute(opts, env, session, plan)
-        return _after_apply(opts, env, session, ok)
+        ok = _execute(opts, env, deployment, plan)
+        return _after_apply(opts, env, deployment, ok)
+    finally:
+        deployment.close()
 
 
 def cmd_destroy(opts: CommandOptions, env: Env) -> int:
-    from ..apply.lock import project_lock
-    with project_lock(opts.uri, opts.project, opts.lock_timeout,
-                      lambda m: env.stderr.write(m + "\n")):
-        session = open_session(opts, env)
-        plan = session.destroy_plan(opts.with_disks)
+    config = project_config(opts)
+    with _local_locks(config, opts, env):
+        deployment = open_deployment(opts, env, config, _lock_request(opts, env))
+    try:
+        plan = deployment.destroy_plan(opts.with_disks)
         print_plan(plan, env)
         ok = True
         if plan.changes_present:
             _confirm(opts, env)
-            ok = _execute(opts, env, session, plan)
+            ok = _execute(opts, env, deployment, plan)
         blocked = [c for c in plan.changes if c.blocked]
         if blocked:
-            env.stderr.write("kept: " + ", ".join(f"{c.ref} ({c.blocked})" for c in blocked)
-                             + "\n")
-        foreign = session.not_destroyed(plan)
+            env.stderr.write("kept: " + ", ".join(
+                f"{c.id if plan.multi_host else c.ref} ({c.blocked})" for c in blocked) + "\n")
+        foreign = deployment.not_destroyed(plan)
         if foreign:  # never silently: the manifests asked for these to go
-            env.stderr.write(f"error: not deleted, because project {opts.project!r} does not "
+            env.stderr.write(f"error: not deleted, because project {config.name!r} does not "
                              "own them (another project's, or made outside kvmctl; --adopt "
                              "with apply takes them over): " + ", ".join(foreign) + "\n")
             return ExitStatus.ERROR
         return ExitStatus.OK if ok else ExitStatus.ERROR
+    finally:
+        deployment.close()
 
 
 def _confirm(opts: CommandOptions, env: Env) -> None:
@@ -154,27 +218,44 @@ def _confirm(opts: CommandOptions, env: Env) -> None:
         raise UsageError("apply cancelled; nothing was changed")
 
 
-def _execute(opts: CommandOptions, env: Env, session: Session, plan: Plan) -> bool:
+def _execute(opts: CommandOptions, env: Env, deployment: Deployment,
+             plan: ProjectPlan) -> bool:
     from ..apply import levels
-    total = sum(len(group) for group in levels(plan))
-    with ProgressView(env, total) as view:
-        result = session.execute(plan, opts.parallelism, view.event)
+    total = sum(len(group) for h in plan.hosts for group in levels(h.plan))
+    total += sum(1 for c in plan.moves if c.move_steps and not c.blocked)
+    with ProgressView(env, total, plan.multi_host) as view:
+        result = deployment.execute(plan, opts.parallelism, view.event)
+    if plan.multi_host:  # per host: what was done, what failed, what was skipped
+        for name, res in result.hosts:
+            if res.results:
+                env.stdout.write(f"Host {name}: {len(res.done)} done, {len(res.failed)} "
+                                 f"failed, {len(res.skipped)} skipped.\n")
+        if result.moves.results:
+            res = result.moves
+            env.stdout.write(f"Moves: {len(res.done)} done, {len(res.failed)} failed, "
+                             f"{len(res.skipped)} skipped.\n")
     if result.failed:
         env.stderr.write(f"error: {len(result.failed)} change(s) failed; {len(result.done)} "
                          f"done, {len(result.skipped)} not started. Run apply again to "
                          "continue from here.\n")
+        for what, why in result.failed:
+            env.stderr.write(f"  {what}: {why}\n")
         return False
     env.stdout.write(f"Apply complete: {len(result.done)} change(s) made.\n")
     return True
 
 
-def _after_apply(opts: CommandOptions, env: Env, session: Session, ok: bool) -> int:
+def _after_apply(opts: CommandOptions, env: Env, deployment: Deployment, ok: bool) -> int:
     if ok and opts.wait:
         from ..apply.readiness import wait
         env.stdout.write(f"Waiting up to {opts.wait_timeout:g} s for running VMs to have an "
                          "address...\n")
-        ready, problems = wait(session.hv, session.manifest, opts.wait_timeout,
-                               lambda line: env.stdout.write(f"  {line}\n"))
+        ready, problems = [], []
+        for session in deployment.sessions.values():
+            r, p = wait(session.hv, session.manifest, opts.wait_timeout,
+                        lambda line: env.stdout.write(f"  {line}\n"))
+            ready += r
+            problems += p
         if ready:
             env.stdout.write("Addresses:\n")
         for vm in ready:

@@ -23,8 +23,15 @@ def default_uri() -> str:
             or "qemu:///system")
 
 
-def default_project() -> str:
-    return os.environ.get("KVMCTL_PROJECT", "default")
+def project_override() -> str | None:
+    """--project's default: $KVMCTL_PROJECT, which overrides the project file like the flag
+    (argparse passes it through project_name, as it does the flag)."""
+    return os.environ.get("KVMCTL_PROJECT") or None
+
+
+def domain_type_override() -> str | None:
+    value = os.environ.get("KVMCTL_DOMAIN_TYPE")
+    return value if value in DOMAIN_TYPES else None
 
 
 @dataclass(frozen=True)
@@ -37,8 +44,10 @@ class CommandOptions:
     recursive: bool = False
     output: str = "text"
     connect: str | None = None
-    project: str = "default"
-    domain_type: str = "auto"
+    project: str | None = None  # None: the project file's, else "default"
+    domain_type: str | None = None  # None: each host's in the project file, else auto
+    project_file: str | None = None
+    hosts: tuple[str, ...] = ()  # --host: only these hosts of the project
     # plan, diff, apply
     prune: bool = False
     prune_disks: bool = False
@@ -75,6 +84,7 @@ class CommandOptions:
         raw = {k: v for k, v in vars(ns).items() if k != "run"}
         raw["filenames"] = tuple(raw.pop("filename", ()) or ())
         raw["targets"] = tuple(raw.pop("target", ()) or ())
+        raw["hosts"] = tuple(raw.pop("host", ()) or ())
         known = {f.name for f in dataclasses.fields(CommandOptions)}
         return CommandOptions(**{k: v for k, v in raw.items() if k in known})
 
@@ -89,18 +99,28 @@ def _manifest_options(p: argparse.ArgumentParser) -> None:
                    help="read directories given with -f recursively")
 
 
+def _project_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--project-file", metavar="FILE",
+                   help="the project file (default: kvmctl.yaml in the -f paths' directories "
+                        "or above them, up to the top of the git repository)")
+    p.add_argument("--project", default=project_override(), type=project_name,
+                   help="the project that owns what these manifests create (default: "
+                        "$KVMCTL_PROJECT, the project file's name, or 'default')")
+
+
 def _engine_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--connect", "-c", default=None, metavar="URI",
-                   help="libvirt URI (default: $KVMCTL_CONNECT, $LIBVIRT_DEFAULT_URI, "
-                        "qemu:///system)")
-    p.add_argument("--project", default=default_project(), type=project_name,
-                   help="the project that owns what these manifests create "
-                        "(default: $KVMCTL_PROJECT or 'default')")
-    p.add_argument("--domain-type", choices=DOMAIN_TYPES,
-                   default=os.environ.get("KVMCTL_DOMAIN_TYPE", "auto"),
+    _project_options(p)
+    p.add_argument("--connect", "-c", default=os.environ.get("KVMCTL_CONNECT") or None,
+                   metavar="URI",
+                   help="libvirt URI of the default host (default: $KVMCTL_CONNECT, the project "
+                        "file's, $LIBVIRT_DEFAULT_URI, qemu:///system)")
+    p.add_argument("--host", action="append", default=[], metavar="NAME",
+                   help="only this host of the project file (repeatable); the others are "
+                        "neither read nor changed")
+    p.add_argument("--domain-type", choices=DOMAIN_TYPES, default=domain_type_override(),
                    help="libvirt domain type for VMs that do not set one: kvm, qemu (TCG "
                         "emulation), or auto (kvm when the host CPU has VT-x/AMD-V); "
-                        "default: $KVMCTL_DOMAIN_TYPE or auto")
+                        "default: $KVMCTL_DOMAIN_TYPE, the project file's per host, or auto")
 
 
 def _plan_options(p: argparse.ArgumentParser) -> None:
@@ -170,6 +190,8 @@ def build_parser(commands: dict[str, Command], version: str) -> argparse.Argumen
 
     p = sub.add_parser("validate", help="check manifests against the schemas and each other")
     _manifest_options(p)
+    p.add_argument("--project-file", metavar="FILE",
+                   help="the project file (default: kvmctl.yaml found from the -f paths up)")
     p.add_argument("-o", "--output", choices=("text", "json", "github"), default="text")
     p.set_defaults(run=commands["validate"])
 
@@ -177,7 +199,7 @@ def build_parser(commands: dict[str, Command], version: str) -> argparse.Argumen
     _manifest_options(p)
     p.add_argument("--kind", help="only objects of this kind")
     p.add_argument("--name", help="only the object with this name")
-    p.add_argument("--project", default=default_project(), type=project_name)
+    _project_options(p)
     env_type = os.environ.get("KVMCTL_DOMAIN_TYPE")
     p.add_argument("--domain-type", choices=("kvm", "qemu"),
                    default=env_type if env_type in ("kvm", "qemu") else "kvm")

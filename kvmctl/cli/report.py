@@ -12,7 +12,7 @@ from ..errors import Problem
 
 if TYPE_CHECKING:  # rich and the plan types are imported when there is something to show
     from ..apply import Event
-    from ..plan.types import Change, FieldDiff, Plan
+    from ..plan.types import Change, FieldDiff, Plan, ProjectPlan
 
 
 @dataclass(frozen=True)
@@ -64,20 +64,54 @@ def _problem_json(p: Problem) -> dict[str, Any]:
 # ---- plans --------------------------------------------------------------------------------------
 
 _COLORS = {"create": "green", "update-live": "yellow", "update-restart": "yellow",
-           "replace": "magenta", "delete": "red", "no-op": "cyan"}
+           "replace": "magenta", "delete": "red", "no-op": "cyan", "move": "blue"}
 
 
-def print_plan(plan: Plan, env: Env) -> None:
+def print_plan(plan: Plan | ProjectPlan, env: Env) -> None:
+    """The plan as text; a project of several hosts grouped by host, each change named
+    HOST:KIND/NAME, and its moves last."""
+    from ..plan.types import ProjectPlan  # noqa: F811 (at run time; the other is for mypy)
+    if not isinstance(plan, ProjectPlan):
+        _print_changes(plan.changes, env, False)
+    elif not plan.multi_host:
+        _print_changes(plan.changes, env, False)
+    else:
+        for h in plan.hosts:
+            shown = [c for c in h.plan.changes if c.is_change]
+            env.stdout.write(f"Host {h.host} ({h.uri}): "
+                             + (f"{len(shown)} change(s)\n" if shown else "no changes\n"))
+            _print_changes(h.plan.changes, env, True)
+        if plan.moves:
+            env.stdout.write("Moves between hosts:\n")
+            _print_changes(plan.moves, env, True)
+    s = plan.summary()
+    env.stdout.write(
+        f"Plan: {s['create']} to create, {s['update-live']} to update live, "
+        f"{s['update-restart']} needing a restart, {s['replace']} to replace, "
+        + (f"{s['move']} to move, " if s.get("move") else "")
+        + f"{s['delete']} to delete, {s['no-op']} unchanged"
+        + (f", {s['blocked']} blocked" if s["blocked"] else "")
+        + (f", {s['pending_restart']} pending restart" if s["pending_restart"] else "") + ".\n")
+    if not plan.changes_present:
+        env.stdout.write("No changes: the host" + ("s match" if isinstance(plan, ProjectPlan)
+                                                   and plan.multi_host else " matches")
+                         + " the manifests.\n")
+
+
+def _print_changes(changes: tuple[Change, ...], env: Env, with_host: bool) -> None:
     from ..plan.describe import INTERNAL_FIELDS
     from ..plan.types import SYMBOLS, ChangeClass
-    shown = [c for c in plan.changes if c.is_change]
+    shown = [c for c in changes if c.is_change]
     if shown:  # rich is imported only when there is something to print in colour
         from rich.console import Console
         console = Console(file=env.stdout, highlight=False, soft_wrap=True)
     for c in shown:
         cls = c.change_class
         tag = "pending restart" if cls is ChangeClass.NOOP else str(cls)
-        console.print(f"[{_COLORS[cls]}]{SYMBOLS[cls]:>3} {c.ref}[/] [dim]({tag})[/]",
+        name = c.id if with_host else c.ref
+        if cls is ChangeClass.MOVE:
+            name = f"{c.ref} {c.from_host} -> {c.host}" if with_host else c.ref
+        console.print(f"[{_COLORS[cls]}]{SYMBOLS[cls]:>3} {name}[/] [dim]({tag})[/]",
                       markup=True)
         for reason in c.reasons:
             console.print(f"      {reason}", markup=False)
@@ -90,15 +124,6 @@ def print_plan(plan: Plan, env: Env) -> None:
             console.print("      only kvmctl's record of the manifest changes (settings that "
                           "are not part of the libvirt definition, e.g. onRestartNeeded or "
                           "protect)", markup=False)
-    s = plan.summary()
-    env.stdout.write(
-        f"Plan: {s['create']} to create, {s['update-live']} to update live, "
-        f"{s['update-restart']} needing a restart, {s['replace']} to replace, "
-        f"{s['delete']} to delete, {s['no-op']} unchanged"
-        + (f", {s['blocked']} blocked" if s["blocked"] else "")
-        + (f", {s['pending_restart']} pending restart" if s["pending_restart"] else "") + ".\n")
-    if not plan.changes_present:
-        env.stdout.write("No changes: the host matches the manifests.\n")
 
 
 def _field_line(f: FieldDiff, change_class: str) -> str:
@@ -122,8 +147,8 @@ def _fmt(value: Any) -> str:
 class ProgressView:
     """A rich progress bar on a terminal; one plain line per event otherwise (CI logs)."""
 
-    def __init__(self, env: Env, total: int) -> None:
-        self.env, self.total = env, total
+    def __init__(self, env: Env, total: int, with_host: bool = False) -> None:
+        self.env, self.total, self.with_host = env, total, with_host
         self.progress: Any = None
         self.task: Any = None
 
@@ -144,15 +169,18 @@ class ProgressView:
             self.progress.stop()
 
     def event(self, change: Change, event: Event, detail: str) -> None:
-        line = {"start": f"{change.ref}: {change.change_class}...",
-                "done": f"{change.ref}: done" + (f" ({detail})" if detail else ""),
-                "failed": f"{change.ref}: FAILED: {detail}"}[str(event)]
+        name = change.id if self.with_host else change.ref
+        if self.with_host and change.from_host:
+            name = f"{change.ref} {change.from_host} -> {change.host}"
+        line = {"start": f"{name}: {change.change_class}...",
+                "done": f"{name}: done" + (f" ({detail})" if detail else ""),
+                "failed": f"{name}: FAILED: {detail}"}[str(event)]
         if self.progress is None:
             (self.env.stderr if event == "failed" else self.env.stdout).write(line + "\n")
             self.env.stdout.flush()
             return
         if event == "start":
-            self.progress.update(self.task, description=f"{change.ref}")
+            self.progress.update(self.task, description=name)
             return
         self.progress.console.print(line, markup=False, highlight=False)
         self.progress.advance(self.task)

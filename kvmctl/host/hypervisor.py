@@ -15,7 +15,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import libvirt
 from lxml import etree
@@ -27,6 +27,9 @@ from ..render.specs import VolumeSpec
 from .connection import call, silence_default_handler
 from .ownership import OwnershipRecord, record_names, slot_capacity
 from .reading import HostReader
+
+if TYPE_CHECKING:
+    from .leases import LeaseStore
 
 AFFECT_LIVE = libvirt.VIR_DOMAIN_AFFECT_LIVE
 _UEFI = re.compile(r"<nvram|<loader|firmware=['\"]efi['\"]")
@@ -44,6 +47,11 @@ class Hypervisor(HostReader):
     def close(self) -> None:
         with contextlib.suppress(libvirt.libvirtError):
             self.conn.close()
+
+    def lock_store(self) -> LeaseStore:
+        """Where this host keeps the project locks (host/leases.py)."""
+        from .leases import LeaseStore
+        return LeaseStore(self)
 
     # ---- domains ---------------------------------------------------------------------------
 

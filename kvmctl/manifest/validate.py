@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # jsonschema is imported only when a document is not in the m
     from jsonschema import Draft202012Validator
 
 from ..errors import ManifestError, Problem
-from ..kinds import MANIFEST_KINDS, Kind
+from ..kinds import MANIFEST_KINDS, PROJECT_KIND, Kind
 from ..memo import Memo
 from ..memo import key as digest_of
 from ..units import SizeError, parse_size
@@ -33,6 +33,7 @@ from .model import ManifestSet, build
 
 API_VERSION = "kvmctl/v1"
 SCHEMA_FILES = {str(kind): f"{kind.lower()}.schema.json" for kind in MANIFEST_KINDS}
+SCHEMA_FILES[PROJECT_KIND] = "project.schema.json"
 KINDS = tuple(SCHEMA_FILES)
 
 
@@ -434,9 +435,8 @@ def _cidr_problems(doc: Document) -> list[Problem]:
     return []
 
 
-def validate(documents: list[Document], host: checks.HostFacts | None = None,
-             memo: Memo | None = None) -> ManifestSet:
-    """The model of `documents`, or ManifestError listing every problem in them.
+def check_schemas(documents: list[Document], memo: Memo | None = None) -> None:
+    """ManifestError listing every schema problem, else every duplicate name, of `documents`.
 
     `memo` remembers documents that already passed their schema (see memo.py)."""
     problems: list[Problem] = []
@@ -447,6 +447,20 @@ def validate(documents: list[Document], host: checks.HostFacts | None = None,
     problems.extend(checks.duplicates(documents))
     if problems:
         raise ManifestError(problems)
+
+
+def validate(documents: list[Document], host: checks.HostFacts | None = None,
+             memo: Memo | None = None, schemas_checked: bool = False) -> ManifestSet:
+    """The model of `documents`, or ManifestError listing every problem in them.
+
+    `schemas_checked`: check_schemas already passed them (a project's documents, checked once
+    before they are placed on hosts)."""
+    problems: list[Problem] = []
+    if not schemas_checked:
+        check_schemas(documents, memo)
+    # A project file among the documents configures the run (manifest/project.py); it is no
+    # object of the model.
+    documents = [d for d in documents if d.kind != PROJECT_KIND]
     manifest = build(documents, host.domain_macs if host is not None else None)
     problems.extend(checks.semantic(manifest, {(d.kind, d.name): d for d in documents}, host))
     if problems:

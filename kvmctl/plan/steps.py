@@ -290,13 +290,54 @@ GUEST_STEPS: tuple[type, ...] = (StartDomain, ShutdownDomain, RestartDomain, Set
                                  UpdateDevice, ReplugNic)
 
 
-def op_name(step: Step) -> str:
+# ---- moves between hosts (run by apply/moves.py, which holds every host's executor) ---------
+
+@dataclasses.dataclass(frozen=True)
+class OnHost:
+    """A step of a move, run on one host of the project."""
+
+    host: str
+    step: Step
+
+
+@dataclasses.dataclass(frozen=True)
+class CopyVolume:
+    """Stream a volume from one host into its created (and claimed) volume on another, through
+    libvirt only, then read the copy back: its length and sha256 must equal the source's."""
+
+    from_host: str
+    pool: str
+    volume: str
+    to_host: str
+    to_pool: str
+    xml: str
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyCopy:
+    """Fail unless a volume and its copy on another host have the same length and sha256 (before
+    the original is deleted by a move that an earlier apply left half-done)."""
+
+    from_host: str
+    pool: str
+    volume: str
+    to_host: str
+    to_pool: str
+
+
+MoveStep = Union[OnHost, CopyVolume, VerifyCopy]
+MOVE_STEP_TYPES: tuple[type, ...] = MoveStep.__args__  # type: ignore[attr-defined]
+
+
+def op_name(step: Step | MoveStep) -> str:
     """`SetMemoryLive` -> `set_memory_live`: how steps are named in JSON and in messages."""
     return re.sub(r"(?<!^)(?=[A-Z])", "_", type(step).__name__).lower()
 
 
-def step_json(step: Step) -> dict[str, Any]:
+def step_json(step: Step | MoveStep) -> dict[str, Any]:
     """The step as plain JSON values: its operation and every field, by name."""
+    if isinstance(step, OnHost):
+        return {"op": op_name(step), "host": step.host, "step": step_json(step.step)}
     return {"op": op_name(step), **_plain(dataclasses.asdict(step))}
 
 

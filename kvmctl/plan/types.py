@@ -9,7 +9,7 @@ from enum import StrEnum, unique
 from typing import Any
 
 from ..kinds import Kind
-from .steps import Step, step_json
+from .steps import MoveStep, Step, step_json
 
 FORMAT_VERSION = 1
 MASK = "(sensitive value hidden)"
@@ -25,10 +25,12 @@ class ChangeClass(StrEnum):
     UPDATE_RESTART = "update-restart"
     REPLACE = "replace"
     DELETE = "delete"
+    MOVE = "move"  # to another host of the project: disks copied and verified, then removed
 
 
 SYMBOLS = {ChangeClass.CREATE: "+", ChangeClass.NOOP: " ", ChangeClass.UPDATE_LIVE: "~",
-           ChangeClass.UPDATE_RESTART: "~", ChangeClass.REPLACE: "-/+", ChangeClass.DELETE: "-"}
+           ChangeClass.UPDATE_RESTART: "~", ChangeClass.REPLACE: "-/+", ChangeClass.DELETE: "-",
+           ChangeClass.MOVE: "->"}
 
 
 @dataclass(frozen=True)
@@ -51,10 +53,18 @@ class Change:
     pending_restart: bool = False
     fingerprint: str = ""
     depends: tuple[str, ...] = ()  # refs (KIND/NAME) of the changes this one needs first
+    host: str = ""  # the project host it is made on (a move: the host it goes to)
+    from_host: str = ""  # a move: the host it leaves
+    move_steps: tuple[MoveStep, ...] = ()  # a move's steps, each naming its host(s)
 
     @property
     def ref(self) -> str:
         return f"{self.kind}/{self.name}"
+
+    @property
+    def id(self) -> str:
+        """`HOST:KIND/NAME`, how a project of several hosts names a change."""
+        return f"{self.host}:{self.ref}" if self.host else self.ref
 
     @property
     def is_change(self) -> bool:
@@ -72,15 +82,55 @@ class Plan:
         return any(c.change_class is not ChangeClass.NOOP for c in self.changes)
 
     def summary(self) -> dict[str, int]:
-        order = (ChangeClass.CREATE, ChangeClass.UPDATE_LIVE, ChangeClass.UPDATE_RESTART,
-                 ChangeClass.REPLACE, ChangeClass.DELETE, ChangeClass.NOOP)
-        counts = {str(k): 0 for k in order}
-        for c in self.changes:
-            if not c.blocked:  # a blocked change is counted apart: it will not be made
-                counts[c.change_class] += 1
-        counts["blocked"] = sum(1 for c in self.changes if c.blocked)
-        counts["pending_restart"] = sum(1 for c in self.changes if c.pending_restart)
+        return summary(self.changes)
+
+
+def summary(changes: tuple[Change, ...]) -> dict[str, int]:
+    order = (ChangeClass.CREATE, ChangeClass.UPDATE_LIVE, ChangeClass.UPDATE_RESTART,
+             ChangeClass.REPLACE, ChangeClass.DELETE, ChangeClass.NOOP)
+    counts = {str(k): 0 for k in order}
+    for c in changes:
+        if not c.blocked:  # a blocked change is counted apart: it will not be made
+            counts[c.change_class] = counts.get(c.change_class, 0) + 1
+    counts["blocked"] = sum(1 for c in changes if c.blocked)
+    counts["pending_restart"] = sum(1 for c in changes if c.pending_restart)
+    return counts
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """One host's share of a project plan."""
+
+    host: str
+    uri: str
+    plan: Plan
+
+
+@dataclass(frozen=True)
+class ProjectPlan:
+    """A plan over the hosts of a project: each host's plan, and the moves between hosts (run
+    after every host's own changes, so networks and pools are there on the new host)."""
+
+    project: str
+    hosts: tuple[HostPlan, ...]
+    moves: tuple[Change, ...] = ()
+    multi_host: bool = False  # the project has several hosts: changes are named HOST:KIND/NAME
+
+    @property
+    def changes(self) -> tuple[Change, ...]:
+        return tuple(c for h in self.hosts for c in h.plan.changes) + self.moves
+
+    @property
+    def changes_present(self) -> bool:
+        return any(c.change_class is not ChangeClass.NOOP for c in self.changes)
+
+    def summary(self) -> dict[str, int]:
+        counts = summary(self.changes)
+        counts[str(ChangeClass.MOVE)] = sum(1 for c in self.moves if not c.blocked)
         return counts
+
+    def host_plan(self, host: str) -> HostPlan:
+        return next(h for h in self.hosts if h.host == host)
 
 
 def _jsonable(value: Any) -> Any:
@@ -105,6 +155,27 @@ def change_json(c: Change) -> dict[str, Any]:
     }
 
 
+PROJECT_FORMAT_VERSION = 2
+
+
+def project_plan_json(plan: ProjectPlan) -> dict[str, Any]:
+    """The plan JSON of `kvmctl plan -o json`, format version 2 (docs/plan-format.md): the hosts,
+    and each change with its host and id (HOST:KIND/NAME); a move names both hosts."""
+    def one(c: Change) -> dict[str, Any]:
+        out = change_json(c)
+        out["host"] = c.host
+        out["id"] = f"{c.host}:{c.ref}"
+        if c.change_class is ChangeClass.MOVE:
+            out["from_host"] = c.from_host
+        return out
+
+    return {"format_version": PROJECT_FORMAT_VERSION, "project": plan.project,
+            "hosts": [{"name": h.host, "uri": h.uri, "changes_present": h.plan.changes_present}
+                      for h in plan.hosts],
+            "changes_present": plan.changes_present, "summary": plan.summary(),
+            "changes": [one(c) for c in plan.changes if c.is_change]}
+
+
 def plan_json(plan: Plan) -> dict[str, Any]:
     return {"format_version": FORMAT_VERSION, "project": plan.project, "uri": plan.uri,
             "changes_present": plan.changes_present, "summary": plan.summary(),
@@ -114,3 +185,12 @@ def plan_json(plan: Plan) -> dict[str, Any]:
 def steps_json(plan: Plan) -> dict[str, list[dict[str, Any]]]:
     """Every change's steps by ref, in plan order (what golden cases assert besides plan_json)."""
     return {c.ref: [step_json(s) for s in c.steps] for c in plan.changes if c.steps}
+
+
+def project_steps_json(plan: ProjectPlan) -> dict[str, list[dict[str, Any]]]:
+    """Every change's steps by id (HOST:KIND/NAME), moves included."""
+    out = {f"{c.host}:{c.ref}": [step_json(s) for s in c.steps]
+           for c in plan.changes if c.steps}
+    out.update({f"{c.host}:{c.ref}": [step_json(s) for s in c.move_steps]
+                for c in plan.moves if c.move_steps})
+    return out

@@ -10,7 +10,8 @@ volume resize, block resize, device hot-plug, DHCP leases. Everything else is li
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,44 @@ from kvmctl.host.hypervisor import Hypervisor
 EMPTY_NODE = "<node>\n</node>\n"
 
 
+class MemoryLockStore:
+    """The hypervisor lock's records for one test-driver host (apply.hostlock.LeaseBackend)."""
+
+    _by_host: dict[str, MemoryLockStore] = {}
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.records: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, host: str) -> MemoryLockStore:
+        return cls._by_host.setdefault(host, cls(host))
+
+    def create(self, name: str, data: bytes) -> bool:
+        with self._lock:
+            if name in self.records:
+                return False
+            self.records[name] = data
+            return True
+
+    def read(self, name: str) -> bytes | None:
+        with self._lock:
+            return self.records.get(name)
+
+    def write(self, name: str, data: bytes,
+              only_if: Callable[[bytes], bool] | None = None) -> bool:
+        with self._lock:
+            if name not in self.records or (only_if and not only_if(self.records[name])):
+                return False
+            self.records[name] = data
+            return True
+
+    def delete(self, name: str) -> bool:
+        with self._lock:
+            return self.records.pop(name, None) is not None
+
+
 class DriverHypervisor(Hypervisor):
     """A Hypervisor on the test driver; what the driver lacks is kept in `calls` and `volumes`."""
 
@@ -29,6 +68,14 @@ class DriverHypervisor(Hypervisor):
         self.leases: dict[str, list[dict[str, Any]]] = {}  # network -> what DHCPLeases gives
         self.calls: list[tuple[Any, ...]] = []
         self.contents: dict[tuple[str, str], bytes] = {}
+
+    def close(self) -> None:
+        """Kept open: every command of a test shares this connection (a second test-driver
+        connection would be a second, empty host)."""
+
+    def lock_store(self) -> MemoryLockStore:  # type: ignore[override]
+        # libvirt's test driver has no volume streams: the project lock lives in memory here.
+        return MemoryLockStore.of(self.uri)
 
     def upload(self, pool: str, name: str, chunks: Iterator[bytes], length: int) -> None:
         self._vol(pool, name)  # the volume must exist, as for libvirt
