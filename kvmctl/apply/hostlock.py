@@ -214,21 +214,24 @@ class HostLock:
     def acquire(self, timeout: float, waiting: Callable[[str], object] | None = None) -> None:
         deadline = _elapsed() + max(0.0, timeout)
         told = False
+        create = True  # the lease may be free: try to create it (else only read it)
         again = 0  # looks again at once: after a release seen, or a takeover tried
         while True:
-            if self._try_create():
+            if create and self._try_create():
                 return
             data = self.store.read(self.lease_name)
-            if data is None and again < 20:  # released just now: try again at once
+            create = data is None
+            if create and again < 20:  # released just now: try again at once
                 again += 1
                 continue
             record, stale = self._judge(self.lease_name, data or b"")
             if stale and data is not None:
-                self._take_over(self.lease_name, data)
+                removed = self._take_over(self.lease_name, data)
                 if self.record is not None:
                     return
-                if again < 20:  # removed (by us or by a marker's takeover): look again
+                if removed and again < 20:  # the lease or a dead taker's marker: look again
                     again += 1
+                    create = True
                     continue
             again = 0
             now = _elapsed()
@@ -271,9 +274,10 @@ class HostLock:
             return None, False
         return None, now - seen[1] >= self.lease_s
 
-    def _take_over(self, name: str, data: bytes, depth: int = 0) -> None:
+    def _take_over(self, name: str, data: bytes, depth: int = 0) -> bool:
         """Remove record `name`, found stale with content `data`, if this process wins its
-        takeover marker; then, for the lease, try to create ours at once."""
+        takeover marker; then, for the lease, try to create ours at once. Whether it removed
+        that record, or the stale marker of a taker that died at it."""
         record = Record.parse(data)
         stale_id = record.nonce if record else "u" + hashlib.sha256(data).hexdigest()[:15]
         marker = f"{self.key}.takeover-{stale_id}"
@@ -282,14 +286,16 @@ class HostLock:
             # Another process is taking it over -- unless that one died at it.
             other = self.store.read(marker)
             if other is not None and depth < 3 and self._judge(marker, other)[1]:
-                self._take_over(marker, other, depth + 1)
-            return
+                return self._take_over(marker, other, depth + 1)
+            return False
         try:
-            if self.store.read(name) == data:  # unchanged: still stale, nobody renewed it
-                self.store.delete(name)
-                self._unreadable.pop(name, None)
-                if name == self.lease_name:
-                    self._try_create()
+            if self.store.read(name) != data:  # changed: renewed, released or taken over
+                return False
+            removed = self.store.delete(name)
+            self._unreadable.pop(name, None)
+            if name == self.lease_name:
+                self._try_create()
+            return removed
         finally:
             self._delete_if(marker, mine.nonce)
 

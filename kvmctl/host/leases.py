@@ -173,6 +173,8 @@ class LeaseStore:
         """Make record `name` holding `data`; False if a record of that name exists.
         The record appears with its whole content (see the module docstring)."""
         self._check(name, data)
+        if self._run(f"look up lease record {name}", lambda pool: self._exists(pool, name)):
+            return False  # spares the copy, and an error in libvirtd's log
         staging = f"{name}{_STAGING}{secrets.token_hex(4)}"
         self._run(f"create lease record {staging}",
                   lambda pool: pool.createXML(_volume_xml(staging), 0))
@@ -183,6 +185,16 @@ class LeaseStore:
         finally:
             with contextlib.suppress(HypervisorError):
                 self.delete(staging, staging=True)
+
+    @staticmethod
+    def _exists(pool: Any, name: str) -> bool:
+        try:
+            pool.storageVolLookupByName(name)
+            return True
+        except libvirt.libvirtError as exc:
+            if _code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                return False
+            raise
 
     @staticmethod
     def _clone(pool: Any, name: str, staging: str) -> bool:

@@ -8,8 +8,9 @@ calls ``write_record`` makes inside (``create_volume``, ``upload``, ``delete_vol
 methods too). A *change* is a wrapped call inside which no other wrapped call ran (a leaf):
 ``write_record`` itself is not one, its inner calls are.
 
-KILL is ``none`` (count only: a dry run), ``before:1`` (SIGKILL right before the first change)
-or ``after:K`` (SIGKILL right after the K-th change returned, or raised). LOG gets one JSON
+KILL is ``none`` (count only: a dry run), ``before:1`` (SIGKILL right before the first change),
+``after:K`` (SIGKILL right after the K-th change returned, or raised) or ``after-call:METHOD``
+(SIGKILL right after the first successful call of that method, e.g. ``define_domain``). LOG gets one JSON
 line per change as it ends: ``[k, method, "pool/volume" or name, "ok" | "failed"]``, written before
 any kill, so a dry run's LOG lists every boundary of a full apply.
 
@@ -42,7 +43,8 @@ class Boundaries:
     def __init__(self, log: str, kill: str) -> None:
         self.fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self.when, _, k = kill.partition(":")
-        self.k = int(k) if k else 0
+        self.method = k if self.when == "after-call" else ""
+        self.k = int(k) if k and not self.method else 0
         self.done = 0
         self.started = 0
         self.lock = threading.Lock()
@@ -74,6 +76,8 @@ class Boundaries:
                         os.write(self.fd, (json.dumps([self.done, name, _names(args), outcome])
                                            + "\n").encode())
                         if self.when == "after" and self.done == self.k:
+                            self.die()
+                        if self.when == "after-call" and name == self.method and outcome == "ok":
                             self.die()
         return counted
 

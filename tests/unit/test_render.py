@@ -20,7 +20,7 @@ import yaml
 from lxml import etree
 
 from kvmctl.errors import Location
-from kvmctl.kinds import LEVEL
+from kvmctl.kinds import LEVEL, PROJECT_KIND
 from kvmctl.manifest import documents, model, validate
 from kvmctl.manifest.documents import Document
 from kvmctl.manifest.model import ManifestSet
@@ -42,7 +42,11 @@ HOSTILE = "a<b>&c'd\"e]]>f&amp;"
 
 
 def _render_folder(folder: Path) -> list[render.Rendered]:
-    manifest = validate.validate(documents.load([str(folder)]))
+    """What a manifest folder renders. Each example folder holds its project file (kvmctl.yaml,
+    kind Project): it configures the run and renders nothing, so it is set aside as the engine
+    sets it aside (manifest/project.py, split_project)."""
+    docs = [d for d in documents.load([str(folder)]) if d.kind != PROJECT_KIND]
+    manifest = validate.validate(docs)
     return render.render_all(manifest, PROJECT, DOMAIN_TYPE)
 
 
@@ -346,6 +350,18 @@ def test_hostile_values_satisfy_libvirt_relaxng(domain_type: str,
 
 def test_examples_and_golden_cases_are_all_checked() -> None:
     assert len(EXAMPLE_DIRS) >= 1 and len(GOLDEN_CASES) >= 6
+
+
+@pytest.mark.parametrize("name", EXAMPLE_DIRS)
+def test_project_file_renders_nothing(name: str) -> None:
+    """A folder's project file is no object: with it or without it, the same XML."""
+    project_file = EXAMPLES / name / "kvmctl.yaml"
+    assert [d.kind for d in documents.load([str(project_file)])] == [PROJECT_KIND]
+    assert render.render_all(validate.validate(documents.load([str(project_file)])),
+                             PROJECT, DOMAIN_TYPE) == []
+    with_it = render.render_all(validate.validate(documents.load([str(EXAMPLES / name)])),
+                                PROJECT, DOMAIN_TYPE)
+    assert with_it == _render_folder(EXAMPLES / name)
 
 
 # ----------------------------------------------------------------------------- details

@@ -1,5 +1,8 @@
 """The JSON Schemas in schemas/, and the manifests in examples/ that must satisfy them.
 
+Five kind schemas describe the objects kvmctl plans; project.schema.json describes the project
+file (kind Project, `kvmctl.yaml`), a document that configures a run and declares no object.
+
 Schemas are loaded the way the validator loads them: every *.schema.json into one
 referencing.Registry keyed by its $id; kind schemas reach common.schema.json through relative
 $refs resolved against their own $id.
@@ -27,6 +30,9 @@ SCHEMAS = ROOT / "schemas"
 EXAMPLES = ROOT / "examples"
 BASE_ID = "https://kvmctl.dev/schemas/v1/"
 KINDS = ("StoragePool", "Image", "Disk", "Network", "VirtualMachine")
+PROJECT = "Project"  # the project file's kind: a document schema, not an object kind
+DOCUMENT_KINDS = (*KINDS, PROJECT)
+PROJECT_FILE = "kvmctl.yaml"
 SCHEMA_FILES = sorted(p.name for p in SCHEMAS.glob("*.schema.json"))
 MODELINE = re.compile(r"^# yaml-language-server: \$schema=(\S+)$")
 
@@ -137,7 +143,7 @@ EXAMPLE_DOCS = example_documents()
 
 
 def test_expected_schema_files_exist() -> None:
-    expected = {f"{k.lower()}.schema.json" for k in KINDS} | {"common.schema.json"}
+    expected = {f"{k.lower()}.schema.json" for k in DOCUMENT_KINDS} | {"common.schema.json"}
     assert set(SCHEMA_FILES) == expected
     assert (SCHEMAS / "__init__.py").exists()
 
@@ -160,13 +166,37 @@ def test_kind_schema_covers_the_whole_document(kind: str) -> None:
     assert schema["properties"]["kind"]["const"] == kind
 
 
+def test_project_schema_is_a_document_schema() -> None:
+    """A Project document has no required spec (every field has a default) and is closed."""
+    schema = ALL["project.schema.json"]
+    assert schema["type"] == "object"
+    assert schema["additionalProperties"] is False
+    assert schema["required"] == ["apiVersion", "kind", "metadata"]
+    assert schema["properties"]["kind"]["const"] == PROJECT
+
+
+def test_project_vm_defaults_are_virtualmachine_spec_fields() -> None:
+    """Each VM default is the VirtualMachine spec field of the same name, by reference."""
+    vm_defaults = (ALL["project.schema.json"]["properties"]["spec"]["properties"]["defaults"]
+                   ["properties"]["virtualMachine"]["properties"])
+    vm_spec = ALL["virtualmachine.schema.json"]["properties"]["spec"]["properties"]
+    assert vm_defaults
+    for key, sub in vm_defaults.items():
+        assert key in vm_spec, key
+        assert sub["$ref"] == f"virtualmachine.schema.json#/properties/spec/properties/{key}"
+    # What places a VM, names it, or attaches it to other objects is no default.
+    assert not set(vm_defaults) & {"host", "disks", "interfaces", "cloudInit", "boot"}
+
+
 def test_refs_are_relative_to_common_or_local() -> None:
     """Relative refs work both in a $id-keyed registry and in editors (sibling files)."""
     for name, pointer, sub in all_subschemas():
         target = sub.get("$ref")
         if target is None:
             continue
-        assert target.startswith(("#/", "common.schema.json#/")), (name, pointer, target)
+        file, hash_, fragment = target.partition("#")
+        assert hash_ and fragment.startswith("/"), (name, pointer, target)
+        assert file == "" or file in SCHEMA_FILES, (name, pointer, target)  # a sibling file
         resolved = REGISTRY.resolver(base_uri=ALL[name]["$id"]).lookup(target)
         assert isinstance(resolved.contents, dict), (name, pointer, target)
 
@@ -256,7 +286,9 @@ def test_example_folders() -> None:
 
 @pytest.mark.parametrize("ident,path,raw,doc", EXAMPLE_DOCS, ids=[d[0] for d in EXAMPLE_DOCS])
 def test_example_document_is_valid(ident: str, path: Path, raw: str, doc: dict[str, Any]) -> None:
-    assert doc.get("kind") in KINDS, ident
+    assert doc.get("kind") in DOCUMENT_KINDS, ident
+    # A Project document is the project file, alone in kvmctl.yaml; nothing else is there.
+    assert (doc["kind"] == PROJECT) == (path.name == PROJECT_FILE), ident
     errs = errors(doc["kind"], doc)
     assert not errs, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errs)
 
@@ -272,25 +304,60 @@ def test_example_document_has_modeline(ident: str, path: Path, raw: str,
 
 
 def _folder_objects(folder: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """The objects a folder declares (its project file is none)."""
     objects: dict[tuple[str, str], dict[str, Any]] = {}
     for _, path, _, doc in EXAMPLE_DOCS:
-        if path.parent == folder:
+        if path.parent == folder and doc["kind"] != PROJECT:
             key = (doc["kind"], doc["metadata"]["name"])
             assert key not in objects, f"duplicate {key} in {folder.name}"
             objects[key] = doc["spec"]
     return objects
 
 
+def _folder_project(folder: Path) -> dict[str, Any]:
+    """The folder's project file: one Project document in kvmctl.yaml."""
+    projects = [doc for _, path, _, doc in EXAMPLE_DOCS
+                if path.parent == folder and doc["kind"] == PROJECT]
+    assert len(projects) == 1, f"{folder.name}: {len(projects)} Project documents"
+    assert len(split_documents(folder / PROJECT_FILE)) == 1, folder.name
+    return projects[0]
+
+
 @pytest.mark.parametrize("folder", sorted({d[1].parent for d in EXAMPLE_DOCS}),
                          ids=lambda p: p.name)
 def test_example_folder_is_self_consistent(folder: Path) -> None:
-    """References resolve inside the folder; addresses fit their networks."""
+    """References resolve inside the folder; addresses fit their networks; objects are placed
+    on hosts of the folder's project file, with what a VM uses on the VM's host."""
     objects = _folder_objects(folder)
+    project = _folder_project(folder)
+    assert project["metadata"]["name"] == folder.name
+    hosts = [h["name"] for h in project.get("spec", {}).get("hosts", [{"name": "default"}])]
+    assert len(set(hosts)) == len(hosts), folder.name
+    default = project.get("spec", {}).get("defaultHost", hosts[0])
+    assert default in hosts, folder.name
 
     def has(kind: str, name: str) -> bool:
         return (kind, name) in objects
 
+    def hosts_of(kind: str, name: str) -> set[str]:
+        wanted = objects[(kind, name)].get("hosts", [default])
+        assert wanted == "all" or set(wanted) <= set(hosts), (kind, name, wanted)
+        return set(hosts) if wanted == "all" else set(wanted)
+
     for (kind, name), spec in objects.items():
+        if kind in ("Network", "StoragePool", "Image"):
+            hosts_of(kind, name)
+        if kind == "VirtualMachine":
+            host = spec.get("host", default)
+            assert host in hosts, (name, host)
+            for nic in spec.get("interfaces", []):
+                if "network" in nic:
+                    assert host in hosts_of("Network", nic["network"]), (name, nic)
+            for attachment in spec.get("disks", []):
+                disk = objects[("Disk", attachment["disk"])]
+                assert host in hosts_of("StoragePool", disk["pool"]), (name, attachment)
+                if "image" in disk:
+                    assert host in hosts_of("Image", disk["image"]), (name, attachment)
         if kind in ("Image", "Disk"):
             assert has("StoragePool", spec["pool"]), (name, spec["pool"])
         if kind == "Disk" and "image" in spec:
@@ -319,12 +386,17 @@ def test_example_folder_is_self_consistent(folder: Path) -> None:
 
 
 def test_quickstart_is_as_documented() -> None:
+    project = _folder_project(EXAMPLES / "quickstart")
+    assert project["metadata"]["name"] == "quickstart"
+    assert project["spec"]["hosts"] == [
+        {"name": "local", "uri": "qemu:///system", "domainType": "auto"}]
     objects = _folder_objects(EXAMPLES / "quickstart")
     assert set(objects) == {("Network", "qs-net"), ("VirtualMachine", "qs-vm")}
     vm = objects[("VirtualMachine", "qs-vm")]
     assert "domainType" not in vm and "disks" not in vm
     assert vm["boot"]["kernel"] == "/var/cache/kvmctl/test-guest/vmlinuz"
     assert vm["interfaces"] == [{"network": "qs-net", "ip": "10.213.7.10"}]
+    assert "host" not in vm  # on the project's one host
 
 
 # ============================================================================= negative cases
@@ -362,6 +434,10 @@ VALID = [
     ("VirtualMachine", with_(VM, graphics="spice")),
     ("VirtualMachine", with_(VM, cloudInit={"userData": "#cloud-config\n{}\n"})),
     ("VirtualMachine", with_(VM, interfaces=[{"bridge": "kvmbr0", "mac": "52:54:00:00:00:01"}])),
+    ("VirtualMachine", with_(VM, host="kvm-01")),
+    ("Network", with_(NAT, hosts="all")),
+    ("StoragePool", with_(POOL, hosts=["h1", "h2"])),
+    ("Image", {"pool": "p", "path": "/srv/a.qcow2", "hosts": ["h1"]}),
 ]
 
 
@@ -485,6 +561,16 @@ INVALID = [
     ("pool-bad-type", "StoragePool", doc("StoragePool", with_(POOL, type="lvm")), "is not one of"),
     ("pool-relative-path", "StoragePool", doc("StoragePool", {"path": "pools/x"}),
      "does not match"),
+    ("vm-host-uppercase", "VirtualMachine", doc("VirtualMachine", with_(VM, host="H1")),
+     "does not match"),
+    ("vm-hosts-list", "VirtualMachine", doc("VirtualMachine", with_(VM, hosts=["h1"])),
+     "('hosts' was unexpected)"),
+    ("disk-hosts", "Disk", doc("Disk", with_(DISK, hosts=["h1"])), "('hosts' was unexpected)"),
+    ("network-hosts-empty", "Network", doc("Network", with_(NAT, hosts=[])),
+     "should be non-empty"),
+    ("network-hosts-duplicate", "Network", doc("Network", with_(NAT, hosts=["h1", "h1"])),
+     "non-unique elements"),
+    ("network-hosts-any", "Network", doc("Network", with_(NAT, hosts="any")), "'all' was expected"),
 ]
 
 
@@ -568,13 +654,13 @@ def _field_paths(schema: dict[str, Any], prefix: str = "") -> Iterator[str]:
 
 def test_doc_examples_are_valid() -> None:
     documents = _doc_yaml_documents()
-    assert {d["kind"] for d in documents} == set(KINDS)
+    assert {d["kind"] for d in documents} == set(DOCUMENT_KINDS)
     for document in documents:
         errs = errors(document["kind"], document)
         assert not errs, (document["metadata"], [e.message for e in errs])
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", DOCUMENT_KINDS)
 def test_doc_lists_every_field(kind: str) -> None:
     text = DOC.read_text(encoding="utf-8")
     spec = ALL[f"{kind.lower()}.schema.json"]["properties"]["spec"]

@@ -585,9 +585,23 @@ def test_inlined_validators_report_what_the_schemas_as_written_report(
 
 
 def test_validate_returns_the_model() -> None:
-    manifest = validate.validate(documents.load([str(EXAMPLES / "lab")]))
+    loaded = documents.load([str(EXAMPLES / "lab")])
+    assert "Project" in [d.kind for d in loaded]  # examples/lab/kvmctl.yaml
+    manifest = validate.validate(loaded)
     assert [vm.meta.name for vm in manifest.vms] == ["lab-web", "lab-db", "lab-probe"]
     assert manifest.find("Network", "lab-nat") is manifest.networks[0]
+    assert manifest.find("Project", "lab") is None  # the project file declares no object
+
+
+def test_a_project_document_among_manifests_is_schema_checked() -> None:
+    """validate sets the project file aside only once it passed its schema."""
+    text = ("apiVersion: kvmctl/v1\nkind: Project\nmetadata: {name: p}\n"
+            "spec:\n  hosts:\n    - {name: h1, uri: nowhere}\n")
+    with pytest.raises(ManifestError) as caught:
+        validate.validate(documents.parse_text(text, "kvmctl.yaml"))
+    [problem] = caught.value.problems
+    assert problem.path == "spec.hosts[0].uri"
+    assert (problem.location.file, problem.location.line) == ("kvmctl.yaml", 6)
 
 
 def test_problems_are_sorted_by_location(tmp_path: Path) -> None:
