@@ -98,12 +98,9 @@ def _upward(folder: Path) -> Path | None:
 def load_project_file(path: str) -> Document:
     """The Project document of `path`, schema-checked (ManifestError, located, if not)."""
     from .validate import schema_problems
-    try:
-        docs = load_documents([path])
-    except ManifestError:
-        raise
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise UsageError(f"project file {path} does not exist")
+    docs = load_documents([path])
     projects = [d for d in docs if d.kind == PROJECT_KIND]
     if len(docs) != 1 or len(projects) != 1:
         where = docs[0].source if docs else Location(path)
@@ -236,6 +233,8 @@ def place(docs: Sequence[Document], config: ProjectConfig) -> Placement:
             host = spec.get("host", config.default_host)
             if host not in known:
                 problems.append(unknown(d, ("spec", "host"), host))
+                hosts_of[(d.kind, d.name)] = ()  # placed nowhere: no errors that follow
+                continue
             hosts_of[(d.kind, d.name)] = (host,)
         elif d.kind in (Kind.NETWORK, Kind.POOL, Kind.IMAGE):
             wanted = spec.get("hosts", [config.default_host])
@@ -249,7 +248,7 @@ def place(docs: Sequence[Document], config: ProjectConfig) -> Placement:
     # Disks live where the VMs that use them live; a Disk no VM uses, on the default host.
     disk_users: dict[str, list[tuple[str, Document, int]]] = {}
     for d in docs:
-        if d.kind == Kind.VM:
+        if d.kind == Kind.VM and hosts_of[(d.kind, d.name)]:
             for i, att in enumerate((d.body.get("spec") or {}).get("disks", ())):
                 disk_users.setdefault(att["disk"], []).append(
                     (hosts_of[(d.kind, d.name)][0], d, i))
@@ -306,10 +305,6 @@ def _unsatisfied(docs: Sequence[Document], by_name: Mapping[tuple[str, str], Doc
                     if nic.get("network"):
                         check(d, host, ("spec", "interfaces", i, "network"), Kind.NETWORK,
                               nic["network"], ", where this VM runs")
-                cloud = spec.get("cloudInit")
-                if isinstance(cloud, dict) and "pool" in cloud:
-                    check(d, host, ("spec", "cloudInit", "pool"), Kind.POOL, cloud["pool"],
-                          ", where this VM runs")
             elif d.kind == Kind.DISK:
                 why = ", where this Disk lives (with its VM)"
                 check(d, host, ("spec", "pool"), Kind.POOL, spec.get("pool", ""), why)

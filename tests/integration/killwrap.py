@@ -10,9 +10,10 @@ methods too). A *change* is a wrapped call inside which no other wrapped call ra
 
 KILL is ``none`` (count only: a dry run), ``before:1`` (SIGKILL right before the first change),
 ``after:K`` (SIGKILL right after the K-th change returned, or raised) or ``after-call:METHOD``
-(SIGKILL right after the first successful call of that method, e.g. ``define_domain``). LOG gets one JSON
-line per change as it ends: ``[k, method, "pool/volume" or name, "ok" | "failed"]``, written before
-any kill, so a dry run's LOG lists every boundary of a full apply.
+(SIGKILL right after the first successful call of that method, e.g. ``define_domain``).
+LOG gets one JSON line per change as it ends:
+``[k, method, "pool/volume" or name, "ok" | "failed"]``, written before any kill, so a dry
+run's LOG lists every boundary of a full apply.
 
 Run with ``--parallelism 1``: the K-th change is then the same one in every run.
 """

@@ -18,12 +18,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import testhosts  # noqa: E402
 from lab_support import download, upload  # noqa: E402
 
 from kvmctl.errors import HypervisorError  # noqa: E402
 from kvmctl.host import transfer  # noqa: E402
 from kvmctl.host.hypervisor import Hypervisor  # noqa: E402
 from kvmctl.host.transfer import VolumeDigest, copy_volume, volume_digest  # noqa: E402
+
+session_hosts = testhosts.session_hosts
 
 KiB, MiB = 1024, 1024 * 1024
 URI = os.environ.get("KVMCTL_TEST_URI", "qemu:///system")
@@ -264,19 +267,8 @@ def test_missing_source_volume(hosts, prefix):
 
 # --- across two of scripts/test-hosts' hosts -----------------------------------------------------
 
-TEST_HOSTS = Path(__file__).resolve().parents[2] / "scripts" / "test-hosts"
 HOST_LIBVIRT = "/var/lib/libvirt"  # each test host's, kept under its ROOT/lib on this machine
 
-
-def _test_hosts() -> list[tuple[str, str, str]]:
-    """(NAME, URI, ROOT) of every running test host, if scripts/test-hosts is there."""
-    if not TEST_HOSTS.exists():
-        return []
-    done = subprocess.run([str(TEST_HOSTS), "env"], capture_output=True, text=True, timeout=60)
-    if done.returncode != 0:
-        return []
-    rows = [line.split() for line in done.stdout.splitlines()]
-    return [(r[0], r[1], r[2]) for r in rows if len(r) == 3]
 
 
 def _local(root: str, host_path: str) -> str:
@@ -300,12 +292,10 @@ def _sweep(hv: Hypervisor, prefix: str) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
-def test_copy_between_two_test_hosts(prefix, cleanup, fmt):
-    """From the first running test host to the last (h1's local socket to hN over real ssh):
-    nothing shared but the two libvirt connections."""
-    found = _test_hosts()
-    if len(found) < 2:
-        pytest.skip("needs two running test hosts: scripts/test-hosts up 2")
+def test_copy_between_two_test_hosts(prefix, cleanup, fmt, session_hosts):
+    """From the first test host to the last (h1's local socket to hN over real ssh): nothing
+    shared but the two libvirt connections."""
+    found = [(h.name, h.uri, str(h.root)) for h in session_hosts]
     (src_name, src_uri, src_root), (dst_name, dst_uri, dst_root) = found[0], found[-1]
     src, dst = Hypervisor(src_uri), Hypervisor(dst_uri)
     cleanup.add(src.close)

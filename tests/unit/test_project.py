@@ -210,8 +210,6 @@ def test_a_file_without_a_project_document_is_an_error(tmp_path: Path) -> None:
     assert "exactly one document of kind Project" in _only(caught).message
 
 
-@pytest.mark.xfail(strict=True, reason="project.py: load_documents raises ManifestError "
-                   "'no such file or directory' before the UsageError check is reached")
 def test_a_missing_project_file_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError):
         load_project_file(str(tmp_path / PROJECT_FILE))
@@ -519,9 +517,6 @@ def test_references_to_undeclared_objects_are_left_to_the_reference_checks() -> 
     assert _names(placement.by_host["h2"]) == ["VirtualMachine/a"]
 
 
-@pytest.mark.xfail(strict=True, reason="project.py place(): a VM on an unknown host is still "
-                   "placed there, so its network and its disks' pools are also reported as "
-                   "not on that host, with a hint to add the unknown host to spec.hosts")
 def test_an_unknown_vm_host_is_reported_once() -> None:
     with pytest.raises(ManifestError) as caught:
         place(_set(NET % ", hosts: all", POOL % ", hosts: all", DISK % "d",
