@@ -140,6 +140,37 @@ def project_key(project: str) -> str:
     return f"{safe}-{hashlib.sha256(project.encode()).hexdigest()[:12]}"
 
 
+def process_identity(pid: int) -> str:
+    """`boot-id:pid-namespace:pid:start-time` of a process of this machine, or "" when /proc
+    does not tell. Equal only for the same process: a reused pid has another start time."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot = f.read().strip()
+        namespace = os.readlink(f"/proc/{pid}/ns/pid")
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            start = f.read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return ""
+    return f"{boot}:{namespace}:{pid}:{start}"
+
+
+def holder_died(process: str) -> bool:
+    """Whether the holder named by `process` (process_identity) was a process of this very
+    kernel and pid namespace that no longer runs: then its lease is stale at once, instead of
+    when it expires. A holder elsewhere (another machine, container or boot) is never judged
+    so; its lease expires."""
+    parts = process.split(":")  # the namespace itself reads "pid:[4026531836]"
+    if len(parts) < 4:
+        return False
+    pid_text = parts[-2]
+    mine = process_identity(os.getpid()).split(":")
+    if len(mine) < 4 or parts[0] != mine[0] or ":".join(parts[1:-2]) != ":".join(mine[1:-2]):
+        return False  # another kernel or pid namespace: nothing here can say
+    if not pid_text.isdigit():
+        return False
+    return process_identity(int(pid_text)) != process
+
+
 def holder_line(command: str = "kvmctl apply") -> str:
     """``user@machine pid N (command)``: who holds a lock, as waiters are told."""
     try:
@@ -160,6 +191,9 @@ class Record:
     acquired_at: float
     expires_at: float
     lease_s: float
+    # The holding process, exactly: boot id, pid namespace, pid and start time (see
+    # process_identity); "" in records that do not say.
+    process: str = ""
 
     def to_bytes(self) -> bytes:
         body = json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
@@ -177,7 +211,8 @@ class Record:
             record = cls(kind=str(raw["kind"]), project=str(raw["project"]),
                          holder=str(raw["holder"]), nonce=str(raw["nonce"]),
                          acquired_at=float(raw["acquired_at"]),
-                         expires_at=float(raw["expires_at"]), lease_s=float(raw["lease_s"]))
+                         expires_at=float(raw["expires_at"]), lease_s=float(raw["lease_s"]),
+                         process=str(raw.get("process", "")))
         except (ValueError, KeyError, TypeError):
             return None
         if record.kind not in ("lease", "takeover") or not re.fullmatch(r"[0-9a-f]{16}",
@@ -248,7 +283,7 @@ class HostLock:
     def _new_record(self, kind: str, nonce: str) -> Record:
         now = time.time()
         return Record(kind, self.project[:_MAX_TEXT], self.holder, nonce, now,
-                      now + self.lease_s, self.lease_s)
+                      now + self.lease_s, self.lease_s, process_identity(os.getpid()))
 
     def _try_create(self) -> bool:
         record = self._new_record("lease", self.nonce)
@@ -266,7 +301,8 @@ class HostLock:
         record = Record.parse(data)
         if record is not None:
             self._unreadable.pop(name, None)
-            return record, record.expires_at + self.skew_s < time.time()
+            return record, (record.expires_at + self.skew_s < time.time()
+                            or holder_died(record.process))
         now = _elapsed()
         seen = self._unreadable.get(name)
         if seen is None or seen[0] != data:

@@ -333,7 +333,7 @@ def test_a_move_killed_half_way_converges(bed: Bed) -> None:
     assert bed.domain("h1", "vm-a") is not None and bed.domain("h2", "vm-a") is not None
     plan = bed.ok("plan")
     assert "finish the move" in plan.stdout
-    # The killed apply's lease on the hypervisors runs out first (30 s), then it is taken over.
+    # The killed apply's lease on the hypervisors: its process is gone, so it is taken over.
     bed.ok("apply", "-y", "--lock-timeout", "90")
     assert bed.domain("h2", "vm-a") is None and bed.volume("h2", "da") is None
     assert _digest(bed.read_head("h1", "da")) == _digest(marker)

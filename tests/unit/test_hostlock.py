@@ -4,6 +4,7 @@ only) and stale takeover markers, and never removes or overwrites a successor's 
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -316,3 +317,20 @@ def test_project_keys_are_safe_names(project: str) -> None:
     key = project_key(project)
     assert re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,60}", key), key
     assert key != project_key(project + "x")
+
+
+def test_a_holder_process_of_this_machine_that_is_gone_is_stale_at_once() -> None:
+    import subprocess
+
+    from kvmctl.apply.hostlock import holder_died, process_identity
+    assert not holder_died(process_identity(os.getpid()))  # alive: its lease must expire
+    child = subprocess.Popen(["sleep", "0.05"])
+    identity = process_identity(child.pid)
+    assert identity and not holder_died(identity)
+    child.wait()
+    assert holder_died(identity)
+    # Another kernel (boot id) or pid namespace says nothing about a pid here; nor does nothing.
+    boot, rest = identity.split(":", 1)
+    assert not holder_died("0" * len(boot) + ":" + rest)
+    assert not holder_died(identity.replace("pid:[", "pid:[9"))
+    assert not holder_died("")
