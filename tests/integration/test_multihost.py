@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import guestlog
 import libvirt
 import pytest
 import testhosts
@@ -73,12 +74,17 @@ class Bed:
                 "host": host, "state": "running" if short == "vm-b" else "stopped",
                 "boot": {"kernel": str(self.guest.kernel), "initrd": str(self.guest.initrd),
                          "cmdline": "console=ttyS0"},
-                "interfaces": [{"network": p + "net"}], "shutdownTimeout": 30}
+                "interfaces": [{"network": p + "net"}], "shutdownTimeout": 30,
+                "console": {"log": str(self.console_log(short))}}
             if short in ("vm-a", "vm-b"):
                 spec["disks"] = [{"disk": f"{p}d{short[-1]}", "bus": "virtio"}]
             docs.append({"apiVersion": "kvmctl/v1", "kind": "VirtualMachine",
                          "metadata": {"name": p + short}, "spec": spec})
         (self.folder / "all.yaml").write_text(yaml.safe_dump_all(docs), encoding="utf-8")
+
+    def console_log(self, short: str) -> Path:
+        """Outside the hosts' private directories: the same file whichever host runs it."""
+        return Path("/var/log/kvmctl") / f"{self.name(short)}.log"
 
     def env(self, lock_dir: Path | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
@@ -112,8 +118,12 @@ class Bed:
             return self.pool(host).storageVolLookupByName(f"{self.name(disk)}.raw")
         return None
 
-    def write_marker(self, host: str, disk: str) -> bytes:
-        marker = (f"kvmctl move marker {secrets.token_hex(16)}\n".encode() * 200)[:MARKER_BYTES]
+    def write_marker(self, host: str, disk: str, text: str = "") -> bytes:
+        """The test guest's disk marker (scripts/guest/init: "KVMCTL-MARKER:" TEXT "\n" in the
+        first sector), then a pattern to the end of the first 4 KiB."""
+        text = text or secrets.token_hex(8)
+        head = f"KVMCTL-MARKER:{text}\n".encode().ljust(512, b"\0")
+        marker = (head + f"moved {secrets.token_hex(16)}\n".encode() * 100)[:MARKER_BYTES]
         conn = self.conns[host]
         vol = self.volume(host, disk)
         stream = conn.newStream(0)
@@ -181,11 +191,14 @@ def bed(session_hosts: list[testhosts.TestHost], tmp_path_factory: pytest.TempPa
     prefix = f"kt-{secrets.token_hex(4)}-"
     b = Bed(tmp_path_factory.mktemp("multihost"), session_hosts, prefix, free_subnet(),
             test_guest)
+    Path("/var/log/kvmctl").mkdir(parents=True, exist_ok=True)
     b.write()
     try:
         yield b
     finally:
         b.remove_everything()
+        for short in b.placement:
+            b.console_log(short).unlink(missing_ok=True)
 
 
 def test_one_manifest_set_applies_across_three_hosts(bed: Bed) -> None:
@@ -308,7 +321,8 @@ def test_a_stopped_vm_moves_with_its_data(bed: Bed) -> None:
 
 def test_a_running_vm_is_shut_down_moved_and_started(bed: Bed) -> None:
     assert bed.domain("h2", "vm-b").isActive()
-    marker = bed.write_marker("h2", "db")
+    text = "moved-" + secrets.token_hex(6)
+    marker = bed.write_marker("h2", "db", text)
     bed.placement["vm-b"] = "h3"
     bed.write()
     plan = bed.ok("plan")
@@ -317,6 +331,8 @@ def test_a_running_vm_is_shut_down_moved_and_started(bed: Bed) -> None:
     assert bed.domain("h2", "vm-b") is None and bed.volume("h2", "db") is None
     assert bed.domain("h3", "vm-b").isActive()
     assert _digest(bed.read_head("h3", "db")) == _digest(marker)
+    # The guest itself, booted on h3, finds on its disk the marker written on h2.
+    guestlog.wait_for(bed.console_log("vm-b"), rf"KVMCTL-MARKER dev=vda text={text}", 120)
     assert bed.cli("plan", "--detailed-exitcode").returncode == 0
 
 
