@@ -202,8 +202,9 @@ class Deployment:
                 validate.check_schemas(self.documents, self.memo)
                 self.placement = place(self.documents, config)
             except BaseException:
-                _close_all(hosts.result() if hosts.exception() is None else {})
-                self._locks.close()
+                opened_anyway = hosts.result() if hosts.exception() is None else {}
+                self._locks.close()  # released through the connections, before they close
+                _close_all(opened_anyway)
                 raise  # a manifest problem is reported first, whatever the hosts say
             if hosts.exception() is not None:  # a lock not had, or another host error
                 self._locks.close()
