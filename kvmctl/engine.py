@@ -23,6 +23,7 @@ from typing import Any, TextIO
 from . import apply
 from .apply.readiness import nic_addresses
 from .errors import (
+    HypervisorError,
     KvmctlError,
     Location,
     ManifestError,
@@ -278,16 +279,7 @@ class Deployment:
 
     def _whole(self) -> ManifestSet:
         """Every object of the project, once (for destroy's scope)."""
-        def union(pick: Callable[[ManifestSet], tuple[Any, ...]]) -> tuple[Any, ...]:
-            seen: dict[str, Any] = {}
-            for s in self.sessions.values():
-                for o in pick(s.manifest):
-                    seen.setdefault(o.meta.name, o)
-            return tuple(seen.values())
-
-        return ManifestSet(union(lambda m: m.pools), union(lambda m: m.images),
-                           union(lambda m: m.disks), union(lambda m: m.networks),
-                           union(lambda m: m.vms))
+        return ManifestSet.union(s.manifest for s in self.sessions.values())
 
     def _targets_on(self, host: str, targets: tuple[str, ...]) -> tuple[str, ...]:
         """The --target values for one host: HOST:KIND/NAME of it, and KIND/NAME present."""
@@ -350,12 +342,14 @@ def _open_hosts(hosts: tuple[HostConfig, ...], project: str, lock: LockRequest |
             locks.close()
             _close_all({n: (hv, LiveState()) for n, hv in hvs.items()})
             raise
-    unread = [(h.name, h.uri, _why(reads[h.name])) for h in hosts
+    unread = [(h.name, h.uri, reads[h.name]) for h in hosts
               if isinstance(reads[h.name], BaseException)]
-    if unread:
+    if unread:  # connected, yet a read failed: that host's error, not an unreachable host
         locks.close()
         _close_all({n: (hv, LiveState()) for n, hv in hvs.items()})
-        raise UnreachableError(unread)
+        if len(hosts) == 1:
+            raise unread[0][2]
+        raise HypervisorError("\n".join(f"host {name} ({uri}): {exc}" for name, uri, exc in unread))
     return {n: (hvs[n], reads[n]) for n in hvs}
 
 

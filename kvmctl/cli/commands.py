@@ -53,7 +53,7 @@ def _load(opts: CommandOptions, env: Env) -> tuple[list[Document], ManifestSet]:
     """Documents and model, offline: schemas, placement on the project's hosts, and each host's
     share checked as a plan would check it (without what the hosts have)."""
     from ..manifest import documents, validate
-    from ..manifest.model import ManifestSet as Set
+    from ..manifest.model import ManifestSet
     from ..manifest.project import place, split_project, with_defaults
     if not opts.filenames:
         raise UsageError("no manifests given: use -f FILE, -f DIR or -f -")
@@ -66,14 +66,15 @@ def _load(opts: CommandOptions, env: Env) -> tuple[list[Document], ManifestSet]:
     if not config.multi_host:
         return loaded, validate.validate(docs, schemas_checked=True)
     problems = []
+    models = []
     for placed in placement.by_host.values():
         try:
-            validate.validate(list(placed), schemas_checked=True)
+            models.append(validate.validate(list(placed), schemas_checked=True))
         except ManifestError as exc:
             problems += exc.problems
     if problems:
         raise ManifestError(problems)
-    return loaded, Set()
+    return loaded, ManifestSet.union(models)
 
 
 # ---- validate, render ---------------------------------------------------------------------------
@@ -154,38 +155,37 @@ def cmd_apply(opts: CommandOptions, env: Env) -> int:
     from ..engine import Deployment, check_saved, load_saved
     if opts.plan_file and opts.filenames:
         raise UsageError("give either a saved plan or -f manifests, not both")
-    if opts.plan_file:
-        saved = load_saved(opts.plan_file, opts.connect, opts.hosts)
-        with _local_locks(saved.config, opts, env):
+    # Both locks (this machine's, then each hypervisor's) are held from before the hosts are
+    # read until the apply is done: the plan it shows is the plan it applies.
+    with contextlib.ExitStack() as held:
+        if opts.plan_file:
+            saved = load_saved(opts.plan_file, opts.connect, opts.hosts)
+            held.enter_context(_local_locks(saved.config, opts, env))
             deployment = Deployment(saved.config, docs=saved.documents, only=saved.only,
                                     lock=_lock_request(opts, env))
+            held.callback(deployment.close)
             plan = deployment.plan(saved.request)
-        try:
             check_saved(saved, plan)
-        except BaseException:
-            deployment.close()
-            raise
-    else:
-        config = project_config(opts)
-        with _local_locks(config, opts, env):
+        else:
+            config = project_config(opts)
+            held.enter_context(_local_locks(config, opts, env))
             deployment = open_deployment(opts, env, config, _lock_request(opts, env))
+            held.callback(deployment.close)
             plan = deployment.plan(plan_request(opts))
-    try:
         print_plan(plan, env)
         if not plan.changes_present:
             return _after_apply(opts, env, deployment, ok=True)
         _confirm(opts, env)
         ok = _execute(opts, env, deployment, plan)
         return _after_apply(opts, env, deployment, ok)
-    finally:
-        deployment.close()
 
 
 def cmd_destroy(opts: CommandOptions, env: Env) -> int:
     config = project_config(opts)
-    with _local_locks(config, opts, env):
+    with contextlib.ExitStack() as held:
+        held.enter_context(_local_locks(config, opts, env))
         deployment = open_deployment(opts, env, config, _lock_request(opts, env))
-    try:
+        held.callback(deployment.close)
         plan = deployment.destroy_plan(opts.with_disks)
         print_plan(plan, env)
         ok = True
@@ -203,8 +203,6 @@ def cmd_destroy(opts: CommandOptions, env: Env) -> int:
                              "with apply takes them over): " + ", ".join(foreign) + "\n")
             return ExitStatus.ERROR
         return ExitStatus.OK if ok else ExitStatus.ERROR
-    finally:
-        deployment.close()
 
 
 def _confirm(opts: CommandOptions, env: Env) -> None:

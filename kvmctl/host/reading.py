@@ -9,6 +9,7 @@ from typing import Any
 import libvirt
 from lxml import etree
 
+from ..errors import HypervisorError
 from ..kinds import RECORD_PREFIX, Kind
 from ..units import xml_bytes
 from .connection import STATES, call, each_listed
@@ -95,8 +96,17 @@ class HostReader:
             except libvirt.libvirtError as exc:
                 active = bool(pool.isActive())
                 target_missing = not active and "No such file or directory" in str(exc)
+        listed: list[Any] = []
         if active:
-            for vol in call(f"list volumes of pool {name}", pool.listAllVolumes, 0):
+            try:
+                listed = pool.listAllVolumes(0)
+            except libvirt.libvirtError as exc:
+                active = bool(pool.isActive())  # stopped by someone else since it was listed
+                if active:
+                    raise HypervisorError(f"list volumes of pool {name}: "
+                                          f"{exc.get_error_message() or exc}") from None
+        if active:
+            for vol in listed:
                 if vol.name().startswith(RECORD_PREFIX):
                     if found := parse_record_name(vol.name()):
                         slots.setdefault(found[0], {})[found[1]] = vol

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from itertools import count, islice
@@ -209,6 +209,23 @@ class ManifestSet:
 
     def find(self, kind: str, name: str) -> Resource | None:
         return self.index.get((kind, name))
+
+    @staticmethod
+    def union(models: Iterable[ManifestSet]) -> ManifestSet:
+        """Every object of several sets once, the first of each name per kind (the hosts of a
+        project: an object placed on several hosts is one document, hence one object)."""
+        models = list(models)
+
+        def each(pick: Callable[[ManifestSet], tuple[Any, ...]]) -> tuple[Any, ...]:
+            seen: dict[str, Any] = {}
+            for m in models:
+                for o in pick(m):
+                    seen.setdefault(o.meta.name, o)
+            return tuple(seen.values())
+
+        return ManifestSet(each(lambda m: m.pools), each(lambda m: m.images),
+                           each(lambda m: m.disks), each(lambda m: m.networks),
+                           each(lambda m: m.vms))
 
     @cached_property
     def index(self) -> dict[tuple[str, str], Resource]:

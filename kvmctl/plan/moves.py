@@ -67,8 +67,9 @@ def plan_moves(project: str, views: Mapping[str, HostView]
     plans = {h: replace(v.plan, changes=tuple(c for c in v.plan.changes
                                               if c.ref not in drop[h]))
              for h, v in views.items()}
+    stalled = {(m.host, m.name) for m in moves if m.kind is Kind.VM and m.blocked}
     for h, v in views.items():
-        plans[h] = _block_empty_disks(project, h, v, views, plans[h])
+        plans[h] = _block_empty_disks(project, h, v, views, plans[h], stalled)
     return plans, tuple(moves)
 
 
@@ -205,31 +206,44 @@ def _leftovers(project: str, views: Mapping[str, HostView], drop: dict[str, set[
 
 
 def _block_empty_disks(project: str, host: str, view: HostView, views: Mapping[str, HostView],
-                       plan: Plan) -> Plan:
+                       plan: Plan, stalled: set[tuple[str, str]]) -> Plan:
     """A Disk the new host would create empty while another host holds its data, outside any
-    move (the VM already there, or no VM): refused, so that no VM starts on an empty disk."""
+    move (the VM already there, or no VM), or for a move that is blocked (`stalled`: (host,
+    VM name)): refused, with what needs it, so that no VM starts on an empty disk and no empty
+    claimed copy is left to pass for the data."""
     changes = []
+    refused: set[str] = set()
     for c in plan.changes:
-        if c.kind is Kind.DISK and c.change_class is ChangeClass.CREATE and not c.blocked \
-                and not _copied_by_a_move(c.name, host, view, views, project):
+        if c.kind is Kind.DISK and c.change_class is ChangeClass.CREATE and not c.blocked:
+            carrier = _carrier(c.name, host, view, views, project)
             holders = [h for h, other in views.items() if h != host
                        and _owned_volumes(other.live, project, Kind.DISK, c.name)]
-            if holders:
-                c = replace(c, blocked=(
+            if carrier is not None and (host, carrier) in stalled:
+                c = replace(c, steps=(), blocked=(
+                    f"waits for the move of {ref(Kind.VM, carrier)} to {host!r}, which is "
+                    "blocked"))
+                refused.add(c.ref)
+            elif carrier is None and holders:
+                c = replace(c, steps=(), blocked=(
                     f"Disk/{c.name} holds data on {', '.join(repr(h) for h in holders)}: kvmctl "
                     f"does not create it empty on {host!r}; move its VM with it (spec.host), "
                     "or delete it there first"))
+                refused.add(c.ref)
         changes.append(c)
+    # What needs such a Disk (a VM's create or update attaching it) waits for it too.
+    changes = [replace(c, steps=(), blocked=f"needs {', '.join(sorted(set(c.depends) & refused))}"
+                                            ", which is blocked")
+               if c.steps and not c.blocked and set(c.depends) & refused else c for c in changes]
     return replace(plan, changes=tuple(changes))
 
 
-def _copied_by_a_move(disk: str, host: str, view: HostView, views: Mapping[str, HostView],
-                      project: str) -> bool:
-    """Whether a VM moving to `host` carries this Disk (its create is where the copy lands)."""
+def _carrier(disk: str, host: str, view: HostView, views: Mapping[str, HostView],
+             project: str) -> str | None:
+    """The VM moving to `host` that carries this Disk (its create is where the copy lands)."""
     for vm in view.manifest.vms:
         if any(att.disk == disk for att in vm.disks) and any(
                 h != host and _owned_domain(o.live, project, vm.meta.name)
                 for h, o in views.items()) and not _owned_domain(view.live, project,
                                                                   vm.meta.name):
-            return True
-    return False
+            return vm.meta.name
+    return None

@@ -11,12 +11,13 @@ volume resize, block resize, device hot-plug, DHCP leases. Everything else is li
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from kvmctl.errors import HypervisorError
 from kvmctl.host.hypervisor import Hypervisor
 
 EMPTY_NODE = "<node>\n</node>\n"
@@ -122,6 +123,33 @@ def install(monkeypatch: Any, folder: Path,
     hv = kind(uri)
     monkeypatch.setattr("kvmctl.engine.Hypervisor", lambda _uri: hv)
     return hv, uri
+
+
+def install_hosts(monkeypatch: Any, folder: Path, names: Sequence[str],
+                  kinds: Mapping[str, type[DriverHypervisor]] | None = None
+                  ) -> dict[str, tuple[DriverHypervisor, str]]:
+    """Several test-driver hosts, each with its own node file (`folder/NAME/node.xml`), and
+    kvmctl.engine.Hypervisor replaced by a factory that gives every URI its host. A URI of no
+    host fails as Hypervisor's does (HypervisorError "cannot connect to URI: ..."): an
+    unreachable host. `kinds`: a DriverHypervisor subclass for some hosts."""
+    for name in ("KVMCTL_PROJECT", "KVMCTL_DOMAIN_TYPE", "KVMCTL_CONNECT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KVMCTL_NO_CACHE", "1")
+    monkeypatch.setattr("kvmctl.apply.lock.LOCK_DIR", str(folder / "locks"))
+    hosts: dict[str, tuple[DriverHypervisor, str]] = {}
+    for name in names:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        uri = node_uri(folder / name)
+        hosts[name] = ((kinds or {}).get(name, DriverHypervisor)(uri), uri)
+    by_uri = {uri: hv for hv, uri in hosts.values()}
+
+    def connect(uri: str) -> DriverHypervisor:
+        if uri not in by_uri:
+            raise HypervisorError(f"cannot connect to {uri}: no test-driver host there")
+        return by_uri[uri]
+
+    monkeypatch.setattr("kvmctl.engine.Hypervisor", connect)
+    return hosts
 
 
 def node_uri(folder: Path) -> str:
