@@ -44,7 +44,7 @@ from .manifest.project import HostConfig, ProjectConfig, place, split_project, w
 from .memo import Memo, open_memo, open_parse_memo
 from .plan import Options, make_plan
 from .plan.moves import HostView, plan_moves
-from .plan.types import Change, HostPlan, Plan, ProjectPlan, project_plan_json
+from .plan.types import Change, ChangeClass, HostPlan, Plan, ProjectPlan, project_plan_json
 from .plan.vm import pending_restart
 from .render.definitions import render_desired
 from .render.specs import Desired
@@ -72,6 +72,7 @@ class PlanRequest:
     allow_empty: bool = False
     targets: tuple[str, ...] = ()
     scope: tuple[str, ...] = field(default=(), repr=False)
+    kept: tuple[str, ...] = field(default=(), repr=False)  # see plan.context.Options
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class Session:
 
     def plan(self, request: PlanRequest = PlanRequest()) -> Plan:
         opts = Options(self.target.project, request.prune, request.prune_disks, request.adopt,
-                       request.allow_empty, request.targets, request.scope)
+                       request.allow_empty, request.targets, request.scope, kept=request.kept)
         self.rendered = self.desired()
         plan = make_plan(self.manifest, self.rendered, self.live, opts, self.uri, self.memo)
         self.memo.save()
@@ -211,6 +212,14 @@ class Deployment:
                 self._locks.close()
                 raise hosts.exception()  # type: ignore[misc]
             opened = hosts.result()
+        # The hosts --host leaves out: read, unlocked, where they answer, only so that a move
+        # from one of them is seen (and refused) and no disk they hold is created empty here.
+        self.watched: dict[str, tuple[Hypervisor, LiveState]] = {}
+        self.unknown: dict[str, str] = {}
+        left_out = tuple(h.name for h in config.hosts if h not in self.selected)
+        if left_out:
+            self.watched, failed = open_project_hosts(config, left_out)
+            self.unknown = {name: why for name, _, why in failed}
         self.sessions: dict[str, Session] = {}
         problems: list[Problem] = []
         for h in self.selected:
@@ -235,6 +244,9 @@ class Deployment:
     def close(self, opened: dict[str, tuple[Hypervisor, LiveState]] | None = None) -> None:
         """Release the locks and the connections."""
         self._locks.close()
+        for hv, _ in self.watched.values():
+            hv.close()
+        self.watched = {}
         for hv, _ in (opened or {}).values():
             hv.close()
         for s in self.sessions.values():
@@ -244,8 +256,11 @@ class Deployment:
         views: dict[str, HostView] = {}
         anything = any(True for _ in self.documents)
         for name, session in self.sessions.items():
+            kept = tuple(sorted(f"{d.kind}/{d.name}" for other, docs in
+                                self.placement.by_host.items() if other != name for d in docs
+                                if d.kind in (Kind.VM, Kind.DISK)))
             host_request = replace(request, targets=self._targets_on(name, request.targets),
-                                   allow_empty=request.allow_empty or anything)
+                                   allow_empty=request.allow_empty or anything, kept=kept)
             if request.targets and not host_request.targets:
                 plan = Plan(self.project, session.uri, ())
             else:
@@ -253,11 +268,34 @@ class Deployment:
             disks = session.rendered.disks if session.rendered is not None else {}
             views[name] = HostView(session.manifest, session.live, plan,
                                    {d.spec.name: d.xml for d in disks.values()})
+        for name, (_, live) in self.watched.items():  # read to see moves, never changed
+            views[name] = HostView(ManifestSet(), live, Plan(self.project, "", ()),
+                                   read_only=True)
         plans, moves = plan_moves(self.project, views)
+        plans = {name: self._unknown_holders(plan) for name, plan in plans.items()
+                 if name in self.sessions}
         if request.targets:
             wanted = {t.split(":", 1)[-1].lower() for t in request.targets}
             moves = tuple(c for c in moves if c.ref.lower() in wanted)
         return self._project_plan(plans, moves)
+
+    def _unknown_holders(self, plan: Plan) -> Plan:
+        """With hosts left out by --host that could not be read, any of them may hold a Disk's
+        data or a VM with its disks: creating those empty here is refused until they can be."""
+        if not self.unknown:
+            return plan
+        hosts = ", ".join(f"{n} ({why})" for n, why in sorted(self.unknown.items()))
+        reason = (f"the hosts this run leaves out could not be read ({hosts}): one of them may "
+                  "hold its data, so it is not created empty here; run again when they answer")
+        creates_disk = {c.ref for c in plan.changes if c.kind is Kind.DISK
+                        and c.change_class is ChangeClass.CREATE}
+        out = []
+        for c in plan.changes:
+            if c.change_class is ChangeClass.CREATE and not c.blocked and (
+                    c.ref in creates_disk or set(c.depends) & creates_disk):
+                c = replace(c, steps=(), blocked=reason)
+            out.append(c)
+        return replace(plan, changes=tuple(out))
 
     def destroy_plan(self, with_disks: bool) -> ProjectPlan:
         whole = self._whole()
@@ -289,6 +327,9 @@ class Deployment:
             where, _, what = t.rpartition(":")
             if where and where not in self.config.host_names:
                 raise UsageError(f"--target {t}: {where!r} is not a host of the project")
+            if where and where not in self.sessions:
+                raise UsageError(f"--target {t}: host {where!r} is not part of this run "
+                                 "(--host)")
             if where == host or (not where and what.lower() in names):
                 out.append(what)
         everywhere = {o.lower() for s in self.sessions.values()
@@ -448,12 +489,19 @@ def save_plan(path: str, deployment: Deployment, request: PlanRequest,
                         "target": list(request.targets)},
             "manifest_fingerprint": fingerprint(bodies), "documents": bodies,
             "plan": project_plan_json(plan),
-            "fingerprints": {f"{c.host}:{c.ref}": c.fingerprint for c in plan.changes}}
+            "fingerprints": {_saved_key(c): c.fingerprint for c in plan.changes}}
     try:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1)
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _saved_key(c: Change) -> str:
+    """A change's key among a saved plan's fingerprints: a move's names both hosts, so it never
+    shares one with its new host's own change of the same object."""
+    key = f"{c.host}:{c.ref}"
+    return f"{key}<-{c.from_host}" if c.change_class is ChangeClass.MOVE else key
 
 
 @dataclass(frozen=True)
@@ -509,7 +557,7 @@ def load_saved(path: str, connect: str | None = None,
 
 def check_saved(saved: SavedPlan, plan: ProjectPlan) -> None:
     """PlanError unless the plan made now is the one that was saved."""
-    now = {f"{c.host}:{c.ref}": c.fingerprint for c in plan.changes}
+    now = {_saved_key(c): c.fingerprint for c in plan.changes}
     moved = sorted(r for r in set(now) | set(saved.fingerprints)
                    if now.get(r) != saved.fingerprints.get(r))
     if moved:

@@ -143,32 +143,45 @@ def project_key(project: str) -> str:
 def process_identity(pid: int) -> str:
     """`boot-id:pid-namespace:pid:start-time` of a process of this machine, or "" when /proc
     does not tell. Equal only for the same process: a reused pid has another start time."""
+    return _identity(pid) or ""
+
+
+def _identity(pid: int) -> str | None:
+    """process_identity, or "" when no process `pid` runs here, or None when this process may
+    not look (another user's namespace link): unknown is never taken for gone."""
     try:
         with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
             boot = f.read().strip()
-        namespace = os.readlink(f"/proc/{pid}/ns/pid")
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
             start = f.read().rpartition(")")[2].split()[19]
-    except (OSError, IndexError):
+    except FileNotFoundError:
         return ""
+    except (OSError, IndexError):
+        return None
+    try:
+        namespace = os.readlink(f"/proc/{pid}/ns/pid")
+    except FileNotFoundError:
+        return ""  # it ended between the two reads
+    except OSError:
+        return None
     return f"{boot}:{namespace}:{pid}:{start}"
 
 
 def holder_died(process: str) -> bool:
     """Whether the holder named by `process` (process_identity) was a process of this very
-    kernel and pid namespace that no longer runs: then its lease is stale at once, instead of
-    when it expires. A holder elsewhere (another machine, container or boot) is never judged
-    so; its lease expires."""
+    kernel and pid namespace that no longer runs (or whose pid now is another process's): then
+    its lease is stale at once, instead of when it expires. A holder elsewhere (another machine,
+    container or boot), or one this process may not inspect, is never judged so."""
     parts = process.split(":")  # the namespace itself reads "pid:[4026531836]"
-    if len(parts) < 4:
+    if len(parts) < 4 or not parts[-2].isdigit():
         return False
-    pid_text = parts[-2]
-    mine = process_identity(os.getpid()).split(":")
-    if len(mine) < 4 or parts[0] != mine[0] or ":".join(parts[1:-2]) != ":".join(mine[1:-2]):
+    mine = (_identity(os.getpid()) or "").split(":")
+    if len(mine) < 4 or parts[0] != mine[0] or parts[1:-2] != mine[1:-2]:
         return False  # another kernel or pid namespace: nothing here can say
-    if not pid_text.isdigit():
+    now = _identity(int(parts[-2]))
+    if now is None:
         return False
-    return process_identity(int(pid_text)) != process
+    return now != process
 
 
 def holder_line(command: str = "kvmctl apply") -> str:

@@ -125,12 +125,21 @@ def resolve(doc: Document | None, overrides: Overrides) -> ProjectConfig:
         hosts = [HostConfig(DEFAULT_HOST, "")]
     problems = []
     seen: set[str] = set()
+    uris: dict[str, str] = {}
     for i, h in enumerate(hosts):
         if h.name in seen and doc is not None:
             problems.append(Problem(f"duplicate host {h.name!r}",
                                     doc.locate(("spec", "hosts", i, "name")),
                                     json_path(("spec", "hosts", i, "name"))))
+        if h.uri and h.uri in uris and doc is not None:
+            # One hypervisor under two names would plan moves from itself to itself, deleting
+            # what it copies.
+            problems.append(Problem(f"host {h.name!r} has the URI of host {uris[h.uri]!r}",
+                                    doc.locate(("spec", "hosts", i, "uri", "<value>")),
+                                    json_path(("spec", "hosts", i, "uri")),
+                                    hint="one entry per hypervisor"))
         seen.add(h.name)
+        uris.setdefault(h.uri, h.name)
     default = spec.get("defaultHost") or hosts[0].name
     if default not in seen and doc is not None:
         problems.append(Problem(
@@ -148,6 +157,13 @@ def resolve(doc: Document | None, overrides: Overrides) -> ProjectConfig:
             uri = os.environ.get("LIBVIRT_DEFAULT_URI") or "qemu:///system"
         domain_type = overrides.domain_type or h.domain_type
         resolved.append(HostConfig(h.name, uri, domain_type, h.labels))
+    by_uri: dict[str, str] = {}
+    for h in resolved:
+        if h.uri in by_uri:
+            raise UsageError(f"hosts {by_uri[h.uri]!r} and {h.name!r} would both be {h.uri} "
+                             "(--connect, $KVMCTL_CONNECT or the project file): one hypervisor "
+                             "under two names")
+        by_uri[h.uri] = h.name
     defaults = (spec.get("defaults") or {}).get("virtualMachine") or {}
     return ProjectConfig(name, tuple(resolved), default, defaults,
                          str(doc.source.file) if doc is not None else None)

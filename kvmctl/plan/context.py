@@ -29,6 +29,9 @@ class Options:
     scope: tuple[str, ...] = ()
     # (VM name, shutdownTimeout) of VMs a delete shuts down (destroy: from its manifests).
     shutdown_timeouts: tuple[tuple[str, float], ...] = ()
+    # Refs (KIND/NAME) of VMs and Disks the project places on another host: never pruned here,
+    # for their data moves with them (plan/moves.py), or stays until it can.
+    kept: tuple[str, ...] = ()
 
 
 class Context:

@@ -7,18 +7,25 @@ among the hosts read and turns the two halves into one move:
 1. on the old host, a running VM is shut down gracefully;
 2. each of its Disks is streamed into the volume the new host's own plan created (and claimed)
    for it, and read back: length and sha256 must equal the original's;
-3. the VM is defined (and started, as its manifest says) on the new host, from the new host's
-   create steps;
-4. only then is it undefined on the old host, and its disks and seed deleted there.
+3. the VM is defined on the new host, from the new host's create steps;
+4. only then is it undefined on the old host, and its disks and seed deleted there;
+5. last, it is started on the new host (if its manifest says running).
 
 A move killed anywhere leaves the VM whole on one host: before step 3 the old host still has
 everything (a copy left on the new host is overwritten by the next move); from step 3 on, the
-new host has verified copies, and the next plan finishes the move (the VM defined on both hosts,
-or volumes left on the old one): the copies are verified once more before an original goes.
+new host has verified copies that nothing has started on, and the next plan finishes the move
+(the VM defined on both hosts, or volumes left on the old one): the copies are verified once
+more before an original goes, and the VM starts after.
+
+A move is blocked (planned, not run, with the reason) whenever the copy could not stand for the
+original: a host this run does not change (--host), a protected VM or disk, a disk other VMs
+share, a disk whose pool is stopped on the old host, a format or size change at the same time,
+a volume on the new host that is not the project's, an overlay whose base the new host lacks.
 """
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
@@ -34,6 +41,7 @@ from .steps import (
     MoveStep,
     OnHost,
     ShutdownDomain,
+    StartDomain,
     VerifyCopy,
 )
 from .types import Change, ChangeClass, Plan
@@ -47,6 +55,8 @@ class HostView:
     live: LiveState
     plan: Plan
     volume_xml: Mapping[str, str] = field(default_factory=dict)  # by volume name: its Disks'
+    # Read, but not changed by this run (not among --host): moves from or to it are blocked.
+    read_only: bool = False
 
 
 def plan_moves(project: str, views: Mapping[str, HostView]
@@ -104,23 +114,32 @@ def _move(project: str, vm: VirtualMachine, to_host: str, view: HostView,
                    "remove the copies that should not stay by hand")
     steps: list[MoveStep] = []
     travelling: list[tuple[Disk, LiveVolume]] = []
+    problems: list[str] = []
+    if view.read_only or source.read_only:
+        problems.append(f"{vm_ref} is on {from_host!r} and goes to {to_host!r}, and this run "
+                        "changes only the hosts given with --host: run it with both")
+    if vm.protect:
+        problems.append("protect: true, and a move deletes the VM on its old host once the "
+                        "copy is verified; set protect: false to move it")
     for att in vm.disks:
         disk = view.manifest.find(Kind.DISK, att.disk)
         if not isinstance(disk, Disk):
             continue
+        problems += _disk_problems(project, vm, disk, from_host, to_host, views)
         found = _owned_volumes(source.live, project, Kind.DISK, disk.meta.name)
-        if not found:
-            continue
-        vol = found[0]
-        if vol.format != disk.format:
-            blocked = blocked or (f"Disk/{disk.meta.name} is {vol.format} on {from_host!r} and "
-                                  f"{disk.format} in the manifests: a move copies it as it is; "
-                                  "move it first, change its format afterwards")
-        travelling.append((disk, vol))
+        if found:
+            travelling.append((disk, found[0]))
     if travelling:
         reasons.append("disks travel (copied through libvirt, verified by sha256): " + ", ".join(
             f"{d.meta.name} ({format_size(v.capacity_bytes)})" for d, v in travelling))
+    for disk, vol in travelling:
+        problems += _copy_problems(project, disk, vol, from_host, to_host, view)
     vm_change = next((c for c in view.plan.changes if c.ref == vm_ref), None)
+    # The VM starts on its new host only after it left the old one: until then the copies
+    # stay equal to the originals, so a move killed in between is finished (verified again)
+    # by the next apply instead of finding two different disks.
+    later = [OnHost(to_host, st) for st in (vm_change.steps if vm_change else ())
+             if isinstance(st, StartDomain)]
     if not arrived:
         if dom.running:
             reasons.append(f"running on {from_host!r}: shut down gracefully, moved, then "
@@ -128,8 +147,8 @@ def _move(project: str, vm: VirtualMachine, to_host: str, view: HostView,
                            f"{to_host!r} (a live migration needs storage both hosts share, "
                            "which kvmctl does not assume)")
             if vm.on_restart_needed == "fail":
-                blocked = blocked or ("the VM runs and onRestartNeeded is fail: a move shuts it "
-                                      "down; stop it first or allow the restart")
+                problems.append("the VM runs and onRestartNeeded is fail: a move shuts it "
+                                "down; stop it first or allow the restart")
             steps.append(OnHost(from_host, ShutdownDomain(name, float(vm.shutdown_timeout))))
         created = {st.volume: st.xml for c in view.plan.changes for st in c.steps
                    if isinstance(st, CreateVolume)}
@@ -138,28 +157,98 @@ def _move(project: str, vm: VirtualMachine, to_host: str, view: HostView,
                                     created.get(disk.volume) or view.volume_xml.get(
                                         disk.volume, "")))
         if vm_change is not None:
-            blocked = blocked or vm_change.blocked
-            steps += [OnHost(to_host, st) for st in vm_change.steps]
+            if vm_change.blocked:
+                problems.append(vm_change.blocked)
+            steps += [OnHost(to_host, st) for st in vm_change.steps
+                      if not isinstance(st, StartDomain)]
     else:
         if dom.running:
-            blocked = blocked or (f"{vm_ref} runs on {from_host!r} and is defined on {to_host!r}"
-                                  f": stop the one that should not run; kvmctl then removes "
-                                  f"it from {from_host!r}")
+            problems.append(f"{vm_ref} runs on {from_host!r} and is defined on {to_host!r}: "
+                            "stop the one that should not run; kvmctl then removes it from "
+                            f"{from_host!r}")
         steps += [VerifyCopy(from_host, vol.pool, vol.name, to_host, disk.pool)
                   for disk, vol in travelling]
+        if vm_change is not None and vm_change.steps:
+            if vm_change.blocked:
+                problems.append(vm_change.blocked)
+            steps_after = [OnHost(to_host, st) for st in vm_change.steps
+                           if not isinstance(st, StartDomain)]
+            later = steps_after + later
     steps.append(OnHost(from_host, DeleteDomain(name, float(vm.shutdown_timeout))))
     gone = [vol for _, vol in travelling]
     gone += _owned_volumes(source.live, project, Kind.SEED, name)
     for vol in gone:
         steps.append(OnHost(from_host, DeleteVolume(vol.pool, vol.name)))
         handled.add((from_host, vol.path))
-    if not arrived:
-        drop[to_host].add(vm_ref)  # its create is the move's third step
+    steps += later
+    drop[to_host].add(vm_ref)  # its create (or update) runs inside the move
     drop[from_host] |= {vm_ref, ref(Kind.SEED, name)} | {d.meta.ref for d, _ in travelling}
+    if problems and not blocked:
+        blocked = "; ".join(problems)
     fp = fingerprint(dom.inactive_xml, dom.state, vm_change.fingerprint if vm_change else "",
                      [volume_fingerprint(v) for v in gone])
     return Change(Kind.VM, name, ChangeClass.MOVE, tuple(reasons), (), (), blocked,
                   fingerprint=fp, host=to_host, from_host=from_host, move_steps=tuple(steps))
+
+
+def _disk_problems(project: str, vm: VirtualMachine, disk: Disk, from_host: str, to_host: str,
+                   views: Mapping[str, HostView]) -> list[str]:
+    """Why a Disk of a moving VM cannot travel with it."""
+    out = []
+    name = disk.meta.name
+    source = views[from_host].live
+    if not _owned_volumes(source, project, Kind.DISK, name):
+        pool = source.pools.get(disk.pool)
+        if pool is None or not pool.active:
+            out.append(f"Disk/{name}'s pool {disk.pool} is not running on {from_host!r}, so "
+                       "its data cannot be read there: start the pool first")
+    others = sorted({v.meta.name for h in views.values() for v in h.manifest.vms
+                     if v.meta.name != vm.meta.name
+                     and any(att.disk == name for att in v.disks)})
+    if others:
+        out.append(f"Disk/{name} is also used by {', '.join(others)}: a disk several VMs "
+                   "share does not move")
+    if disk.protect:
+        out.append(f"Disk/{name} has protect: true, and a move deletes the original once the "
+                   "copy is verified; set protect: false to move it")
+    return out
+
+
+def _copy_problems(project: str, disk: Disk, vol: LiveVolume, from_host: str, to_host: str,
+                   view: HostView) -> list[str]:
+    """Why the copy of `vol` could not stand for it on the new host."""
+    out = []
+    name = disk.meta.name
+    if vol.format != disk.format:
+        out.append(f"Disk/{name} is {vol.format} on {from_host!r} and {disk.format} in the "
+                   "manifests: a move copies it as it is; move it first, change its format "
+                   "afterwards")
+    if vol.capacity_bytes != disk.size_bytes:
+        out.append(f"Disk/{name} is {format_size(vol.capacity_bytes)} on {from_host!r} and "
+                   f"{format_size(disk.size_bytes)} in the manifests: move it first, resize "
+                   "it afterwards")
+    there = view.live.volume(disk.pool, disk.volume)
+    if there is not None and (there.owner is None or there.owner.project != project):
+        out.append(f"{disk.pool}/{disk.volume} exists on {to_host!r} and is not this "
+                   "project's: the copy would overwrite it")
+    if vol.backing_path and not _backing_on(vol.backing_path, view):
+        out.append(f"Disk/{name} is an overlay of {vol.backing_path}, which {to_host!r} does "
+                   "not have (nor will its plan create it at that path): put its Image on "
+                   f"{to_host!r} in a pool with the same path")
+    return out
+
+
+def _backing_on(path: str, view: HostView) -> bool:
+    """Whether the host has, or its own plan creates, a volume at `path`."""
+    if any(v.path == path for p in view.live.pools.values() for v in p.volumes):
+        return True
+    for image in view.manifest.images:
+        pool = view.manifest.find(Kind.POOL, image.pool)
+        folder = getattr(pool, "path", None) or (view.live.pools[image.pool].path
+                                                 if image.pool in view.live.pools else "")
+        if folder and posixpath.join(folder, image.volume) == path:
+            return True
+    return False
 
 
 def _leftovers(project: str, views: Mapping[str, HostView], drop: dict[str, set[str]],
@@ -168,6 +257,8 @@ def _leftovers(project: str, views: Mapping[str, HostView], drop: dict[str, set[
     copy on its new host, a seed. Deleted once the copy verifies again."""
     out: list[Change] = []
     for to_host, view in views.items():
+        if view.read_only:
+            continue
         for disk in view.manifest.disks:
             there = view.live.volume(disk.pool, disk.volume)
             mine = there is not None and there.owner is not None \
@@ -176,7 +267,7 @@ def _leftovers(project: str, views: Mapping[str, HostView], drop: dict[str, set[
                 if from_host == to_host:
                     continue
                 for vol in _owned_volumes(other.live, project, Kind.DISK, disk.meta.name):
-                    if (from_host, vol.path) in handled or not mine:
+                    if (from_host, vol.path) in handled or not mine or other.read_only:
                         continue
                     handled.add((from_host, vol.path))
                     drop[from_host].add(disk.meta.ref)
@@ -193,7 +284,7 @@ def _leftovers(project: str, views: Mapping[str, HostView], drop: dict[str, set[
                 if from_host == to_host or _owned_domain(other.live, project, vm.meta.name):
                     continue
                 for vol in _owned_volumes(other.live, project, Kind.SEED, vm.meta.name):
-                    if (from_host, vol.path) in handled:
+                    if (from_host, vol.path) in handled or other.read_only:
                         continue
                     handled.add((from_host, vol.path))
                     drop[from_host].add(ref(Kind.SEED, vm.meta.name))

@@ -19,6 +19,11 @@ def plan_prune(ctx: Context) -> list[Change]:
     project, m = ctx.opts.project, ctx.m
     wanted = {(o.meta.kind, o.meta.name) for o in m.all()}
     wanted |= {(Kind.SEED, vm.meta.name) for vm in m.vms if vm.cloud_init}
+    for kept in ctx.opts.kept:  # placed on another host of the project: moves decide
+        kind, _, name = kept.partition("/")
+        wanted.add((Kind(kind), name))
+        if kind == Kind.VM:
+            wanted.add((Kind.SEED, name))
 
     def in_scope(kind: str, name: str) -> bool:
         return not ctx.opts.scope or ref(kind, name) in ctx.opts.scope

@@ -301,6 +301,18 @@ def test_duplicate_host_names_are_a_located_error() -> None:
     assert (problem.location.line, problem.location.column) == (12, 7)  # the second one
 
 
+def test_one_hypervisor_under_two_names_is_refused() -> None:
+    # A move from one of its names to the other would delete what it copies.
+    text = PROJECT_TEXT + "    - name: h3\n      uri: qemu+ssh://root@kvm-02/system\n"
+    with pytest.raises(ManifestError) as caught:
+        resolve(_project(text), Overrides())
+    problem = _only(caught)
+    assert "host 'h3' has the URI of host 'h2'" in problem.message
+    assert problem.path == "spec.hosts[2].uri"
+    with pytest.raises(UsageError, match="'h1' and 'h2' would both be"):
+        resolve(_project(PROJECT_TEXT), Overrides(connect="qemu+ssh://root@kvm-02/system"))
+
+
 # ============================================================================= with_defaults
 
 VM_TEXT = """\
