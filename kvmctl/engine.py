@@ -265,6 +265,7 @@ class Deployment:
                 plan = Plan(self.project, session.uri, ())
             else:
                 plan = self._on_host(name, functools.partial(session.plan, host_request))
+            plan = self._unknown_holders(plan)
             disks = session.rendered.disks if session.rendered is not None else {}
             views[name] = HostView(session.manifest, session.live, plan,
                                    {d.spec.name: d.xml for d in disks.values()})
@@ -272,8 +273,7 @@ class Deployment:
             views[name] = HostView(ManifestSet(), live, Plan(self.project, "", ()),
                                    read_only=True)
         plans, moves = plan_moves(self.project, views)
-        plans = {name: self._unknown_holders(plan) for name, plan in plans.items()
-                 if name in self.sessions}
+        plans = {name: plan for name, plan in plans.items() if name in self.sessions}
         if request.targets:
             wanted = {t.split(":", 1)[-1].lower() for t in request.targets}
             moves = tuple(c for c in moves if c.ref.lower() in wanted)

@@ -155,16 +155,27 @@ def _identity(pid: int) -> str | None:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
             start = f.read().rpartition(")")[2].split()[19]
     except FileNotFoundError:
-        return ""
+        return "" if _gone(pid) else None  # /proc may hide others' processes (hidepid)
     except (OSError, IndexError):
         return None
     try:
         namespace = os.readlink(f"/proc/{pid}/ns/pid")
     except FileNotFoundError:
-        return ""  # it ended between the two reads
+        return "" if _gone(pid) else None
     except OSError:
         return None
     return f"{boot}:{namespace}:{pid}:{start}"
+
+
+def _gone(pid: int) -> bool:
+    """No process `pid` in this pid namespace (the kernel says so, whatever /proc shows)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # it exists, and belongs to someone else
+    return False
 
 
 def holder_died(process: str) -> bool:

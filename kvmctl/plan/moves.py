@@ -134,6 +134,9 @@ def _move(project: str, vm: VirtualMachine, to_host: str, view: HostView,
             f"{d.meta.name} ({format_size(v.capacity_bytes)})" for d, v in travelling))
     for disk, vol in travelling:
         problems += _copy_problems(project, disk, vol, from_host, to_host, view)
+        landing = next((c for c in view.plan.changes if c.ref == disk.meta.ref), None)
+        if landing is not None and landing.blocked:  # the volume the copy lands in
+            problems.append(f"Disk/{disk.meta.name} on {to_host!r}: {landing.blocked}")
     vm_change = next((c for c in view.plan.changes if c.ref == vm_ref), None)
     # The VM starts on its new host only after it left the old one: until then the copies
     # stay equal to the originals, so a move killed in between is finished (verified again)

@@ -32,7 +32,7 @@ from typing import Any
 from kvmctl.host.hypervisor import Hypervisor
 
 # Public methods of Hypervisor that only read (HostReader's are not Hypervisor's own).
-READS = frozenset({"close", "volume_capacity_bytes", "volume_names"})
+READS = frozenset({"close", "lock_store", "volume_capacity_bytes", "volume_names"})
 
 
 def changing_methods() -> list[str]:
