@@ -10,10 +10,11 @@ there because every object's ownership is recorded before (volumes) or together 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum, unique
+from typing import TypeVar
 
 from ..errors import KvmctlError
 from ..host.hypervisor import Hypervisor
@@ -22,6 +23,8 @@ from ..kinds import LEVEL
 from ..plan.steps import op_name
 from ..plan.types import Change, ChangeClass, Plan, ProjectPlan
 from .executor import Executor
+
+S = TypeVar("S")
 
 __all__ = ["ApplyResult", "ChangeResult", "Event", "Outcome", "ProjectResult", "levels", "run",
            "run_project"]
@@ -97,21 +100,28 @@ def run(plan: Plan, hv: Hypervisor, live: LiveState, parallelism: int = 8,
         with ThreadPoolExecutor(max_workers=max(1, parallelism)) as pool:
             results += pool.map(lambda c: run_change(executor, c, progress), group)
         if any(r.outcome is Outcome.FAILED for r in results):
-            results += [ChangeResult(c.ref, Outcome.SKIPPED) for g in groups[i + 1:] for c in g]
+            results += [ChangeResult(c.id, Outcome.SKIPPED) for g in groups[i + 1:] for c in g]
             break
     return ApplyResult(tuple(results))
 
 
 def run_change(executor: Executor, change: Change, progress: Progress | None) -> ChangeResult:
     """Run one change's steps in order; whatever goes wrong becomes this change's failure."""
+    return run_steps(change, change.steps, executor.run, progress)
+
+
+def run_steps(change: Change, steps: Sequence[S], run_step: Callable[[S], str],
+              progress: Progress | None) -> ChangeResult:
+    """`steps` of `change` in order through `run_step` (which returns what the user should hear
+    of a step, or ""); any exception is this change's failure, the others' are their own."""
     if progress:
         progress(change, Event.START, "")
     step_name = ""
     notes: list[str] = []
     try:
-        for step in change.steps:
+        for step in steps:
             step_name = op_name(step)
-            if note := executor.run(step):
+            if note := run_step(step):
                 notes.append(note)
     except KvmctlError as exc:
         return _failed(change, str(exc), progress)

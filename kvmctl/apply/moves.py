@@ -9,36 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..errors import ApplyError, KvmctlError
+from ..errors import ApplyError
 from ..host.transfer import copy_volume, volume_digest
-from ..plan.steps import CopyVolume, MoveStep, OnHost, VerifyCopy, op_name
+from ..plan.steps import CopyVolume, MoveStep, OnHost, VerifyCopy
 from ..plan.types import Change
 from ..units import format_size
-from . import ChangeResult, Event, Outcome, Progress
+from . import ChangeResult, Progress, run_steps
 from .executor import Executor
 
 
 def run_move(change: Change, executors: Mapping[str, Executor],
              progress: Progress | None) -> ChangeResult:
-    if progress:
-        progress(change, Event.START, "")
-    notes: list[str] = []
-    step_name = ""
-    try:
-        for step in change.move_steps:
-            step_name = op_name(step)
-            note = _run(step, executors)
-            if note:
-                notes.append(note)
-    except KvmctlError as exc:
-        return _failed(change, str(exc), progress)
-    except Exception as exc:  # a bug or an unexpected library error: still only this move
-        return _failed(change, f"internal error in step {step_name}: {type(exc).__name__}: "
-                               f"{exc}", progress)
-    detail = "; ".join(notes)
-    if progress:
-        progress(change, Event.DONE, detail)
-    return ChangeResult(change.id, Outcome.DONE, detail)
+    return run_steps(change, change.move_steps, lambda step: _run(step, executors), progress)
 
 
 def _run(step: MoveStep, executors: Mapping[str, Executor]) -> str:
@@ -60,9 +42,3 @@ def _run(step: MoveStep, executors: Mapping[str, Executor]) -> str:
                 "is kept; decide which one holds the data and delete the other by hand")
         return f"the copy of {step.volume} on {step.to_host} verified"
     raise AssertionError(f"unknown move step {step!r}")
-
-
-def _failed(change: Change, detail: str, progress: Progress | None) -> ChangeResult:
-    if progress:
-        progress(change, Event.FAILED, detail)
-    return ChangeResult(change.id, Outcome.FAILED, detail)

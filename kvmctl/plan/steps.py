@@ -329,7 +329,7 @@ MoveStep = Union[OnHost, CopyVolume, VerifyCopy]
 MOVE_STEP_TYPES: tuple[type, ...] = MoveStep.__args__  # type: ignore[attr-defined]
 
 
-def op_name(step: Step | MoveStep) -> str:
+def op_name(step: object) -> str:
     """`SetMemoryLive` -> `set_memory_live`: how steps are named in JSON and in messages."""
     return re.sub(r"(?<!^)(?=[A-Z])", "_", type(step).__name__).lower()
 
