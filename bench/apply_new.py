@@ -55,13 +55,15 @@ conn.close()
 """
 
 
-def rendered_vms(r: Run, directory: Path) -> dict[str, str]:
-    """name -> domain XML, as `kvmctl render` prints it for these manifests."""
+def rendered_vms(r: Run, directory: Path, vms_option: str = "-n") -> dict[str, str]:
+    """name -> domain XML, as `kvmctl render` prints it for these manifests; `vms_option`
+    names the caller's option for the number of VMs."""
     out = run(kvmctl_command() + ["render", "-f", str(directory), "--kind", "VirtualMachine",
                                   "--project", r.project, "--domain-type", "qemu"]).stdout
     parts = re.split(r"^<!-- VirtualMachine/(\S+) -->\n", out, flags=re.M)
     if len(parts) == 1:  # a single VM is printed without the comment
-        raise BenchError("kvmctl render printed a single document; use -n 2 or more")
+        raise BenchError(f"kvmctl render printed a single document; use {vms_option} 2 or "
+                         "more")
     return {parts[i]: parts[i + 1] for i in range(1, len(parts), 2)}
 
 
@@ -80,7 +82,7 @@ def undefine_all(uri: str, prefix: str) -> int:
         conn.close()
 
 
-def count(uri: str, prefix: str) -> int:
+def count_domains(uri: str, prefix: str) -> int:
     return sum(1 for item in leftovers(uri, prefix) if item.startswith("domain "))
 
 
@@ -135,7 +137,7 @@ def measure(r: Run, args: argparse.Namespace) -> None:
     bare_times: list[float] = []
     for i in range(args.repeat):
         apply_times.append(timed(apply))
-        made = count(r.uri, f"{r.prefix}vm-")
+        made = count_domains(r.uri, f"{r.prefix}vm-")
         if made != n:
             raise BenchError(f"kvmctl apply made {made} VMs, not {n}")
         run(destroy_vms)

@@ -52,27 +52,33 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+# The other benchmarks' helpers, and the test suite's handle on scripts/test-hosts.
+sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests" / "integration")]
 
+from apply_new import count_domains, rendered_vms, undefine_all  # noqa: E402
 from plan_noop import (  # noqa: E402
     BARE_READ,
-    KERNEL,
-    VMS_PER_FILE,
     BenchError,
     child_env,
+    ip_subnets,
     kvmctl_command,
     leftovers,
     remove_by_prefix,
     remove_lock_files,
+    run,
     terminate_as_exit,
+    timed,
     used_subnets,
+    vm_yaml,
+    write_docs,
 )
+from plan_noop import Run as SingleHostRun  # noqa: E402
+from testhosts import TestHost, parse_env  # noqa: E402
+from testhosts import hosts as test_hosts  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 TEST_HOSTS = ROOT / "scripts" / "test-hosts"
 HOSTS = 3
 # The integration tests' subnet registry (tests/integration/conftest.py, SubnetAllocator): the
@@ -80,27 +86,6 @@ HOSTS = 3
 # its subnet there too, and avoids theirs.
 SUBNET_DIR = Path("/run/kvmctl-tests")
 NEVER = (ipaddress.IPv4Network("10.0.0.0/16"), ipaddress.IPv4Network("10.213.0.0/16"))
-_VANISHED = ("Domain not found", "Network not found", "no domain with matching",
-             "no network with matching")
-
-# (b) of part 1, for several hosts in turn: one process, one connection after another.
-BARE_READ_SEQUENTIAL = """
-import sys, libvirt
-libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-counts = []
-for uri in sys.argv[1:]:
-    conn = libvirt.open(uri)
-    n = 0
-    for dom in conn.listAllDomains(0):
-        try:
-            dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-        except libvirt.libvirtError:  # undefined since it was listed
-            continue
-        n += 1
-    conn.close()
-    counts.append(n)
-print(*counts)
-"""
 
 # (b) of part 2: argv[1] is a JSON file {uri: [xml, ...]}; one thread per host, defines in turn.
 BARE_DEFINE_PARALLEL = """
@@ -127,70 +112,17 @@ if errors:
 """
 
 
-@dataclass(frozen=True)
-class Host:
-    name: str
-    uri: str
-    root: Path
+# ---- the test hosts -----------------------------------------------------------------------------
 
-    @property
-    def transport(self) -> str:
-        scheme = self.uri.split(":", 1)[0]
-        return scheme.split("+", 1)[1] if "+" in scheme else "unix"
-
-
-# ---- processes ----------------------------------------------------------------------------------
-
-def _tail(text: str, lines: int = 15) -> str:
-    return "".join(line + "\n" for line in text.splitlines()[-lines:])
-
-
-def run(argv: Sequence[str], env: dict[str, str], check: bool = True
-        ) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, env=env,
-                          stdin=subprocess.DEVNULL)
-    if check and proc.returncode != 0:
-        raise BenchError(f"{' '.join(argv[:4])} ... exited {proc.returncode}:\n"
-                         f"{_tail(proc.stdout)}{_tail(proc.stderr)}")
-    return proc
-
-
-def timed(argv: Sequence[str], env: dict[str, str], expect: int = 0, tries: int = 3
-          ) -> tuple[float, str]:
-    """Wall time and stdout of one whole process, which must exit with `expect`. Other programs
-    (a test suite) may undefine a domain between a listing and its read: that run is retried."""
-    start = time.perf_counter()
-    proc = subprocess.run(list(argv), capture_output=True, text=True, env=env,
-                          stdin=subprocess.DEVNULL)
-    elapsed = time.perf_counter() - start
-    if proc.returncode != expect and tries > 1 and any(m in proc.stderr for m in _VANISHED):
-        print(f"  (an object vanished while it was read, running again: "
-              f"{proc.stderr.strip().splitlines()[-1][:120]})", flush=True)
-        return timed(argv, env, expect, tries - 1)
-    if proc.returncode != expect:
-        raise BenchError(f"{' '.join(argv[:4])} ... exited {proc.returncode} (expected "
-                         f"{expect}):\n{_tail(proc.stdout)}{_tail(proc.stderr)}")
-    return elapsed, proc.stdout
-
-
-def start_test_hosts() -> tuple[list[Host], bool]:
+def start_test_hosts() -> tuple[list[TestHost], bool]:
     """h1..h3 of scripts/test-hosts, started if need be; and whether this run started any."""
     before = subprocess.run([str(TEST_HOSTS), "env"], capture_output=True, text=True).stdout
-    running = {line.split()[0] for line in before.splitlines() if line.strip()}
-    proc = subprocess.run([str(TEST_HOSTS), "up", str(HOSTS)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise BenchError(f"scripts/test-hosts up {HOSTS} failed:\n{_tail(proc.stderr)}")
-    out = subprocess.run([str(TEST_HOSTS), "env"], capture_output=True, text=True,
-                         check=True).stdout
-    by_name = {}
-    for line in out.splitlines():
-        if line.strip():
-            name, uri, root = line.split()
-            by_name[name] = Host(name, uri, Path(root))
-    wanted = [f"h{i}" for i in range(1, HOSTS + 1)]
-    if any(n not in by_name for n in wanted):
-        raise BenchError(f"scripts/test-hosts env lacks some of {wanted}:\n{out}")
-    return [by_name[n] for n in wanted], not set(wanted) <= running
+    running = {h.name for h in parse_env(before)}
+    try:
+        hosts = test_hosts(HOSTS)
+    except RuntimeError as exc:
+        raise BenchError(str(exc)) from None
+    return hosts, not {h.name for h in hosts} <= running
 
 
 # ---- load ---------------------------------------------------------------------------------------
@@ -233,30 +165,10 @@ class Load:
 
 # ---- the subnet ---------------------------------------------------------------------------------
 
-def _ip_json_in(pid: str, *args: str) -> list[dict[str, Any]]:
-    """`ip -j ARGS` inside the network namespace of process `pid` (a test host's libvirtd)."""
-    with contextlib.suppress(OSError, ValueError, subprocess.SubprocessError):
-        out = subprocess.run(["nsenter", "-t", pid, "-n", "ip", "-j", *args],
-                             capture_output=True, text=True, check=True).stdout
-        return list(json.loads(out or "[]"))
-    return []
-
-
-def host_netns_subnets(host: Host) -> list[ipaddress.IPv4Network]:
-    """Routes and addresses in a test host's own network namespace."""
+def host_netns_subnets(host: TestHost) -> list[ipaddress.IPv4Network]:
+    """Routes and addresses in a test host's own network namespace (its libvirtd's)."""
     pid = (host.root / "pids" / "libvirtd.pid").read_text().strip()
-    used = []
-    for entry in (_ip_json_in(pid, "route", "show", "table", "all")
-                  + _ip_json_in(pid, "-4", "addr")):
-        dst = entry.get("dst")
-        if isinstance(dst, str) and dst != "default" and ":" not in dst:
-            with contextlib.suppress(ValueError):
-                used.append(ipaddress.IPv4Network(dst, strict=False))
-        for addr in entry.get("addr_info", ()):
-            if addr.get("family") == "inet":
-                used.append(ipaddress.IPv4Network(
-                    f"{addr['local']}/{addr.get('prefixlen', 32)}", strict=False))
-    return used
+    return ip_subnets("nsenter", "-t", pid, "-n")
 
 
 @contextlib.contextmanager
@@ -278,7 +190,7 @@ def _save(data: dict[str, dict[str, object]], path: Path) -> None:
     tmp.replace(path)
 
 
-def reserve_subnet(hosts: Sequence[Host]) -> ipaddress.IPv4Network:
+def reserve_subnet(hosts: Sequence[TestHost]) -> ipaddress.IPv4Network:
     """A /24 of 10.0.0.0/8 that overlaps no route or address of this machine or of any test
     host's namespace, no libvirt network of qemu:///system or of a test host, and no subnet the
     integration tests' registry holds for a live process; registered there for this process."""
@@ -311,7 +223,7 @@ def release_subnet(net: ipaddress.IPv4Network) -> None:
 
 # ---- manifests ----------------------------------------------------------------------------------
 
-def project_yaml(project: str, hosts: Sequence[Host]) -> str:
+def project_yaml(project: str, hosts: Sequence[TestHost]) -> str:
     lines = ["apiVersion: kvmctl/v1", "kind: Project", "metadata:", f"  name: {project}",
              "spec:", "  hosts:"]
     for h in hosts:
@@ -334,63 +246,32 @@ spec:
 """
 
 
-def vm_yaml(name: str, network: str, host: str | None) -> str:
-    return f"""apiVersion: kvmctl/v1
-kind: VirtualMachine
-metadata:
-  name: {name}
-  labels:
-    bench: hosts
-spec:{f'''
-  host: {host}''' if host else ''}
-  cpus: 1
-  memory: 64MiB
-  boot:
-    kernel: {KERNEL}
-    cmdline: console=ttyS0
-  interfaces:
-    - network: {network}
-  state: stopped
-"""
-
-
 def write_set(directory: Path, names: Sequence[str], network: str,
               placement: Sequence[str | None], subnet: ipaddress.IPv4Network | None,
               multi_host: bool = True) -> None:
     """VMs (and the network, with `subnet`) in `directory`, VMS_PER_FILE VMs a file."""
-    directory.mkdir(parents=True, exist_ok=True)
+    write_docs(directory, [vm_yaml(name, network, None, host=host, bench="hosts")
+                           for name, host in zip(names, placement, strict=True)])
     if subnet is not None:
         (directory / "network.yaml").write_text(
             network_yaml(network, subnet, hosts=multi_host), encoding="utf-8")
-    for start in range(0, len(names), VMS_PER_FILE):
-        chunk = range(start, min(start + VMS_PER_FILE, len(names)))
-        (directory / f"vms-{start // VMS_PER_FILE:03d}.yaml").write_text(
-            "---\n".join(vm_yaml(names[i], network, placement[i]) for i in chunk),
-            encoding="utf-8")
 
 
 # ---- one run ------------------------------------------------------------------------------------
 
-class Run:
-    """One run over the test hosts: its id, project, files, and the cleanup on every host."""
+class Run(SingleHostRun):
+    """One run over the test hosts: plan_noop's run (id, project, files), with a project file
+    naming all the hosts, and the cleanup on every host."""
 
-    def __init__(self, hosts: Sequence[Host]) -> None:
+    def __init__(self, hosts: Sequence[TestHost]) -> None:
+        super().__init__(hosts[0].uri)  # the project's defaultHost; kvmctl() names them all
         self.hosts = list(hosts)
-        self.id = secrets.token_hex(3)
-        self.project = f"kb-{self.id}"
-        self.prefix = f"kb-{self.id}-"
-        self.network = f"{self.prefix}net"
-        self.dir = Path(tempfile.mkdtemp(prefix=f"kvmctl-{self.project}-"))
         self.render_dir = Path(tempfile.mkdtemp(prefix=f"kvmctl-{self.project}-render-"))
         self.project_file = self.dir / "kvmctl.yaml"
         self.project_file.write_text(project_yaml(self.project, hosts), encoding="utf-8")
         self.lock_dir = self.dir / "locks"
         self.cache_dir = self.dir / "cache"
-        self.applied_dirs: list[Path] = []
         self.subnet: ipaddress.IPv4Network | None = None
-
-    def vm_name(self, i: int, kind: str = "vm") -> str:
-        return f"{self.prefix}{kind}-{i:04d}"
 
     def env(self, cache: bool = False) -> dict[str, str]:
         env = {k: v for k, v in child_env().items()
@@ -405,27 +286,7 @@ class Run:
     def kvmctl(self, *args: str) -> list[str]:
         return kvmctl_command() + list(args) + ["--project-file", str(self.project_file)]
 
-    def apply(self, directory: Path) -> float:
-        self.applied_dirs.append(directory)
-        return timed(self.kvmctl("apply", "-y", "-f", str(directory)), self.env())[0]
-
-    def count(self, host: Host, prefix: str) -> int:
-        return sum(1 for item in leftovers(host.uri, prefix) if item.startswith("domain "))
-
-    def undefine(self, host: Host, prefix: str) -> int:
-        import libvirt
-        conn = libvirt.open(host.uri)
-        try:
-            gone = 0
-            for dom in conn.listAllDomains(0):
-                if dom.name().startswith(prefix):
-                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-                    gone += 1
-            return gone
-        finally:
-            conn.close()
-
-    def lease_records(self, host: Host, remove: bool = False) -> list[str]:
+    def lease_records(self, host: TestHost, remove: bool = False) -> list[str]:
         """This project's hypervisor-lock records (volumes of the pool kvmctl-locks)."""
         import libvirt
 
@@ -456,15 +317,7 @@ class Run:
         """Remove everything of this run on every host; True when nothing is left."""
         print(f"cleanup: kvmctl destroy -y (project {self.project}, hosts "
               f"{', '.join(h.name for h in self.hosts)})...", flush=True)
-        for directory in reversed(self.applied_dirs):
-            try:
-                proc = run(self.kvmctl("destroy", "-y", "-f", str(directory)), self.env(),
-                           check=False)
-                if proc.returncode != 0:
-                    print(f"  kvmctl destroy exited {proc.returncode}:\n"
-                          f"{_tail(proc.stderr, 5)}", end="", flush=True)
-            except OSError as exc:
-                print(f"  kvmctl destroy could not run: {exc}", flush=True)
+        self.destroy_applied()
         all_left: list[str] = []
         for host in self.hosts:
             try:
@@ -499,7 +352,7 @@ def med(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
-def spread(n: int, hosts: Sequence[Host]) -> list[str]:
+def spread(n: int, hosts: Sequence[TestHost]) -> list[str]:
     return [hosts[i % len(hosts)].name for i in range(n)]
 
 
@@ -519,12 +372,12 @@ def measure_plan(r: Run, args: argparse.Namespace, load: Load) -> None:
 
     plan = r.kvmctl("plan", "-f", str(plan_dir), "--detailed-exitcode")
     bare = {h.name: [sys.executable, "-c", BARE_READ, h.uri] for h in hosts}
-    sequential = [sys.executable, "-c", BARE_READ_SEQUENTIAL] + [h.uri for h in hosts]
+    sequential = [sys.executable, "-c", BARE_READ] + [h.uri for h in hosts]
     benv = child_env()
     # Untimed: fills the warm memo, and makes sure the first timed round pays no first-use cost.
-    timed(plan, r.env(cache=True))
+    timed(plan, env=r.env(cache=True))
     counts = dict(zip([h.name for h in hosts],
-                      timed(sequential, benv)[1].split(), strict=True))
+                      run(sequential, env=benv).stdout.split(), strict=True))
 
     steps: list[tuple[str, list[str], dict[str, str]]] = [
         ("cold", plan, r.env()), ("warm", plan, r.env(cache=True))]
@@ -534,7 +387,7 @@ def measure_plan(r: Run, args: argparse.Namespace, load: Load) -> None:
         load.sample()
         order = steps if i % 2 == 0 else steps[::-1]  # paired, alternating which goes first
         for key, argv, env in order:
-            times[key].append(timed(argv, env)[0])
+            times[key].append(timed(argv, env=env))
         print(f"  round {i + 1}/{args.repeat}: plan cold {times['cold'][-1]:.3f} s, warm "
               f"{times['warm'][-1]:.3f} s; bare "
               + ", ".join(f"{h.name} {times[h.name][-1]:.3f}" for h in hosts)
@@ -568,25 +421,19 @@ def measure_plan(r: Run, args: argparse.Namespace, load: Load) -> None:
               f"sum of the (b) medians: {sum(med(times[h.name]) for h in hosts):.3f} s"))
 
     print("removing the VMs: kvmctl destroy -y ...", flush=True)
-    run(r.kvmctl("destroy", "-y", "-f", str(plan_vms)), r.env())
+    run(r.kvmctl("destroy", "-y", "-f", str(plan_vms)), env=r.env())
     for h in hosts:
-        if r.count(h, f"{r.prefix}vm-"):
+        if count_domains(h.uri, f"{r.prefix}vm-"):
             raise BenchError(f"kvmctl destroy left VMs of {r.prefix}vm- on {h.name}")
 
 
-def rendered_vms(r: Run, names: Sequence[str]) -> dict[str, str]:
+def rendered_without_hosts(r: Run, names: Sequence[str]) -> dict[str, str]:
     """name -> domain XML, as `kvmctl render` prints it (render is single-host: the VMs are
     rendered without `spec.host` and without the project file, with the run's project)."""
     assert r.subnet is not None
     directory = r.render_dir  # outside r.dir, whose project file would make it multi-host
     write_set(directory, names, r.network, [None] * len(names), r.subnet, multi_host=False)
-    out = run(kvmctl_command() + ["render", "-f", str(directory), "--kind", "VirtualMachine",
-                                  "--project", r.project, "--domain-type", "qemu"],
-              child_env()).stdout
-    parts = re.split(r"^<!-- VirtualMachine/(\S+) -->\n", out, flags=re.M)
-    if len(parts) == 1:
-        raise BenchError("kvmctl render printed a single document; use --apply-vms 2 or more")
-    return {parts[i]: parts[i + 1] for i in range(1, len(parts), 2)}
+    return rendered_vms(r, directory, vms_option="--apply-vms")
 
 
 def measure_apply(r: Run, args: argparse.Namespace, load: Load) -> None:
@@ -602,7 +449,7 @@ def measure_apply(r: Run, args: argparse.Namespace, load: Load) -> None:
           f"({', '.join(f'{k}: {v}' for k, v in per_host.items())}); the network is there",
           flush=True)
 
-    xmls = rendered_vms(r, names)
+    xmls = rendered_without_hosts(r, names)
     raw_prefix = f"{r.prefix}raw-"
     uri = {h.name: h.uri for h in hosts}
     work: dict[str, list[str]] = {h.uri: [] for h in hosts}
@@ -617,7 +464,7 @@ def measure_apply(r: Run, args: argparse.Namespace, load: Load) -> None:
     destroy = r.kvmctl("destroy", "-y", "-f", str(vms_dir))
 
     def check(prefix: str, what: str) -> None:
-        made = {h.name: r.count(h, prefix) for h in hosts}
+        made = {h.name: count_domains(h.uri, prefix) for h in hosts}
         if made != per_host:
             raise BenchError(f"{what} defined {made}, not {per_host}")
 
@@ -625,13 +472,13 @@ def measure_apply(r: Run, args: argparse.Namespace, load: Load) -> None:
     bare_times: list[float] = []
     for i in range(args.apply_repeat):
         load.sample()
-        apply_times.append(timed(apply, r.env())[0])
+        apply_times.append(timed(apply, env=r.env()))
         check(f"{r.prefix}vm-", "kvmctl apply")
-        run(destroy, r.env())
-        bare_times.append(timed(bare, child_env())[0])
+        run(destroy, env=r.env())
+        bare_times.append(timed(bare))
         check(raw_prefix, "the bare define")
         for h in hosts:
-            r.undefine(h, raw_prefix)
+            undefine_all(h.uri, raw_prefix)
         print(f"  round {i + 1}/{args.apply_repeat}: kvmctl apply {apply_times[-1]:.3f} s, "
               f"bare define {bare_times[-1]:.3f} s", flush=True)
 

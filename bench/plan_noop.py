@@ -64,10 +64,11 @@ def child_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in _ENV_DROP}
 
 
-def run(argv: Sequence[str], check: bool = True, quiet: bool = True
-        ) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, env=child_env(),
-                          stdin=subprocess.DEVNULL)
+def run(argv: Sequence[str], check: bool = True, quiet: bool = True,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`argv` in `env` (default: child_env())."""
+    proc = subprocess.run(list(argv), capture_output=True, text=True,
+                          env=child_env() if env is None else env, stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0:
         raise BenchError(f"{' '.join(argv[:4])} ... exited {proc.returncode}:\n"
                          f"{_tail(proc.stdout)}{_tail(proc.stderr)}")
@@ -87,17 +88,19 @@ _VANISHED = ("Domain not found", "Network not found", "no domain with matching",
              "no network with matching")
 
 
-def timed(argv: Sequence[str], expect: int = 0, tries: int = 3, cwd: Path | None = None
-          ) -> float:
-    """Wall time of one whole process, which must exit with `expect`."""
+def timed(argv: Sequence[str], expect: int = 0, tries: int = 3, cwd: Path | None = None,
+          env: dict[str, str] | None = None) -> float:
+    """Wall time of one whole process in `env` (default: child_env()), which must exit with
+    `expect`."""
     start = time.perf_counter()
-    proc = subprocess.run(list(argv), capture_output=True, text=True, env=child_env(),
-                          stdin=subprocess.DEVNULL, cwd=cwd)
+    proc = subprocess.run(list(argv), capture_output=True, text=True,
+                          env=child_env() if env is None else env, stdin=subprocess.DEVNULL,
+                          cwd=cwd)
     elapsed = time.perf_counter() - start
     if proc.returncode != expect and tries > 1 and any(m in proc.stderr for m in _VANISHED):
         print(f"  (an object vanished while it was read, running again: "
               f"{proc.stderr.strip().splitlines()[-1][:120]})", flush=True)
-        return timed(argv, expect, tries - 1, cwd)
+        return timed(argv, expect, tries - 1, cwd, env)
     if proc.returncode != expect:
         raise BenchError(f"{' '.join(argv[:4])} ... exited {proc.returncode} (expected "
                          f"{expect}):\n{_tail(proc.stdout)}{_tail(proc.stderr)}")
@@ -115,12 +118,14 @@ class BenchError(Exception):
 
 # ---- the host -----------------------------------------------------------------------------------
 
-def used_subnets(uri: str) -> list[ipaddress.IPv4Network]:
-    """Every IPv4 subnet the host routes or has addresses in, and every libvirt network's."""
-    used: list[ipaddress.IPv4Network] = list(RESERVED)
-    for cmd in (["ip", "-j", "route", "show", "table", "all"], ["ip", "-j", "-4", "addr"]):
+def ip_subnets(*wrapper: str) -> list[ipaddress.IPv4Network]:
+    """The IPv4 subnets of this machine's routes and addresses; `wrapper` runs `ip` elsewhere
+    (`nsenter -t PID -n`: in a network namespace)."""
+    used: list[ipaddress.IPv4Network] = []
+    for args in (["route", "show", "table", "all"], ["-4", "addr"]):
         with contextlib.suppress(OSError, ValueError, subprocess.SubprocessError):
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            out = subprocess.run([*wrapper, "ip", "-j", *args], capture_output=True, text=True,
+                                 check=True).stdout
             for entry in json.loads(out or "[]"):
                 dst = entry.get("dst")
                 if dst and dst != "default" and ":" not in dst:
@@ -130,6 +135,12 @@ def used_subnets(uri: str) -> list[ipaddress.IPv4Network]:
                     if addr.get("family") == "inet":
                         used.append(ipaddress.IPv4Network(
                             f"{addr['local']}/{addr.get('prefixlen', 32)}", strict=False))
+    return used
+
+
+def used_subnets(uri: str) -> list[ipaddress.IPv4Network]:
+    """Every IPv4 subnet the host routes or has addresses in, and every libvirt network's."""
+    used: list[ipaddress.IPv4Network] = list(RESERVED) + ip_subnets()
     import libvirt
     from lxml import etree
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -240,25 +251,35 @@ class Run:
     def vm_name(self, i: int, kind: str = "vm") -> str:
         return f"{self.prefix}{kind}-{i:04d}"
 
+    def env(self) -> dict[str, str]:
+        """The environment of this run's kvmctl commands."""
+        return child_env()
+
     def kvmctl(self, *args: str) -> list[str]:
         return kvmctl_command() + list(args) + ["--connect", self.uri, "--project",
                                                 self.project, "--domain-type", "qemu"]
 
     def apply(self, directory: Path) -> float:
         self.applied_dirs.append(directory)
-        return timed(self.kvmctl("apply", "-y", "-f", str(directory)))
+        return timed(self.kvmctl("apply", "-y", "-f", str(directory)), env=self.env())
 
-    def cleanup(self) -> bool:
-        """Remove everything of this run; True when nothing named kb-<runid>-* is left."""
-        print(f"cleanup: kvmctl destroy -y (project {self.project})...", flush=True)
+    def destroy_applied(self) -> None:
+        """`kvmctl destroy -y` of each applied directory, the last first; failures are printed
+        (what is left is looked for by name afterwards)."""
         for directory in reversed(self.applied_dirs):
             try:
-                proc = run(self.kvmctl("destroy", "-y", "-f", str(directory)), check=False)
+                proc = run(self.kvmctl("destroy", "-y", "-f", str(directory)), check=False,
+                           env=self.env())
                 if proc.returncode != 0:
                     print(f"  kvmctl destroy exited {proc.returncode}:\n"
                           f"{_tail(proc.stderr, 5)}", end="", flush=True)
             except OSError as exc:
                 print(f"  kvmctl destroy could not run: {exc}", flush=True)
+
+    def cleanup(self) -> bool:
+        """Remove everything of this run; True when nothing named kb-<runid>-* is left."""
+        print(f"cleanup: kvmctl destroy -y (project {self.project})...", flush=True)
+        self.destroy_applied()
         try:
             left = leftovers(self.uri, self.prefix)
             if left:
@@ -298,14 +319,18 @@ spec:
 """
 
 
-def vm_yaml(name: str, network: str, ip: str | None) -> str:
+def vm_yaml(name: str, network: str, ip: str | None, host: str | None = None,
+            bench: str = "plan-noop") -> str:
+    """A stopped VM's manifest: `ip` is its DHCP reservation, `host` its spec.host, `bench` the
+    value of its label `bench` (which benchmark made it)."""
     return f"""apiVersion: kvmctl/v1
 kind: VirtualMachine
 metadata:
   name: {name}
   labels:
-    bench: plan-noop
-spec:
+    bench: {bench}
+spec:{f'''
+  host: {host}''' if host else ''}
   cpus: 1
   memory: 64MiB
   boot:
@@ -320,11 +345,16 @@ spec:
 
 def write_vms(directory: Path, names: Sequence[str], network: str,
               ips: Sequence[str | None]) -> None:
+    write_docs(directory, [vm_yaml(name, network, ip) for name, ip in zip(names, ips,
+                                                                         strict=True)])
+
+
+def write_docs(directory: Path, docs: Sequence[str]) -> None:
+    """Manifest documents in `directory`, VMS_PER_FILE a file (vms-000.yaml, ...)."""
     directory.mkdir(parents=True, exist_ok=True)
-    for start in range(0, len(names), VMS_PER_FILE):
-        chunk = range(start, min(start + VMS_PER_FILE, len(names)))
+    for start in range(0, len(docs), VMS_PER_FILE):
         (directory / f"vms-{start // VMS_PER_FILE:03d}.yaml").write_text(
-            "---\n".join(vm_yaml(names[i], network, ips[i]) for i in chunk), encoding="utf-8")
+            "---\n".join(docs[start:start + VMS_PER_FILE]), encoding="utf-8")
 
 
 def vm_ips(subnet: ipaddress.IPv4Network, count: int, reserve: bool) -> list[str | None]:
@@ -339,19 +369,23 @@ def vm_ips(subnet: ipaddress.IPv4Network, count: int, reserve: bool) -> list[str
 
 # ---- the measurements ---------------------------------------------------------------------------
 
+# argv[1:]: URIs, read one after another, each on its own connection; prints a count for each.
 BARE_READ = """
 import sys, libvirt
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-conn = libvirt.open(sys.argv[1])
-n = 0
-for dom in conn.listAllDomains(0):
-    try:
-        dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-    except libvirt.libvirtError:  # undefined since it was listed
-        continue
-    n += 1
-conn.close()
-print(n)
+counts = []
+for uri in sys.argv[1:]:
+    conn = libvirt.open(uri)
+    n = 0
+    for dom in conn.listAllDomains(0):
+        try:
+            dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        except libvirt.libvirtError:  # undefined since it was listed
+            continue
+        n += 1
+    conn.close()
+    counts.append(n)
+print(*counts)
 """
 
 

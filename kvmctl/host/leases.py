@@ -72,6 +72,23 @@ def _code(exc: libvirt.libvirtError) -> int:
     return int(exc.get_error_code() or 0)
 
 
+def _volume(pool: Any, name: str) -> Any | None:
+    """The volume `name` of the pool; None if there is none."""
+    try:
+        return pool.storageVolLookupByName(name)
+    except libvirt.libvirtError as exc:
+        if _code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
+            return None
+        raise
+
+
+def _abort(stream: Any) -> None:
+    # Called while a failure is being handled: an abort that fails too (the connection broke)
+    # must not replace that failure.
+    with contextlib.suppress(libvirt.libvirtError):
+        stream.abort()
+
+
 class LeaseStore:
     """Named byte records (at most SLOT_BYTES, not ending in NUL) in the ``kvmctl-locks`` pool
     of one hypervisor. Safe to use from several threads (libvirt connections are)."""
@@ -188,13 +205,7 @@ class LeaseStore:
 
     @staticmethod
     def _exists(pool: Any, name: str) -> bool:
-        try:
-            pool.storageVolLookupByName(name)
-            return True
-        except libvirt.libvirtError as exc:
-            if _code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
-                return False
-            raise
+        return _volume(pool, name) is not None
 
     @staticmethod
     def _clone(pool: Any, name: str, staging: str) -> bool:
@@ -220,12 +231,9 @@ class LeaseStore:
         return found
 
     def _download(self, pool: Any, name: str) -> bytes | None:
-        try:
-            vol = pool.storageVolLookupByName(name)
-        except libvirt.libvirtError as exc:
-            if _code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
-                return None
-            raise
+        vol = _volume(pool, name)
+        if vol is None:
+            return None
         stream = self.hv.conn.newStream(0)
         data = bytearray()
         try:
@@ -236,8 +244,7 @@ class LeaseStore:
                 data += chunk
             stream.finish()
         except libvirt.libvirtError as exc:
-            with contextlib.suppress(libvirt.libvirtError):
-                stream.abort()
+            _abort(stream)
             if _code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
                 return None  # deleted since it was looked up
             if _code(exc) == libvirt.VIR_ERR_OPERATION_INVALID and pool.isActive():
@@ -257,18 +264,14 @@ class LeaseStore:
 
     def _guarded_upload(self, pool: Any, name: str, data: bytes,
                         only_if: Callable[[bytes], bool] | None) -> bool:
-        try:
-            vol = pool.storageVolLookupByName(name)
-        except libvirt.libvirtError as exc:
-            if _code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
-                return False
-            raise
+        vol = _volume(pool, name)
+        if vol is None:
+            return False
         stream = self.hv.conn.newStream(0)
         try:
             vol.upload(stream, 0, SLOT_BYTES, 0)  # opens the file: this volume, from now on
         except libvirt.libvirtError as exc:
-            with contextlib.suppress(libvirt.libvirtError):
-                stream.abort()
+            _abort(stream)
             if _code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
                 return False
             raise
@@ -282,8 +285,7 @@ class LeaseStore:
             stream.finish()
             return True
         except BaseException:
-            with contextlib.suppress(libvirt.libvirtError):
-                stream.abort()
+            _abort(stream)
             raise
 
     def _upload(self, name: str, data: bytes) -> None:

@@ -8,8 +8,10 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
+from testdriver import MemoryLockStore
 
 from kvmctl.apply.hostlock import HostLock, Record, hypervisor_lock, project_key
 from kvmctl.errors import LockError
@@ -17,16 +19,14 @@ from kvmctl.errors import LockError
 HOST = "qemu+ssh://root@hv1/system"
 
 
-class FakeStore:
-    """LeaseBackend in memory; every operation atomic, optionally slowed to widen races."""
-
-    host = HOST
+class FakeStore(MemoryLockStore):
+    """testdriver's in-memory LeaseBackend (every operation atomic), optionally slowed to widen
+    races, and logging what each delete removed."""
 
     def __init__(self, delay: float = 0.0) -> None:
-        self.records: dict[str, bytes] = {}
+        super().__init__(HOST)
         self.deleted: list[tuple[str, bytes]] = []
         self.delay = delay
-        self._lock = threading.Lock()
 
     def _pause(self) -> None:
         if self.delay:
@@ -34,26 +34,16 @@ class FakeStore:
 
     def create(self, name: str, data: bytes) -> bool:
         self._pause()
-        with self._lock:
-            if name in self.records:
-                return False
-            self.records[name] = data
-            return True
+        return super().create(name, data)
 
     def read(self, name: str) -> bytes | None:
         self._pause()
-        with self._lock:
-            return self.records.get(name)
+        return super().read(name)
 
-    def write(self, name: str, data: bytes, only_if=None) -> bool:
+    def write(self, name: str, data: bytes,
+              only_if: Callable[[bytes], bool] | None = None) -> bool:
         self._pause()
-        with self._lock:
-            if name not in self.records:
-                return False
-            if only_if is not None and not only_if(self.records[name]):
-                return False
-            self.records[name] = data
-            return True
+        return super().write(name, data, only_if)
 
     def delete(self, name: str) -> bool:
         self._pause()
@@ -78,6 +68,16 @@ def record(holder: str = "ci@runner pid 4242 (kvmctl apply)", nonce: str = "ab" 
 def current(store: FakeStore, name: str = LEASE) -> Record | None:
     data = store.records.get(name)
     return Record.parse(data) if data is not None else None
+
+
+def run_in_threads(target: Callable[[int], None], n: int) -> None:
+    """target(0)..target(n - 1), each in a thread of its own, all started before any is
+    joined; returns when all are done."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 def test_acquire_and_release_leave_nothing_behind() -> None:
@@ -203,11 +203,7 @@ def test_concurrent_takeovers_of_one_stale_lease_have_exactly_one_winner(round_:
         except LockError as e:
             failed.append(str(e))
 
-    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(attempt, 8)
     assert len(won) == 1 and len(failed) == 7, (won, failed)
     assert [d for d in store.deleted if d == (LEASE, stale)] == [(LEASE, stale)]
     assert len([n for n, _ in store.deleted if n == LEASE]) == 2  # and the winner's, at last
@@ -228,11 +224,7 @@ def test_many_acquirers_never_hold_the_lock_at_once() -> None:
                 time.sleep(0.005)
                 inside.remove(i)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(worker, 6)
     assert overlap == []
     assert store.records == {}
 

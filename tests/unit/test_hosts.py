@@ -373,16 +373,22 @@ class UndefineFails(DriverHypervisor):
         super().undefine_domain(name)
 
 
-def test_a_vm_on_both_hosts_finishes_its_move(tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def half_moved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Bed, CliResult]:
+    """A bed where the move of stopped VM a from h1 to h2 stopped after its define on h2 (h1
+    refused the undefine), and the result of that apply."""
     bed = make_bed(tmp_path, monkeypatch, kinds={"h1": UndefineFails})
     applied_on_h1(bed, state="stopped")
     bed.write(lab(bed.folder, a_host="h2", state="stopped"))
     UndefineFails.refuse = True
     try:
-        half = bed.cli("apply", "-y", "-f", bed.path)
+        return bed, bed.cli("apply", "-y", "-f", bed.path)
     finally:
         UndefineFails.refuse = False
+
+
+def test_a_vm_on_both_hosts_finishes_its_move(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    bed, half = half_moved(tmp_path, monkeypatch)
     assert half.code == 1 and "undefine domain a: refused" in half.stderr, half
     assert "a" in bed.domains("h1") and "a" in bed.domains("h2")
 
@@ -408,14 +414,8 @@ def test_a_vm_on_both_hosts_finishes_its_move(tmp_path: Path,
 
 def test_a_copy_that_differs_keeps_the_original(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    bed = make_bed(tmp_path, monkeypatch, kinds={"h1": UndefineFails})
-    applied_on_h1(bed, state="stopped")
-    bed.write(lab(bed.folder, a_host="h2", state="stopped"))
-    UndefineFails.refuse = True
-    try:
-        assert bed.cli("apply", "-y", "-f", bed.path).code == 1
-    finally:
-        UndefineFails.refuse = False
+    bed, half = half_moved(tmp_path, monkeypatch)
+    assert half.code == 1
     bed.hv("h2").contents[("p", "da.qcow2")] = b"written on h2 meanwhile"
     result = bed.cli("apply", "-y", "-f", bed.path)
     assert result.code == 1 and "da.qcow2 on h1 and its copy on h2 differ" in result.stderr

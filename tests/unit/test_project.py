@@ -55,6 +55,13 @@ def _only(caught: pytest.ExceptionInfo[ManifestError]) -> Problem:
     return problems[0]
 
 
+def _resolve_problem(text: str) -> Problem:
+    """The one problem that resolving this project file text reports."""
+    with pytest.raises(ManifestError) as caught:
+        resolve(_project(text), Overrides())
+    return _only(caught)
+
+
 TWO_HOSTS = ProjectConfig("lab", (HostConfig("h1", "qemu:///system"),
                                   HostConfig("h2", "qemu+ssh://root@kvm-02/system")),
                           "h1", source=PROJECT_FILE)
@@ -282,9 +289,7 @@ def test_domain_type_override_applies_to_every_host() -> None:
 
 def test_an_unknown_default_host_is_a_located_error() -> None:
     text = PROJECT_TEXT + "  defaultHost: h3\n"
-    with pytest.raises(ManifestError) as caught:
-        resolve(_project(text), Overrides())
-    problem = _only(caught)
+    problem = _resolve_problem(text)
     assert problem.path == "spec.defaultHost"
     assert (problem.location.file, problem.location.line, problem.location.column) == (
         PROJECT_FILE, 12, 16)
@@ -293,9 +298,7 @@ def test_an_unknown_default_host_is_a_located_error() -> None:
 
 def test_duplicate_host_names_are_a_located_error() -> None:
     text = PROJECT_TEXT + "    - name: h1\n      uri: qemu+ssh://kvm-03/system\n"
-    with pytest.raises(ManifestError) as caught:
-        resolve(_project(text), Overrides())
-    problem = _only(caught)
+    problem = _resolve_problem(text)
     assert "duplicate host 'h1'" in problem.message
     assert problem.path == "spec.hosts[2].name"
     assert (problem.location.line, problem.location.column) == (12, 7)  # the second one
@@ -304,9 +307,7 @@ def test_duplicate_host_names_are_a_located_error() -> None:
 def test_one_hypervisor_under_two_names_is_refused() -> None:
     # A move from one of its names to the other would delete what it copies.
     text = PROJECT_TEXT + "    - name: h3\n      uri: qemu+ssh://root@kvm-02/system\n"
-    with pytest.raises(ManifestError) as caught:
-        resolve(_project(text), Overrides())
-    problem = _only(caught)
+    problem = _resolve_problem(text)
     assert "host 'h3' has the URI of host 'h2'" in problem.message
     assert problem.path == "spec.hosts[2].uri"
     with pytest.raises(UsageError, match="'h1' and 'h2' would both be"):
