@@ -18,10 +18,8 @@ import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from . import apply
-from .apply.readiness import nic_addresses
 from .errors import (
     HypervisorError,
     KvmctlError,
@@ -46,9 +44,13 @@ from .plan import Options, make_plan
 from .plan.moves import HostView, plan_moves
 from .plan.types import Change, ChangeClass, HostPlan, Plan, ProjectPlan, project_plan_json
 from .plan.vm import pending_restart
-from .render.definitions import render_desired
 from .render.specs import Desired
 from .xmltext import first_non_xml_char
+
+if TYPE_CHECKING:
+    # Imported where they run: jinja2, pycdlib and the apply stage load while the hosts are
+    # being connected to and read, not before (see Deployment).
+    from . import apply
 
 PLAN_FILE_KIND = "kvmctl-saved-plan"
 
@@ -130,6 +132,7 @@ class Session:
         return self._domain_type
 
     def desired(self, m: ManifestSet | None = None) -> Desired:
+        from .render.definitions import render_desired
         return render_desired(self.manifest if m is None else m, self.target.project,
                               self.domain_type, self.live.hints())
 
@@ -173,6 +176,7 @@ class Session:
 
     def execute(self, plan: Plan, parallelism: int = 8,
                 progress: apply.Progress | None = None) -> apply.ApplyResult:
+        from . import apply
         return apply.run(plan, self.hv, self.live, parallelism, progress)
 
 
@@ -196,6 +200,8 @@ class Deployment:
         with ThreadPoolExecutor(max_workers=1) as pool:
             hosts = pool.submit(_open_hosts, self.selected, config.name, lock, self._locks)
             try:
+                # jinja2 and the templates load here, while the hosts answer, not after.
+                import kvmctl.render.definitions  # noqa: F401
                 loaded = docs if docs is not None else documents.load(
                     paths or [], recursive=recursive, stdin=stdin, memo=open_parse_memo())
                 self.project_doc, rest = split_project(loaded, config.source)
@@ -312,6 +318,7 @@ class Deployment:
 
     def execute(self, plan: ProjectPlan, parallelism: int = 8,
                 progress: apply.Progress | None = None) -> apply.ProjectResult:
+        from . import apply
         hosts = {name: (s.hv, s.live) for name, s in self.sessions.items()}
         return apply.run_project(plan, hosts, parallelism, progress)
 
@@ -603,6 +610,7 @@ def _vm_row(d: LiveDomain, live: LiveState, hv: Hypervisor,
             net = live.networks.get(network)
             leases[network] = hv.dhcp_leases(network) if net and net.active else []
     agent = hv.agent_addresses(d.name) if d.running and domain_facts["guestAgent"] else {}
+    from .apply.readiness import nic_addresses
     ips = [ip for _, ip in nic_addresses(nics, leases, agent)]
     pending = pending_restart(d.inactive_xml, d.live_xml, resolve) if d.live_xml else []
     return {"name": d.name, "state": d.state, "addresses": ips, "autostart": d.autostart,

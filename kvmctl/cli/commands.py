@@ -33,7 +33,8 @@ def project_config(opts: CommandOptions) -> ProjectConfig:
     path = opts.project_file or find_project_file(list(opts.filenames))
     if opts.project_file and not os.path.isfile(opts.project_file):
         raise UsageError(f"--project-file {opts.project_file}: no such file")
-    doc = load_project_file(path) if path else None
+    from ..memo import open_memo
+    doc = load_project_file(path, open_memo("projects")) if path else None
     return resolve(doc, Overrides(opts.project, opts.connect, opts.domain_type))
 
 

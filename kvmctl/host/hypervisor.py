@@ -22,7 +22,6 @@ from lxml import etree
 
 from ..errors import HypervisorError
 from ..kinds import NAMESPACE, RECORD_PREFIX
-from ..render.definitions import pool_definition, volume_xml
 from ..render.specs import VolumeSpec
 from .connection import call, silence_default_handler
 from .ownership import OwnershipRecord, record_names, slot_capacity
@@ -319,6 +318,7 @@ class Hypervisor(HostReader):
                 return
             self.delete_volume(pool, name)
         size = slot_capacity(len(data))
+        from ..render.definitions import volume_xml
         self.create_volume(pool, name, volume_xml(VolumeSpec(pool, name, size, "raw",
                                                               allocation_bytes=size)))
         self.upload(pool, name, iter([data.ljust(size, b"\0")]), size)
@@ -336,6 +336,7 @@ class Hypervisor(HostReader):
     def _import_host_file(self, pool: str, xml: str, path: str) -> None:
         folder, filename = posixpath.split(path)
         tmp_name = "kvmctl-import-" + hashlib.sha256(path.encode()).hexdigest()[:10]
+        from ..render.definitions import pool_definition
         tmp_xml = pool_definition("dir", tmp_name, folder)
         # libvirt refuses a second pool over a directory that already is one (another pool,
         # or the transient pool of a concurrent import): use that pool then.

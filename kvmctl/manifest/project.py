@@ -95,8 +95,9 @@ def _upward(folder: Path) -> Path | None:
     return None
 
 
-def load_project_file(path: str) -> Document:
-    """The Project document of `path`, schema-checked (ManifestError, located, if not)."""
+def load_project_file(path: str, memo: Any = None) -> Document:
+    """The Project document of `path`, schema-checked (ManifestError, located, if not);
+    `memo` (memo.Memo) remembers a project file that passed, as for every document."""
     from .validate import schema_problems
     if not os.path.isfile(path):
         raise UsageError(f"project file {path} does not exist")
@@ -107,9 +108,11 @@ def load_project_file(path: str) -> Document:
         raise ManifestError([Problem(
             f"a project file holds exactly one document of kind {PROJECT_KIND}", where,
             hint="apiVersion: kvmctl/v1, kind: Project, metadata: {name: ...}")])
-    problems = schema_problems(projects[0])
+    problems = schema_problems(projects[0], memo)
     if problems:
         raise ManifestError(problems)
+    if memo is not None:
+        memo.save()
     return projects[0]
 
 
