@@ -34,6 +34,7 @@ from ..kinds import Kind, ref
 from ..manifest.model import Disk, ManifestSet, VirtualMachine
 from ..units import format_size
 from .steps import (
+    ClaimVolume,
     CopyVolume,
     CreateVolume,
     DeleteDomain,
@@ -115,6 +116,7 @@ def _move(project: str, vm: VirtualMachine, to_host: str, view: HostView,
     steps: list[MoveStep] = []
     travelling: list[tuple[Disk, LiveVolume]] = []
     problems: list[str] = []
+    landings: set[str] = set()
     if view.read_only or source.read_only:
         problems.append(f"{vm_ref} is on {from_host!r} and goes to {to_host!r}, and this run "
                         "changes only the hosts given with --host: run it with both")
@@ -153,11 +155,19 @@ def _move(project: str, vm: VirtualMachine, to_host: str, view: HostView,
                 problems.append("the VM runs and onRestartNeeded is fail: a move shuts it "
                                 "down; stop it first or allow the restart")
             steps.append(OnHost(from_host, ShutdownDomain(name, float(vm.shutdown_timeout))))
-        created = {st.volume: st.xml for c in view.plan.changes for st in c.steps
-                   if isinstance(st, CreateVolume)}
         for disk, vol in travelling:
+            # The new host's own create of the Disk becomes the move's: claimed, then made by
+            # the copy, which removes what it made if it fails. No empty volume is left there
+            # to pass for the data when the move stops early.
+            landing = next((c for c in view.plan.changes if c.ref == disk.meta.ref), None)
+            create = next((st for st in (landing.steps if landing else ())
+                           if isinstance(st, CreateVolume)), None)
+            if create is not None:
+                steps.append(OnHost(to_host, ClaimVolume(create.pool, create.volume,
+                                                         create.owner)))
+                landings.add(disk.meta.ref)
             steps.append(CopyVolume(from_host, vol.pool, vol.name, to_host, disk.pool,
-                                    created.get(disk.volume) or view.volume_xml.get(
+                                    create.xml if create else view.volume_xml.get(
                                         disk.volume, "")))
         if vm_change is not None:
             if vm_change.blocked:
@@ -177,17 +187,21 @@ def _move(project: str, vm: VirtualMachine, to_host: str, view: HostView,
             steps_after = [OnHost(to_host, st) for st in vm_change.steps
                            if not isinstance(st, StartDomain)]
             later = steps_after + later
-    steps.append(OnHost(from_host, DeleteDomain(name, float(vm.shutdown_timeout))))
+    # The originals go before the definition that names them: a VM still defined on its old
+    # host is the mark of a move not finished, whatever a kill left of its volumes.
     gone = [vol for _, vol in travelling]
     gone += _owned_volumes(source.live, project, Kind.SEED, name)
     for vol in gone:
         steps.append(OnHost(from_host, DeleteVolume(vol.pool, vol.name)))
         handled.add((from_host, vol.path))
+    steps.append(OnHost(from_host, DeleteDomain(name, float(vm.shutdown_timeout))))
     steps += later
     drop[to_host].add(vm_ref)  # its create (or update) runs inside the move
     drop[from_host] |= {vm_ref, ref(Kind.SEED, name)} | {d.meta.ref for d, _ in travelling}
     if problems and not blocked:
         blocked = "; ".join(problems)
+    if not blocked:  # a blocked move's Disk creates stay, blocked, in the new host's plan
+        drop[to_host] |= landings
     fp = fingerprint(dom.inactive_xml, dom.state, vm_change.fingerprint if vm_change else "",
                      [volume_fingerprint(v) for v in gone])
     return Change(Kind.VM, name, ChangeClass.MOVE, tuple(reasons), (), (), blocked,
@@ -205,6 +219,10 @@ def _disk_problems(project: str, vm: VirtualMachine, disk: Disk, from_host: str,
         if pool is None or not pool.active:
             out.append(f"Disk/{name}'s pool {disk.pool} is not running on {from_host!r}, so "
                        "its data cannot be read there: start the pool first")
+    elsewhere = _holders(project, name, disk.pool, views, exclude=(from_host, to_host))
+    if elsewhere:
+        out.append(f"Disk/{name} may also have data on {_listing(elsewhere)}: kvmctl moves "
+                   "one copy, not one of several")
     others = sorted({v.meta.name for h in views.values() for v in h.manifest.vms
                      if v.meta.name != vm.meta.name
                      and any(att.disk == name for att in v.disks)})
@@ -256,32 +274,13 @@ def _backing_on(path: str, view: HostView) -> bool:
 
 def _leftovers(project: str, views: Mapping[str, HostView], drop: dict[str, set[str]],
                handled: set[tuple[str, str]]) -> list[Change]:
-    """Volumes a killed move left on the old host after the VM left it: a Disk with a verified
-    copy on its new host, a seed. Deleted once the copy verifies again."""
+    """Seeds a killed move left on the old host after the VM left it (a seed is made from the
+    manifests again on the new host, so nothing needs verifying). A Disk volume is never such
+    a leftover: a move deletes the originals before it undefines the VM there."""
     out: list[Change] = []
     for to_host, view in views.items():
         if view.read_only:
             continue
-        for disk in view.manifest.disks:
-            there = view.live.volume(disk.pool, disk.volume)
-            mine = there is not None and there.owner is not None \
-                and there.owner.project == project
-            for from_host, other in views.items():
-                if from_host == to_host:
-                    continue
-                for vol in _owned_volumes(other.live, project, Kind.DISK, disk.meta.name):
-                    if (from_host, vol.path) in handled or not mine or other.read_only:
-                        continue
-                    handled.add((from_host, vol.path))
-                    drop[from_host].add(disk.meta.ref)
-                    out.append(Change(
-                        Kind.DISK, disk.meta.name, ChangeClass.MOVE,
-                        (f"finish the move from {from_host!r}: the copy on {to_host!r} is "
-                         "verified, then the original is deleted",),
-                        fingerprint=volume_fingerprint(vol), host=to_host, from_host=from_host,
-                        move_steps=(VerifyCopy(from_host, vol.pool, vol.name, to_host,
-                                               disk.pool),
-                                    OnHost(from_host, DeleteVolume(vol.pool, vol.name)))))
         for vm in view.manifest.vms:
             for from_host, other in views.items():
                 if from_host == to_host or _owned_domain(other.live, project, vm.meta.name):
@@ -299,19 +298,39 @@ def _leftovers(project: str, views: Mapping[str, HostView], drop: dict[str, set[
     return out
 
 
+def _holders(project: str, disk: str, pool: str, views: Mapping[str, HostView],
+             exclude: tuple[str, ...]) -> dict[str, str]:
+    """Hosts (not in `exclude`) that hold, or may hold, a Disk's data: host -> why."""
+    out = {}
+    for h, other in views.items():
+        if h in exclude:
+            continue
+        if _owned_volumes(other.live, project, Kind.DISK, disk):
+            out[h] = "a volume of it"
+        elif pool in other.live.pools and not other.live.pools[pool].active:
+            out[h] = f"pool {pool} is stopped there, so what it holds is unknown"
+    return out
+
+
+def _listing(holders: Mapping[str, str]) -> str:
+    return ", ".join(f"{h!r} ({why})" for h, why in sorted(holders.items()))
+
+
 def _block_empty_disks(project: str, host: str, view: HostView, views: Mapping[str, HostView],
                        plan: Plan, stalled: set[tuple[str, str]]) -> Plan:
-    """A Disk the new host would create empty while another host holds its data, outside any
-    move (the VM already there, or no VM), or for a move that is blocked (`stalled`: (host,
-    VM name)): refused, with what needs it, so that no VM starts on an empty disk and no empty
-    claimed copy is left to pass for the data."""
+    """Changes that would put a VM on one of two copies of a Disk, outside a move that carries
+    it: its create while another host holds (or may hold) its data, and a VM's create on this
+    host while another host holds a copy too (a move that stopped, a copy made by hand). Also
+    the creates of a blocked move (`stalled`: (host, VM name)), which wait for it. Refused,
+    with what needs them, so that no VM starts on an empty or a stale disk."""
     changes = []
     refused: set[str] = set()
+    disks = {d.meta.name: d for d in view.manifest.disks}
     for c in plan.changes:
-        if c.kind is Kind.DISK and c.change_class is ChangeClass.CREATE and not c.blocked:
+        disk = disks.get(c.name) if c.kind is Kind.DISK else None
+        if disk is not None and c.change_class is ChangeClass.CREATE and not c.blocked:
             carrier = _carrier(c.name, host, view, views, project)
-            holders = [h for h, other in views.items() if h != host
-                       and _owned_volumes(other.live, project, Kind.DISK, c.name)]
+            holders = _holders(project, c.name, disk.pool, views, exclude=(host,))
             if carrier is not None and (host, carrier) in stalled:
                 c = replace(c, steps=(), blocked=(
                     f"waits for the move of {ref(Kind.VM, carrier)} to {host!r}, which is "
@@ -319,16 +338,31 @@ def _block_empty_disks(project: str, host: str, view: HostView, views: Mapping[s
                 refused.add(c.ref)
             elif carrier is None and holders:
                 c = replace(c, steps=(), blocked=(
-                    f"Disk/{c.name} holds data on {', '.join(repr(h) for h in holders)}: kvmctl "
+                    f"Disk/{c.name} holds data on {_listing(holders)}: kvmctl "
                     f"does not create it empty on {host!r}; move its VM with it (spec.host), "
                     "or delete it there first"))
                 refused.add(c.ref)
+        elif disk is not None and not c.blocked:
+            holders = {h: why for h, why in _holders(project, c.name, disk.pool, views,
+                                                     exclude=(host,)).items()}
+            if holders and _carrier(c.name, host, view, views, project) is None:
+                refused.add(c.ref)  # its VM's create waits; the volume itself is left alone
+                c = replace(c, blocked=None)
         changes.append(c)
-    # What needs such a Disk (a VM's create or update attaching it) waits for it too.
-    changes = [replace(c, steps=(), blocked=f"needs {', '.join(sorted(set(c.depends) & refused))}"
-                                            ", which is blocked")
-               if c.steps and not c.blocked and set(c.depends) & refused else c for c in changes]
-    return replace(plan, changes=tuple(changes))
+    two_copies = {r for r in refused if not any(c.ref == r and c.blocked for c in changes)}
+    out = []
+    for c in changes:
+        needs = set(c.depends) & refused
+        if c.steps and not c.blocked and needs and (
+                needs - two_copies or c.change_class is ChangeClass.CREATE):
+            why = ", ".join(sorted(needs))
+            c = replace(c, steps=(), blocked=(
+                f"needs {why}, which is blocked" if needs - two_copies else
+                f"{why} has a copy on another host too (a move that did not finish, or made "
+                "by hand): kvmctl does not start a VM on one of two copies; delete the one "
+                "that is not the data"))
+        out.append(c)
+    return replace(plan, changes=tuple(out))
 
 
 def _carrier(disk: str, host: str, view: HostView, views: Mapping[str, HostView],

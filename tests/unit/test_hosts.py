@@ -297,17 +297,19 @@ def test_a_stopped_vm_move_is_one_change(bed: Bed) -> None:
     assert any("host changed from 'h1' to 'h2'" in r for r in move.reasons)
     assert any(r.startswith("disks travel") and "da (8MiB)" in r for r in move.reasons)
     steps = [shape(st) for st in move.move_steps]
-    assert steps[0] == ("copy_volume", "h1", "h2", "da.qcow2")
-    assert steps[1] == ("on_host", "h2", "define_domain")
-    assert steps[-2:] == [("on_host", "h1", "delete_domain"), ("on_host", "h1", "delete_volume")]
-    assert all(st[:2] == ("on_host", "h2") for st in steps[1:-2])
-    # Neither host's own plan creates or prunes the VM; h1 keeps its Disk, h2 creates the
-    # volume the copy lands in.
+    # The new host's create of the Disk is the move's: claimed, then made by the copy.
+    assert steps[:3] == [("on_host", "h2", "claim_volume"),
+                         ("copy_volume", "h1", "h2", "da.qcow2"),
+                         ("on_host", "h2", "define_domain")]
+    # The originals go before the definition that names them.
+    assert steps[-2:] == [("on_host", "h1", "delete_volume"), ("on_host", "h1", "delete_domain")]
+    assert "Disk/da" not in {c.ref for c in bed.project_plan().host_plan("h2").plan.changes}
+    assert all(st[:2] == ("on_host", "h2") for st in steps[2:-2])
+    # Neither host's own plan creates or prunes the VM or its Disk: the move does it all.
     h1 = {c.ref: c for c in plan.host_plan("h1").plan.changes if c.is_change}
     h2 = {c.ref: c for c in plan.host_plan("h2").plan.changes if c.is_change}
     assert "VirtualMachine/a" not in h1 and "Disk/da" not in h1
-    assert "VirtualMachine/a" not in h2
-    assert h2["Disk/da"].change_class is ChangeClass.CREATE and h2["Disk/da"].blocked is None
+    assert "VirtualMachine/a" not in h2 and "Disk/da" not in h2
     out = bed.plan()
     (as_json,) = [c for c in out["changes"] if c["class"] == "move"]
     assert (as_json["id"], as_json["host"], as_json["from_host"]) == (
@@ -324,10 +326,10 @@ def test_a_running_vm_is_shut_down_first_and_the_move_applies(bed: Bed) -> None:
     move = the_move(bed.project_plan())
     assert move.blocked is None
     steps = [shape(st) for st in move.move_steps]
-    assert steps[:2] == [("on_host", "h1", "shutdown_domain"),
+    assert steps[:3] == [("on_host", "h1", "shutdown_domain"), ("on_host", "h2", "claim_volume"),
                          ("copy_volume", "h1", "h2", "da.qcow2")]
     # Started on h2 last, after it left h1: until then the copy equals the original.
-    assert steps[-3:] == [("on_host", "h1", "delete_domain"), ("on_host", "h1", "delete_volume"),
+    assert steps[-3:] == [("on_host", "h1", "delete_volume"), ("on_host", "h1", "delete_domain"),
                           ("on_host", "h2", "start_domain")]
     assert steps.index(("on_host", "h2", "define_domain")) \
         < steps.index(("on_host", "h1", "delete_domain"))
@@ -363,19 +365,20 @@ def test_a_running_vm_that_must_not_restart_is_not_moved(bed: Bed) -> None:
 
 
 class UndefineFails(DriverHypervisor):
-    """A host whose undefine fails once asked to: a move that stops after the define."""
+    """A host that refuses, once asked to, to delete volumes: a move that stops after its
+    define on the new host, before it deleted the originals (which go before the undefine)."""
 
     refuse = False
 
-    def undefine_domain(self, name: str) -> None:
+    def delete_volume(self, pool: str, name: str) -> None:
         if self.refuse:
-            raise HypervisorError(f"undefine domain {name}: refused")
-        super().undefine_domain(name)
+            raise HypervisorError(f"delete volume {name}: refused")
+        super().delete_volume(pool, name)
 
 
 def half_moved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Bed, CliResult]:
     """A bed where the move of stopped VM a from h1 to h2 stopped after its define on h2 (h1
-    refused the undefine), and the result of that apply."""
+    refused to delete the original), and the result of that apply."""
     bed = make_bed(tmp_path, monkeypatch, kinds={"h1": UndefineFails})
     applied_on_h1(bed, state="stopped")
     bed.write(lab(bed.folder, a_host="h2", state="stopped"))
@@ -389,15 +392,15 @@ def half_moved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Bed, Cl
 def test_a_vm_on_both_hosts_finishes_its_move(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     bed, half = half_moved(tmp_path, monkeypatch)
-    assert half.code == 1 and "undefine domain a: refused" in half.stderr, half
+    assert half.code == 1 and "delete volume da.qcow2: refused" in half.stderr, half
     assert "a" in bed.domains("h1") and "a" in bed.domains("h2")
 
     move = the_move(bed.project_plan())
     assert move.blocked is None
     assert any("finish the move from 'h1'" in r for r in move.reasons)
     assert [shape(st) for st in move.move_steps] == [
-        ("verify_copy", "h1", "h2", "da.qcow2"), ("on_host", "h1", "delete_domain"),
-        ("on_host", "h1", "delete_volume")]
+        ("verify_copy", "h1", "h2", "da.qcow2"), ("on_host", "h1", "delete_volume"),
+        ("on_host", "h1", "delete_domain")]
 
     bed.hv("h1").conn.lookupByName("a").create()  # the old one runs: kvmctl will not choose
     running = the_move(bed.project_plan())
@@ -486,7 +489,9 @@ def test_a_move_is_skipped_when_its_new_host_fails(tmp_path: Path,
     result = bed.cli("apply", "-y", "-f", bed.path)
     assert result.code == 1, result
     assert "Host h1: 1 done, 0 failed, 0 skipped." in result.stdout
-    assert "Host h2: 1 done, 1 failed, 0 skipped." in result.stdout  # the landing volume
+    # (the landing volume is the move's, which does not run: nothing is made on h2)
+    assert "Host h2: 0 done, 1 failed, 0 skipped." in result.stdout
+    assert "da.qcow2" not in bed.volumes("h2")
     assert "Moves: 0 done, 0 failed, 1 skipped." in result.stdout
     assert bed.domains("h1") == {"a": False} and "a" not in bed.domains("h2")
     NetworkUpdateFails.refuse = False

@@ -290,17 +290,17 @@ def test_a_move_killed_after_the_define_is_finished_next_time(
         < steps.index(("on_host", "h2", "start_domain"))
 
     old = bed.hv("h1")
-    delete_domain = Executor.delete_domain
+    delete_volume = Executor.delete_volume
 
-    def killed(self: Executor, step: s.DeleteDomain) -> str:
-        if self.hv is old:
-            raise KvmctlError(f"undefine domain {step.name}: killed")
-        return delete_domain(self, step)
+    def killed(self: Executor, step: s.DeleteVolume) -> str:
+        if self.hv is old:  # the originals go first: stopped there, both hosts have it all
+            raise KvmctlError(f"delete volume {step.volume}: killed")
+        return delete_volume(self, step)
 
     with monkeypatch.context() as m:
-        m.setattr(Executor, "delete_domain", killed)
+        m.setattr(Executor, "delete_volume", killed)
         half = bed.cli("apply", "-y", "-f", bed.path)
-    assert half.code == 1 and "undefine domain a: killed" in half.output, half
+    assert half.code == 1 and "delete volume da.qcow2: killed" in half.output, half
     assert bed.domains("h1") == {"a": False}  # shut down for the move, still defined
     assert bed.domains("h2") == {"a": False, "b": True}  # defined, never started
     assert "da.qcow2" in bed.volumes("h1") and "da.qcow2" in bed.volumes("h2")
