@@ -222,11 +222,19 @@ class Deployment:
         # from one of them is seen (and refused) and no disk they hold is created empty here.
         self.watched: dict[str, tuple[Hypervisor, LiveState]] = {}
         self.unknown: dict[str, str] = {}
+        self.sessions: dict[str, Session] = {}
+        try:
+            self._prepare(opened)
+        except BaseException:  # no lock or connection outlives a failed start
+            self.close(opened)
+            raise
+
+    def _prepare(self, opened: dict[str, tuple[Hypervisor, LiveState]]) -> None:
+        config = self.config
         left_out = tuple(h.name for h in config.hosts if h not in self.selected)
         if left_out:
             self.watched, failed = open_project_hosts(config, left_out)
             self.unknown = {name: why for name, _, why in failed}
-        self.sessions: dict[str, Session] = {}
         problems: list[Problem] = []
         for h in self.selected:
             hv, live = opened[h.name]
@@ -239,7 +247,6 @@ class Deployment:
                 problems += [replace(p, message=f"{p.message} (on host {h.name})")
                              if config.multi_host else p for p in exc.problems]
         if problems:
-            self.close(opened)
             raise ManifestError(sorted(problems, key=lambda p: (
                 p.location.file, p.location.line, p.location.column)))
 
@@ -248,15 +255,17 @@ class Deployment:
         return self.config.name
 
     def close(self, opened: dict[str, tuple[Hypervisor, LiveState]] | None = None) -> None:
-        """Release the locks and the connections."""
-        self._locks.close()
-        for hv, _ in self.watched.values():
-            hv.close()
-        self.watched = {}
-        for hv, _ in (opened or {}).values():
-            hv.close()
-        for s in self.sessions.values():
-            s.hv.close()
+        """Release the locks and the connections (these even when a release fails)."""
+        try:
+            self._locks.close()
+        finally:
+            for hv, _ in self.watched.values():
+                hv.close()
+            self.watched = {}
+            for hv, _ in (opened or {}).values():
+                hv.close()
+            for s in self.sessions.values():
+                s.hv.close()
 
     def plan(self, request: PlanRequest = PlanRequest()) -> ProjectPlan:
         views: dict[str, HostView] = {}
@@ -297,9 +306,12 @@ class Deployment:
                         and c.change_class is ChangeClass.CREATE}
         out = []
         for c in plan.changes:
-            if c.change_class is ChangeClass.CREATE and not c.blocked and (
-                    c.ref in creates_disk or set(c.depends) & creates_disk):
+            if c.ref in creates_disk and not c.blocked:
                 c = replace(c, steps=(), blocked=reason)
+            elif c.steps and not c.blocked and set(c.depends) & creates_disk:
+                # a VM's create, or an update attaching it: not without the disk
+                needs = ", ".join(sorted(set(c.depends) & creates_disk))
+                c = replace(c, steps=(), blocked=f"needs {needs}: {reason}")
             out.append(c)
         return replace(plan, changes=tuple(out))
 
@@ -494,14 +506,26 @@ def save_plan(path: str, deployment: Deployment, request: PlanRequest,
             "options": {"prune": request.prune, "prune_disks": request.prune_disks,
                         "adopt": request.adopt, "allow_empty": request.allow_empty,
                         "target": list(request.targets)},
-            "manifest_fingerprint": fingerprint(bodies), "documents": bodies,
-            "plan": project_plan_json(plan),
-            "fingerprints": {_saved_key(c): c.fingerprint for c in plan.changes}}
+            "documents": bodies, "plan": project_plan_json(plan),
+            "fingerprints": {_saved_key(c): _saved_value(c) for c in plan.changes}}
+    data["manifest_fingerprint"] = _saved_fingerprint(data)
     try:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1)
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _saved_fingerprint(saved: dict[str, Any]) -> str:
+    """Of everything a saved plan is made again from: an edit of any of it is refused."""
+    return fingerprint(saved["documents"], saved["project"], saved["hosts"],
+                       saved["default_host"], saved["only"], saved["options"])
+
+
+def _saved_value(c: Change) -> str:
+    """What must be the same when the plan is made again: the objects it looked at, and
+    whether the change was blocked (a block lifted since must not apply unseen)."""
+    return c.fingerprint + ("|blocked" if c.blocked else "")
 
 
 def _saved_key(c: Change) -> str:
@@ -537,8 +561,10 @@ def load_saved(path: str, connect: str | None = None,
         raise UsageError(f"{path} was saved by another version of kvmctl (format "
                          f"{saved.get('format_version')!r}, this one reads 2): make a new plan")
     try:
-        if fingerprint(saved["documents"]) != saved["manifest_fingerprint"]:
+        if _saved_fingerprint(saved) != saved["manifest_fingerprint"]:
             raise PlanError(f"{path} was modified after it was saved")
+        if not all(isinstance(body, dict) for body in saved["documents"]):
+            raise UsageError(f"{path} holds documents that are not mappings")
         options = saved["options"]
         request = PlanRequest(bool(options["prune"]), bool(options["prune_disks"]),
                               bool(options["adopt"]), bool(options["allow_empty"]),
@@ -556,6 +582,11 @@ def load_saved(path: str, connect: str | None = None,
                 for i, body in enumerate(saved["documents"])]
         expected = {str(k): str(v) for k, v in saved["fingerprints"].items()}
         was_only = tuple(str(h) for h in saved["only"])
+        names = [h.name for h in hosts]
+        if not project or len(set(names)) != len(names) or default not in names or len(
+                {h.uri for h in hosts}) != len(hosts) or not set(was_only) <= set(names):
+            raise UsageError(f"{path} names hosts kvmctl cannot use (a name or URI twice, no "
+                             "default host, or an unknown one): make a new plan")
     except (KeyError, TypeError, AttributeError) as exc:
         raise UsageError(f"{path} is not a complete saved plan ({exc})") from None
     config = ProjectConfig(project, hosts, default, {}, None)
@@ -564,7 +595,7 @@ def load_saved(path: str, connect: str | None = None,
 
 def check_saved(saved: SavedPlan, plan: ProjectPlan) -> None:
     """PlanError unless the plan made now is the one that was saved."""
-    now = {_saved_key(c): c.fingerprint for c in plan.changes}
+    now = {_saved_key(c): _saved_value(c) for c in plan.changes}
     moved = sorted(r for r in set(now) | set(saved.fingerprints)
                    if now.get(r) != saved.fingerprints.get(r))
     if moved:

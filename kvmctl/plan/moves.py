@@ -21,6 +21,8 @@ A move is blocked (planned, not run, with the reason) whenever the copy could no
 original: a host this run does not change (--host), a protected VM or disk, a disk other VMs
 share, a disk whose pool is stopped on the old host, a format or size change at the same time,
 a volume on the new host that is not the project's, an overlay whose base the new host lacks.
+An overlay's base on the new host is verified (length and sha256, like a copy) before anything
+is shut down or copied: the guest reads it there by the same path.
 """
 
 from __future__ import annotations
@@ -145,6 +147,10 @@ def _move(project: str, vm: VirtualMachine, to_host: str, view: HostView,
     # by the next apply instead of finding two different disks.
     later = [OnHost(to_host, st) for st in (vm_change.steps if vm_change else ())
              if isinstance(st, StartDomain)]
+    for _, vol in travelling:  # first of all: nothing is shut down or copied for a wrong base
+        checks, why = _base_checks(vol, source, from_host, view, to_host)
+        steps += checks
+        problems += why
     if not arrived:
         if dom.running:
             reasons.append(f"running on {from_host!r}: shut down gracefully, moved, then "
@@ -181,6 +187,7 @@ def _move(project: str, vm: VirtualMachine, to_host: str, view: HostView,
                             f"{from_host!r}")
         steps += [VerifyCopy(from_host, vol.pool, vol.name, to_host, disk.pool)
                   for disk, vol in travelling]
+
         if vm_change is not None and vm_change.steps:
             if vm_change.blocked:
                 problems.append(vm_change.blocked)
@@ -252,24 +259,44 @@ def _copy_problems(project: str, disk: Disk, vol: LiveVolume, from_host: str, to
     if there is not None and (there.owner is None or there.owner.project != project):
         out.append(f"{disk.pool}/{disk.volume} exists on {to_host!r} and is not this "
                    "project's: the copy would overwrite it")
-    if vol.backing_path and not _backing_on(vol.backing_path, view):
+    if vol.backing_path and _backing_on(vol.backing_path, view) is None:
         out.append(f"Disk/{name} is an overlay of {vol.backing_path}, which {to_host!r} does "
                    "not have (nor will its plan create it at that path): put its Image on "
                    f"{to_host!r} in a pool with the same path")
     return out
 
 
-def _backing_on(path: str, view: HostView) -> bool:
-    """Whether the host has, or its own plan creates, a volume at `path`."""
-    if any(v.path == path for p in view.live.pools.values() for v in p.volumes):
-        return True
+def _backing_on(path: str, view: HostView) -> tuple[str, str] | None:
+    """(pool, volume) the host has, or its own plan creates, at `path`."""
+    for p in view.live.pools.values():
+        for v in p.volumes:
+            if v.path == path:
+                return v.pool, v.name
     for image in view.manifest.images:
         pool = view.manifest.find(Kind.POOL, image.pool)
         folder = getattr(pool, "path", None) or (view.live.pools[image.pool].path
                                                  if image.pool in view.live.pools else "")
         if folder and posixpath.join(folder, image.volume) == path:
-            return True
-    return False
+            return image.pool, image.volume
+    return None
+
+
+def _base_checks(disk_vol: LiveVolume, source: HostView, from_host: str, view: HostView,
+                 to_host: str) -> tuple[list[MoveStep], list[str]]:
+    """An overlay reads its base by path: the base at that path on the new host must be the
+    same bytes as the old host's, verified before any original is deleted."""
+    if not disk_vol.backing_path:
+        return [], []
+    here = next(((v.pool, v.name) for p in source.live.pools.values() for v in p.volumes
+                 if v.path == disk_vol.backing_path), None)
+    there = _backing_on(disk_vol.backing_path, view)
+    if here is None or there is None:
+        return [], [f"the base {disk_vol.backing_path} of {disk_vol.name} is not a volume on "
+                    f"{from_host!r} and {to_host!r}: kvmctl cannot verify it is the same"]
+    if here[1] != there[1]:
+        return [], [f"the base of {disk_vol.name} is {here[1]} on {from_host!r} and "
+                    f"{there[1]} on {to_host!r}"]
+    return [VerifyCopy(from_host, here[0], here[1], to_host, there[0])], []
 
 
 def _leftovers(project: str, views: Mapping[str, HostView], drop: dict[str, set[str]],
