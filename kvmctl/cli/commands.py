@@ -26,16 +26,33 @@ if TYPE_CHECKING:
     from ..plan.types import ProjectPlan
 
 
-def project_config(opts: CommandOptions) -> ProjectConfig:
+def project_config(opts: CommandOptions, connect: bool = False) -> ProjectConfig:
     """The run's project and hosts: the project file (--project-file, or kvmctl.yaml found from
-    the -f paths upward), overridden by --project, --connect and --domain-type."""
-    from ..manifest.project import Overrides, find_project_file, load_project_file, resolve
+    the -f paths upward), overridden by --project, --connect and --domain-type. `connect`: the
+    command will talk to the hosts, whose handshakes (ssh, TLS) then start at once, while the
+    rest of the pipeline imports."""
+    from ..manifest.project import (
+        Overrides,
+        find_project_file,
+        load_project_file,
+        probable_uris,
+        resolve,
+    )
+    overrides = Overrides(opts.project, opts.connect, opts.domain_type)
+
+    def start(doc: Document | None) -> None:
+        if connect:
+            from ..host.early import connect_soon
+            connect_soon(probable_uris(doc, overrides, opts.hosts) or [opts.uri])
+
     path = opts.project_file or find_project_file(list(opts.filenames))
     if opts.project_file and not os.path.isfile(opts.project_file):
         raise UsageError(f"--project-file {opts.project_file}: no such file")
+    if not path:
+        start(None)
     from ..memo import open_memo
-    doc = load_project_file(path, open_memo("projects")) if path else None
-    return resolve(doc, Overrides(opts.project, opts.connect, opts.domain_type))
+    doc = load_project_file(path, open_memo("projects"), start) if path else None
+    return resolve(doc, overrides)
 
 
 def plan_request(opts: CommandOptions) -> PlanRequest:
@@ -45,9 +62,10 @@ def plan_request(opts: CommandOptions) -> PlanRequest:
 
 def open_deployment(opts: CommandOptions, env: Env, config: ProjectConfig | None = None,
                     lock: LockRequest | None = None) -> Deployment:
+    config = config or project_config(opts, connect=True)
     from ..engine import Deployment
-    return Deployment(config or project_config(opts), list(opts.filenames), opts.recursive,
-                      env.stdin, only=opts.hosts, lock=lock)
+    return Deployment(config, list(opts.filenames), opts.recursive, env.stdin,
+                      only=opts.hosts, lock=lock)
 
 
 def _load(opts: CommandOptions, env: Env) -> tuple[list[Document], ManifestSet]:
@@ -112,9 +130,9 @@ def cmd_render(opts: CommandOptions, env: Env) -> int:
 # ---- plan, diff ---------------------------------------------------------------------------------
 
 def cmd_plan(opts: CommandOptions, env: Env) -> int:
+    deployment = open_deployment(opts, env)  # first: it starts the hosts' handshakes
     from ..engine import save_plan
     from ..plan.types import project_plan_json
-    deployment = open_deployment(opts, env)
     request = plan_request(opts)
     plan = deployment.plan(request)
     if opts.output == "json":
@@ -153,13 +171,13 @@ def _local_locks(config: ProjectConfig, opts: CommandOptions, env: Env) -> Itera
 
 
 def cmd_apply(opts: CommandOptions, env: Env) -> int:
-    from ..engine import Deployment, check_saved, load_saved
     if opts.plan_file and opts.filenames:
         raise UsageError("give either a saved plan or -f manifests, not both")
     # Both locks (this machine's, then each hypervisor's) are held from before the hosts are
     # read until the apply is done: the plan it shows is the plan it applies.
     with contextlib.ExitStack() as held:
         if opts.plan_file:
+            from ..engine import Deployment, check_saved, load_saved
             saved = load_saved(opts.plan_file, opts.connect, opts.hosts)
             held.enter_context(_local_locks(saved.config, opts, env))
             deployment = Deployment(saved.config, docs=saved.documents, only=saved.only,
@@ -168,7 +186,7 @@ def cmd_apply(opts: CommandOptions, env: Env) -> int:
             plan = deployment.plan(saved.request)
             check_saved(saved, plan)
         else:
-            config = project_config(opts)
+            config = project_config(opts, connect=True)
             held.enter_context(_local_locks(config, opts, env))
             deployment = open_deployment(opts, env, config, _lock_request(opts, env))
             held.callback(deployment.close)
@@ -182,7 +200,7 @@ def cmd_apply(opts: CommandOptions, env: Env) -> int:
 
 
 def cmd_destroy(opts: CommandOptions, env: Env) -> int:
-    config = project_config(opts)
+    config = project_config(opts, connect=True)
     with contextlib.ExitStack() as held:
         held.enter_context(_local_locks(config, opts, env))
         deployment = open_deployment(opts, env, config, _lock_request(opts, env))

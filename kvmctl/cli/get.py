@@ -14,7 +14,7 @@ from .report import Env, print_table
 def cmd_get(opts: CommandOptions, env: Env) -> int:
     from ..engine import INVENTORY_KINDS, inventory, open_project_hosts
     from .commands import open_deployment, project_config
-    config = project_config(opts)
+    config = project_config(opts, connect=True)
     failed: list[tuple[str, str, str]] = []
     drift: dict[str, dict[str, str]] = {}
     if opts.filenames:  # with manifests: show how each object differs from them (drift)

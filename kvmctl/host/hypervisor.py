@@ -23,6 +23,7 @@ from lxml import etree
 from ..errors import HypervisorError
 from ..kinds import NAMESPACE, RECORD_PREFIX
 from ..render.specs import VolumeSpec
+from . import early
 from .connection import call, silence_default_handler
 from .ownership import OwnershipRecord, record_names, slot_capacity
 from .reading import HostReader
@@ -40,7 +41,9 @@ class Hypervisor(HostReader):
     def __init__(self, uri: str) -> None:
         silence_default_handler()
         self.uri = uri
-        self.conn = call(f"cannot connect to {uri}", libvirt.open, uri)
+        # A connection the CLI started early (host/early.py), else a new one.
+        self.conn = call(f"cannot connect to {uri}", lambda: early.take(uri)
+                         or libvirt.open(uri))
         self._import_lock = threading.Lock()
 
     def close(self) -> None:

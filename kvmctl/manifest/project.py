@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,10 +95,11 @@ def _upward(folder: Path) -> Path | None:
     return None
 
 
-def load_project_file(path: str, memo: Any = None) -> Document:
+def load_project_file(path: str, memo: Any = None,
+                      parsed: Callable[[Document], object] | None = None) -> Document:
     """The Project document of `path`, schema-checked (ManifestError, located, if not);
-    `memo` (memo.Memo) remembers a project file that passed, as for every document."""
-    from .validate import schema_problems
+    `memo` (memo.Memo) remembers a project file that passed, as for every document; `parsed`
+    sees the document before its schema check (the CLI starts connecting to its hosts)."""
     if not os.path.isfile(path):
         raise UsageError(f"project file {path} does not exist")
     docs = load_documents([path])
@@ -108,6 +109,9 @@ def load_project_file(path: str, memo: Any = None) -> Document:
         raise ManifestError([Problem(
             f"a project file holds exactly one document of kind {PROJECT_KIND}", where,
             hint="apiVersion: kvmctl/v1, kind: Project, metadata: {name: ...}")])
+    if parsed is not None:
+        parsed(projects[0])
+    from .validate import schema_problems
     problems = schema_problems(projects[0], memo)
     if problems:
         raise ManifestError(problems)
@@ -170,6 +174,23 @@ def resolve(doc: Document | None, overrides: Overrides) -> ProjectConfig:
     defaults = (spec.get("defaults") or {}).get("virtualMachine") or {}
     return ProjectConfig(name, tuple(resolved), default, defaults,
                          str(doc.source.file) if doc is not None else None)
+
+
+def probable_uris(doc: Document | None, overrides: Overrides,
+                  only: tuple[str, ...] = ()) -> list[str]:
+    """The URIs a run will most likely connect to, read from a project document that has not
+    been schema-checked yet (whatever does not look right is left out): only to start the
+    handshakes early, never to decide anything."""
+    body: dict[str, Any] = doc.body if doc is not None and isinstance(doc.body, dict) else {}
+    spec: dict[str, Any] = body["spec"] if isinstance(body.get("spec"), dict) else {}
+    listed = spec.get("hosts")
+    hosts = [h for h in (listed if isinstance(listed, list) else []) if isinstance(h, dict)
+             and isinstance(h.get("name"), str) and isinstance(h.get("uri"), str)]
+    if not hosts:
+        return [overrides.connect] if overrides.connect else []
+    default = spec.get("defaultHost", hosts[0]["name"])
+    return [overrides.connect if overrides.connect and h["name"] == default else h["uri"]
+            for h in hosts if not only or h["name"] in only]
 
 
 def split_project(docs: Sequence[Document], project_file: str | None

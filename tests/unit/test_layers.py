@@ -87,7 +87,8 @@ def test_only_the_host_package_imports_libvirt() -> None:
                    if any(t == "libvirt" or t.startswith("libvirt.") for t in targets))
     assert all(stage(m) == "kvmctl.host" for m in users), users
     # kvmctl.host.transfer streams volumes through Hypervisor and imports no libvirt itself.
-    assert users == ["kvmctl.host.connection", "kvmctl.host.hypervisor", "kvmctl.host.leases",
+    assert users == ["kvmctl.host.connection", "kvmctl.host.early", "kvmctl.host.hypervisor",
+                     "kvmctl.host.leases",
                      "kvmctl.host.reading"]
 
 

@@ -9,6 +9,7 @@ Daemon-free: libvirt's test driver as every host, with test_hosts' bed and volum
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -17,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from manifest_docs import disk, image
 from test_hosts import DATA, Bed, applied_on_h1, lab, make_bed, shape, the_move, vm
+from testdriver import DriverHypervisor
 
 from kvmctl.apply import hostlock
 from kvmctl.apply.executor import Executor
-from kvmctl.engine import PlanRequest
-from kvmctl.errors import KvmctlError
+from kvmctl.engine import PlanRequest, _saved_fingerprint
+from kvmctl.errors import HypervisorError, KvmctlError
 from kvmctl.plan import steps as s
 from kvmctl.plan.types import ChangeClass, ProjectPlan
 
@@ -413,3 +416,266 @@ def test_a_reaped_holder_died() -> None:
     assert not os.path.exists(f"/proc/{proc.pid}")
     assert hostlock._identity(proc.pid) == ""
     assert hostlock.holder_died(identity)
+
+
+# ---- 9. an overlay's base is verified before anything of the move runs --------------------------
+
+BASE = b"kvmctl base image\n" * 200
+
+
+def import_host_file(self: DriverHypervisor, pool_name: str, name: str, xml: str,
+                     path: str) -> None:
+    """The test driver cannot read a host file into a pool: made empty, filled from `path`."""
+    self.create_volume(pool_name, name, xml)
+    self.contents[(pool_name, name)] = Path(path).read_bytes()
+
+
+def overlaid(bed: Bed, a_host: str = "h1") -> list[dict[str, Any]]:
+    """lab, with Disk da an overlay of Image base (a small file, imported on every host)."""
+    source = bed.folder / "src" / "base.raw"
+    if not source.exists():
+        source.parent.mkdir()
+        source.write_bytes(BASE)
+    docs = lab(bed.folder, a_host=a_host)
+    docs.insert(1, image("base", "p", path=str(source), format="raw", hosts="all"))
+    (da,) = [d for d in docs if d["kind"] == "Disk"]
+    da["spec"]["image"] = "base"
+    return docs
+
+
+@pytest.fixture
+def overlay_bed(bed: Bed, monkeypatch: pytest.MonkeyPatch) -> Bed:
+    """VM a on h1 with Disk da (holding DATA) over Image base, on both hosts; b on h2."""
+    monkeypatch.setattr(DriverHypervisor, "import_host_file", import_host_file)
+    bed.write(overlaid(bed))
+    bed.apply()
+    bed.hv("h1").contents[("p", "da.qcow2")] = DATA
+    assert bed.hv("h2").contents[("p", "base.raw")] == BASE
+    return bed
+
+
+def test_an_overlay_moves_after_its_base_is_verified(overlay_bed: Bed) -> None:
+    bed = overlay_bed
+    bed.write(overlaid(bed, a_host="h2"))
+    move = the_move(plan_of(bed))
+    assert move.blocked is None, move.blocked
+    steps = [shape(st) for st in move.move_steps]
+    assert steps[:4] == [("verify_copy", "h1", "h2", "base.raw"),
+                         ("on_host", "h1", "shutdown_domain"),
+                         ("on_host", "h2", "claim_volume"),
+                         ("copy_volume", "h1", "h2", "da.qcow2")]
+    (verify,) = [st for st in move.move_steps if isinstance(st, s.VerifyCopy)]
+    assert (verify.pool, verify.to_pool) == ("p", "p")
+
+    out = bed.apply().stdout
+    assert "done (the copy of base.raw on h2 verified; copied da.qcow2 from h1 to h2" in out, out
+    assert bed.domains("h1") == {} and bed.domains("h2") == {"a": True, "b": True}
+    assert "da.qcow2" not in bed.volumes("h1") and "base.raw" in bed.volumes("h1")
+    assert bed.hv("h2").contents[("p", "da.qcow2")] == DATA
+    bed.converged()
+
+
+def test_an_overlay_whose_base_differs_on_the_new_host_stays(overlay_bed: Bed) -> None:
+    bed = overlay_bed
+    bed.hv("h2").contents[("p", "base.raw")] = b"another base\n"
+    bed.write(overlaid(bed, a_host="h2"))
+    assert the_move(plan_of(bed)).blocked is None  # the bytes are compared when it runs
+    before = snapshot(bed)
+    calls = {h: len(bed.hv(h).calls) for h in bed.hosts}
+    result = bed.cli("apply", "-y", "-f", bed.path)
+    assert result.code == 1, result
+    assert "base.raw on h1 and its copy on h2 differ" in result.output, result
+    assert "Traceback" not in result.output and "internal error" not in result.output
+    assert snapshot(bed) == before  # nothing shut down, copied or deleted
+    assert bed.domains("h1") == {"a": True} and "a" not in bed.domains("h2")
+    assert bed.hv("h1").contents[("p", "da.qcow2")] == DATA
+    assert "da.qcow2" not in bed.volumes("h2")
+    assert not [c for h in bed.hosts for c in bed.hv(h).calls[calls[h]:]
+                if c[0] == "copy_volume"]
+
+
+def test_an_overlay_whose_base_the_new_host_lacks_is_blocked(overlay_bed: Bed) -> None:
+    bed = overlay_bed
+    docs = overlaid(bed, a_host="h2")
+    # Disk da now names base2 (another volume, another path); base stays on h1 alone: h2 has
+    # nothing at the path da's copy would read its base from.
+    (base,) = [d for d in docs if d["kind"] == "Image"]
+    base["spec"]["hosts"] = ["h1"]
+    docs.insert(2, image("base2", "p", path=base["spec"]["path"], format="raw", hosts="all"))
+    (da,) = [d for d in docs if d["kind"] == "Disk"]
+    da["spec"]["image"] = "base2"
+    bed.hv("h2").delete_volume("p", "base.raw")
+    bed.write(docs)
+    plan = plan_of(bed)
+    move = the_move(plan)
+    assert move.blocked is not None and "does not have" in move.blocked, move.blocked
+    assert not [st for st in move.move_steps if isinstance(st, s.VerifyCopy)]
+    assert change(plan, "h2", "Disk/da").steps == ()
+    out = apply_anyway(bed)
+    assert "done (copied" not in out
+    assert bed.domains("h1") == {"a": True} and "a" not in bed.domains("h2")
+    assert bed.hv("h1").contents[("p", "da.qcow2")] == DATA
+    assert "da.qcow2" not in bed.volumes("h2")
+
+
+# ---- 10. a pool of the Disk's name stopped on a third host --------------------------------------
+
+@pytest.fixture
+def three(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Bed:
+    """lab applied over h1, h2 and h3 (a and da on h1, b on h2), DATA in da; p stopped on h3."""
+    bed = make_bed(tmp_path, monkeypatch, names=("h1", "h2", "h3"))
+    applied_on_h1(bed)
+    assert "p" in {p.name() for p in bed.hv("h3").conn.listAllStoragePools()}
+    bed.hv("h3").conn.storagePoolLookupByName("p").destroy()
+    return bed
+
+
+def test_a_disk_is_not_created_while_its_pool_is_stopped_elsewhere(three: Bed) -> None:
+    bed = three
+    docs = lab(bed.folder)
+    docs.insert(3, disk("dn", "p", "8MiB"))
+    docs.append(vm("c", "h2", disks=[{"disk": "dn"}], interfaces=[{"network": "n"}]))
+    bed.write(docs)
+    plan = plan_of(bed)
+    create = change(plan, "h2", "Disk/dn")
+    assert create.change_class is ChangeClass.CREATE and create.steps == ()
+    assert create.blocked is not None and "'h3'" in create.blocked
+    assert "stopped" in create.blocked, create.blocked
+    vm_c = change(plan, "h2", "VirtualMachine/c")
+    assert vm_c.steps == () and vm_c.blocked is not None and "Disk/dn" in vm_c.blocked
+    apply_anyway(bed)
+    assert "dn.qcow2" not in bed.volumes("h2") and "c" not in bed.domains("h2")
+
+
+def test_a_move_is_blocked_while_its_disk_pool_is_stopped_on_a_third_host(three: Bed) -> None:
+    bed = three
+    bed.write(lab(bed.folder, a_host="h2"))
+    plan = plan_of(bed)
+    move = the_move(plan)
+    assert move.blocked is not None and "may also have data" in move.blocked, move.blocked
+    assert "'h3' (pool p is stopped there" in move.blocked
+    assert change(plan, "h2", "Disk/da").steps == ()
+    out = apply_anyway(bed)
+    assert "done (copied" not in out
+    assert bed.domains("h1") == {"a": True} and bed.domains("h2") == {"b": True}
+    assert bed.hv("h1").contents[("p", "da.qcow2")] == DATA
+    assert "da.qcow2" not in bed.volumes("h2")
+
+
+# ---- 11. a VM is not created on one of two copies of its Disk -----------------------------------
+
+def test_a_vm_is_not_created_on_one_of_two_copies(bed: Bed,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    applied_on_h1(bed, state="stopped")
+    bed.write(lab(bed.folder, a_host="h2", state="stopped"))
+
+    def refused(name: str, xml: str) -> None:
+        raise HypervisorError(f"define domain {name}: refused")
+
+    with monkeypatch.context() as m:  # the move stops after ClaimVolume and CopyVolume
+        m.setattr(bed.hv("h2"), "define_domain", refused)
+        half = bed.cli("apply", "-y", "-f", bed.path)
+    assert half.code == 1 and "define domain a: refused" in half.output, half
+    assert bed.hv("h2").contents[("p", "da.qcow2")] == DATA  # the landing copy is left
+    bed.hv("h1").conn.lookupByName("a").undefine()  # and a is undefined on h1 by hand
+    assert "da.qcow2" in bed.volumes("h1") and bed.domains("h1") == {}
+
+    plan = plan_of(bed)
+    assert plan.moves == ()
+    create = change(plan, "h2", "VirtualMachine/a")
+    assert create.change_class is ChangeClass.CREATE and create.steps == ()
+    assert create.blocked is not None and "one of two copies" in create.blocked, create.blocked
+    assert "Disk/da" in create.blocked
+    apply_anyway(bed)
+    assert "a" not in bed.domains("h2") and bed.domains("h1") == {}
+    assert bed.hv("h1").contents[("p", "da.qcow2")] == DATA
+    assert bed.hv("h2").contents[("p", "da.qcow2")] == DATA
+
+
+# ---- 12. saved plans: edits, shapes, and blocks lifted since -------------------------------------
+
+def saved_plan(bed: Bed) -> tuple[Path, dict[str, Any]]:
+    path = bed.folder / "plan.json"
+    made = bed.cli("plan", "-f", bed.path, "--out", path)
+    assert made.code == 0, made
+    return path, json.loads(path.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("edit", ["uri", "domain_type", "prune", "target"])
+def test_a_saved_plan_with_edited_hosts_or_options_is_refused(bed: Bed, edit: str) -> None:
+    bed.write(lab(bed.folder))
+    path, data = saved_plan(bed)
+    if edit == "uri":
+        data["hosts"][1]["uri"] = bed.uri("h1") + ".other"
+    elif edit == "domain_type":
+        data["hosts"][0]["domain_type"] = "kvm"
+    elif edit == "prune":
+        data["options"]["prune"] = True
+    else:
+        data["options"]["target"] = ["h1:VirtualMachine/a"]
+    path.write_text(json.dumps(data), encoding="utf-8")
+    refused = bed.cli("apply", "-y", path)
+    assert refused.code == 1, refused
+    assert f"{path} was modified after it was saved" in refused.stderr
+    assert "internal error" not in refused.output and "Traceback" not in refused.output
+    assert all(bed.domains(h) == {} for h in bed.hosts)
+
+
+@pytest.mark.parametrize("documents", [[1, 2], ["a"], [None], 3])
+def test_a_saved_plan_of_documents_that_are_not_mappings_is_a_usage_error(
+        bed: Bed, documents: Any) -> None:
+    bed.write(lab(bed.folder))
+    path, data = saved_plan(bed)
+    data["documents"] = documents
+    data["manifest_fingerprint"] = _saved_fingerprint(data)
+    path.write_text(json.dumps(data), encoding="utf-8")
+    refused = bed.cli("apply", "-y", path)
+    assert refused.code == 2, refused
+    assert str(path) in refused.stderr and "internal error" not in refused.output
+    assert "Traceback" not in refused.output
+    assert all(bed.domains(h) == {} for h in bed.hosts)
+
+
+def test_a_saved_plan_whose_block_was_lifted_is_refused(bed: Bed) -> None:
+    applied_on_h1(bed)
+    docs = [d for d in lab(bed.folder) if d["metadata"]["name"] != "a"]
+    docs[-1]["spec"]["disks"] = [{"disk": "da"}]  # b, on h2, uses da, which h1 holds
+    bed.write(docs)
+    path, data = saved_plan(bed)
+    assert json_change(data["plan"], "h2:Disk/da")["blocked"]
+    assert data["fingerprints"]["h2:Disk/da"].endswith("|blocked")
+    b_before = bed.hv("h2").conn.lookupByName("b").XMLDesc(0)
+    bed.hv("h1").conn.lookupByName("a").destroy()
+    bed.hv("h1").delete_volume("p", "da.qcow2")  # the holder's volume is gone: no block now
+    assert change(plan_of(bed), "h2", "Disk/da").blocked is None
+
+    refused = bed.cli("apply", "-y", path)
+    assert refused.code == 1, refused
+    assert "changed since the plan was saved" in refused.stderr
+    assert "h2:Disk/da" in refused.stderr
+    assert "da.qcow2" not in bed.volumes("h2")
+    assert bed.hv("h2").conn.lookupByName("b").XMLDesc(0) == b_before
+
+
+# ---- 13. --host beside an unreadable host: a new Disk of an existing VM -------------------------
+
+def test_a_new_disk_of_an_existing_vm_waits_for_an_unreadable_host(bed: Bed) -> None:
+    bed.write(lab(bed.folder))
+    bed.apply()
+    b_before = bed.hv("h2").conn.lookupByName("b").XMLDesc(0)
+    bed.extra_hosts = [{"name": "h3", "uri": f"test:///{bed.folder}/h3/missing.xml"}]
+    docs = lab(bed.folder)
+    docs.insert(3, disk("db", "p", "8MiB"))
+    docs[-1]["spec"]["disks"] = [{"disk": "db"}]
+    bed.write(docs)
+    plan = plan_of(bed, only=("h1", "h2"))
+    create = change(plan, "h2", "Disk/db")
+    assert create.steps == () and create.blocked is not None
+    assert "could not be read" in create.blocked, create.blocked
+    update = change(plan, "h2", "VirtualMachine/b")
+    assert update.change_class is not ChangeClass.CREATE
+    assert update.steps == () and update.blocked is not None, update
+    assert "needs Disk/db" in update.blocked, update.blocked
+    apply_anyway(bed, "--host", "h1", "--host", "h2")
+    assert "db.qcow2" not in bed.volumes("h2")
+    assert bed.hv("h2").conn.lookupByName("b").XMLDesc(0) == b_before
