@@ -15,10 +15,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from thread_support import run_in_threads
 
 from kvmctl.apply import hostlock
 from kvmctl.apply.hostlock import SKEW_S, Record, hypervisor_lock, project_key
@@ -55,16 +55,6 @@ with project_lock(uri, project, 60):
 def lease_volumes(conn, prefix: str) -> list[str]:
     pool = conn.storagePoolLookupByName(POOL_NAME)
     return sorted(v.name() for v in pool.listAllVolumes(0) if v.name().startswith(prefix))
-
-
-def run_in_threads(target: Callable[[int], None], n: int) -> None:
-    """target(0)..target(n - 1), each in a thread of its own, all started before any is
-    joined; returns when all are done."""
-    threads = [threading.Thread(target=target, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import pytest
 from testdriver import MemoryLockStore
+from thread_support import run_in_threads
 
 from kvmctl.apply.hostlock import HostLock, Record, hypervisor_lock, project_key
 from kvmctl.errors import LockError
@@ -68,16 +69,6 @@ def record(holder: str = "ci@runner pid 4242 (kvmctl apply)", nonce: str = "ab" 
 def current(store: FakeStore, name: str = LEASE) -> Record | None:
     data = store.records.get(name)
     return Record.parse(data) if data is not None else None
-
-
-def run_in_threads(target: Callable[[int], None], n: int) -> None:
-    """target(0)..target(n - 1), each in a thread of its own, all started before any is
-    joined; returns when all are done."""
-    threads = [threading.Thread(target=target, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
 
 
 def test_acquire_and_release_leave_nothing_behind() -> None:
