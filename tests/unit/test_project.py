@@ -535,3 +535,21 @@ def test_an_unknown_vm_host_is_reported_once() -> None:
         place(_set(NET % ", hosts: all", POOL % ", hosts: all", DISK % "d",
                    _vm("a", "h9", ("d",), network="net")), TWO_HOSTS)
     assert [p.path for p in caught.value.problems] == ["spec.host"]
+
+
+# ============================================================================= probable_uris
+
+def test_the_uris_to_connect_to_early_are_read_before_the_schema_check() -> None:
+    from kvmctl.manifest.project import probable_uris
+    doc = _project()
+    assert probable_uris(doc, Overrides()) == ["qemu:///system", "qemu+ssh://root@kvm-02/system"]
+    # --connect is where the default host (the first, here) is reached; --host limits
+    assert probable_uris(doc, Overrides(connect="qemu+tls://x/system")) == [
+        "qemu+tls://x/system", "qemu+ssh://root@kvm-02/system"]
+    assert probable_uris(doc, Overrides(), only=("h2",)) == ["qemu+ssh://root@kvm-02/system"]
+    # whatever does not look like a host is left out, never an error: the schema says why
+    broken = _project(PROJECT_TEXT.replace("uri: qemu:///system", "uri: [1]"))
+    assert probable_uris(broken, Overrides()) == ["qemu+ssh://root@kvm-02/system"]
+    assert probable_uris(_project("apiVersion: kvmctl/v1\nkind: Project\nspec: {hosts: 3}\n"),
+                         Overrides(connect="qemu:///system")) == ["qemu:///system"]
+    assert probable_uris(None, Overrides()) == []
