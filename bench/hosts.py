@@ -2,10 +2,10 @@
 """Benchmark: one project over the three test hosts (scripts/test-hosts: h1 over qemu+unix, h2
 and h3 over qemu+ssh), against bare libvirt-python processes.
 
-Starts the test hosts if need be (`scripts/test-hosts up 3`; they are left running, as the test
-suite leaves them) and writes a project file `kvmctl.yaml` (project `kb-<runid>`, hosts h1-h3,
-domainType qemu) with one isolated network `kb-<runid>-net` on all hosts (`spec.hosts: all`, a
-free /24 of 10.0.0.0/8). Then:
+Starts the test hosts if need be (`scripts/test-hosts up 3`; stopped again at the end if none
+ran before, as the test suite does) and writes a project file `kvmctl.yaml` (project
+`kb-<runid>`, hosts h1-h3, domainType qemu) with one isolated network `kb-<runid>-net` on all
+hosts (`spec.hosts: all`, a free /24 of 10.0.0.0/8). Then:
 
   1. defines N stopped VMs (default 300, `kb-<runid>-vm-NNNN`, `spec.host` h1, h2, h3 in turn)
      and times, in --repeat paired rounds (default 5):
@@ -76,8 +76,9 @@ from plan_noop import (  # noqa: E402
     write_docs,
 )
 from plan_noop import Run as SingleHostRun  # noqa: E402
-from testhosts import TestHost, parse_env  # noqa: E402
+from testhosts import TestHost  # noqa: E402
 from testhosts import hosts as test_hosts  # noqa: E402
+from testhosts import running as running_test_hosts  # noqa: E402
 
 TEST_HOSTS = ROOT / "scripts" / "test-hosts"
 HOSTS = 3
@@ -115,14 +116,14 @@ if errors:
 # ---- the test hosts -----------------------------------------------------------------------------
 
 def start_test_hosts() -> tuple[list[TestHost], bool]:
-    """h1..h3 of scripts/test-hosts, started if need be; and whether this run started any."""
-    before = subprocess.run([str(TEST_HOSTS), "env"], capture_output=True, text=True).stdout
-    running = {h.name for h in parse_env(before)}
+    """h1..h3 of scripts/test-hosts, started if need be; and whether none ran before (then this
+    run stops them at its end)."""
+    before = running_test_hosts()
     try:
         hosts = test_hosts(HOSTS)
     except RuntimeError as exc:
         raise BenchError(str(exc)) from None
-    return hosts, not {h.name for h in hosts} <= running
+    return hosts, not before
 
 
 # ---- load ---------------------------------------------------------------------------------------
@@ -526,9 +527,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n" + load.report())
         finally:
             clean = r.cleanup()
-    if started:
-        print("the test hosts were started by this run and are left running, as the test "
-              "suite leaves them: scripts/test-hosts down stops them")
+    if started:  # none ran before this run: it stops what it started
+        subprocess.run([str(TEST_HOSTS), "down"], capture_output=True, check=False)
     return 0 if clean else 1
 
 

@@ -67,6 +67,7 @@ except ImportError as _e:  # reported by the conn fixture, so that collection st
     _LIBVIRT_IMPORT_ERROR = _e
 
 from guestlog import GuestFiles
+from testhosts import session_hosts  # noqa: E402,F401  (the fixture, for every module)
 
 from kvmctl.apply.lock import pid_alive
 

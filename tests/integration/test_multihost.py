@@ -29,8 +29,6 @@ import pytest
 import testhosts
 import yaml
 
-session_hosts = testhosts.session_hosts
-
 KILLWRAP = Path(__file__).with_name("killwrap.py")
 MARKER_BYTES = 4096
 

@@ -9,10 +9,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
-import testhosts
 from testhosts import TestHost, hosts, parse_env
-
-session_hosts = testhosts.session_hosts  # the fixture, under its own name
 
 
 @pytest.fixture(scope="module")

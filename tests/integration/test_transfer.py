@@ -18,15 +18,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import testhosts  # noqa: E402
 from lab_support import download, upload  # noqa: E402
 
 from kvmctl.errors import HypervisorError  # noqa: E402
 from kvmctl.host import transfer  # noqa: E402
 from kvmctl.host.hypervisor import Hypervisor  # noqa: E402
 from kvmctl.host.transfer import VolumeDigest, copy_volume, volume_digest  # noqa: E402
-
-session_hosts = testhosts.session_hosts
 
 KiB, MiB = 1024, 1024 * 1024
 URI = os.environ.get("KVMCTL_TEST_URI", "qemu:///system")

@@ -8,19 +8,15 @@ dnsmasq, pools and domains defined on one host are invisible to the others and t
 (``qemu:///system``); a pool path under ``/var/lib/libvirt`` is private to its host (on this
 machine it is ``root / "lib" / ...``, see ``TestHost.outside``).
 
-Use it from a test module (tests/integration is on sys.path)::
-
-    import testhosts
-
-    session_hosts = testhosts.session_hosts  # the fixture (a plain import trips ruff's F811)
+conftest.py offers the session fixture ``session_hosts`` to every test module::
 
     def test_something(session_hosts):
         h1, h2, h3 = session_hosts
         ...
 
-or call ``hosts(n)`` directly. Hosts are started on first use and deliberately NOT stopped at the
-end of the session: they cost about 1 MB of state and a few idle daemons, and the next session
-reuses them in about a second. ``scripts/test-hosts down`` stops them all (``purge`` also deletes
+or call ``hosts(n)`` directly. A session that started the hosts stops them at its end (they
+start again in about 2 s); hosts that already ran when it began (a developer's, a benchmark's)
+are left running. ``scripts/test-hosts down`` stops them all (``purge`` also deletes
 their state). Name what you create on them with the ``prefix`` fixture's prefix and remove it
 yourself: conftest's ``cleanup`` fixture sweeps only the main daemon.
 """
@@ -29,6 +25,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -119,13 +116,23 @@ def hosts(n: int = 3) -> list[TestHost]:
     return [by_name[f"h{i}"] for i in range(1, n + 1)]
 
 
+def running() -> set[str]:
+    """The names of the test hosts that run now."""
+    return {h.name for h in parse_env(_run("env"))} if SCRIPT.exists() else set()
+
+
 @pytest.fixture(scope="session")
-def session_hosts() -> list[TestHost]:
-    """``hosts($KVMCTL_TEST_HOSTS or 3)`` for the session; left running at its end."""
+def session_hosts() -> Iterator[list[TestHost]]:
+    """``hosts($KVMCTL_TEST_HOSTS or 3)`` for the session, stopped at its end if it started
+    them (none ran before it)."""
     if os.geteuid() != 0:
         pytest.fail("test hosts need root (namespaces, mounts, libvirtd)", pytrace=False)
     try:
-        return hosts(SESSION_HOSTS)
+        before = running()
+        started = hosts(SESSION_HOSTS)
     except (RuntimeError, ValueError) as e:
         pytest.fail(f"could not start the test hosts: {e}\n(scripts/host-setup installs what "
                     "they need: libvirt, openssh-server, netcat-openbsd)", pytrace=False)
+    yield started
+    if not before:
+        _run("down")
