@@ -13,7 +13,6 @@ import contextlib
 import functools
 import ipaddress
 import json
-import os
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -88,33 +87,16 @@ class LockRequest:
 
 
 class Session:
-    """Connection, live state, validated and rendered manifests for one command."""
+    """One host of a Deployment: its connection, live state, validated and rendered manifests."""
 
-    def __init__(self, target: Target, paths: list[str] | None = None, recursive: bool = False,
-                 stdin: TextIO | None = None, docs: list[Document] | None = None,
-                 prepared: tuple[Hypervisor, LiveState, Memo] | None = None,
-                 schemas_checked: bool = False) -> None:
-        if docs is None and not paths:
-            raise UsageError("no manifests given: use -f FILE, -f DIR or -f -")
-        self.target = target
-        if prepared is not None:  # one host of a Deployment: read, and its documents placed
-            self.hv, self.live, self.memo = prepared
-            self.documents = docs or []
-        else:
-            self.hv = Hypervisor(target.uri)
-            # Reading the host is mostly waiting for libvirtd: it overlaps with parsing.
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                reading = pool.submit(self.hv.read)
-                try:
-                    self.documents = docs if docs is not None else documents.load(
-                        paths or [], recursive=recursive, stdin=stdin, memo=open_parse_memo())
-                except BaseException:
-                    reading.cancel()
-                    raise  # a manifest problem is reported first, whatever the host says
-                self.live = reading.result()
-            self.memo = open_memo("verdicts")
+    def __init__(self, target: Target, hv: Hypervisor, live: LiveState, memo: Memo,
+                 docs: list[Document]) -> None:
+        """One host of a Deployment: connected and read, its documents placed and their schemas
+        checked (Deployment does both for every host at once)."""
+        self.target, self.hv, self.live, self.memo = target, hv, live, memo
+        self.documents = docs
         self.manifest: ManifestSet = validate.validate(self.documents, host_facts(self.live),
-                                                       self.memo, schemas_checked)
+                                                       self.memo, schemas_checked=True)
         self._domain_type: str | None = None
         self.rendered: Desired | None = None  # what the last plan compared with
 
@@ -174,11 +156,6 @@ class Session:
         planned = {c.ref for c in plan.changes}
         return sorted(o.meta.ref for o in m.all() if o.meta.ref in present - planned)
 
-    def execute(self, plan: Plan, parallelism: int = 8,
-                progress: apply.Progress | None = None) -> apply.ApplyResult:
-        from . import apply
-        return apply.run(plan, self.hv, self.live, parallelism, progress)
-
 
 class Deployment:
     """A project over its hosts: every selected host connected and read in parallel (while the
@@ -204,7 +181,7 @@ class Deployment:
                 import kvmctl.render.definitions  # noqa: F401
                 loaded = docs if docs is not None else documents.load(
                     paths or [], recursive=recursive, stdin=stdin, memo=open_parse_memo())
-                self.project_doc, rest = split_project(loaded, config.source)
+                _, rest = split_project(loaded, config.source)
                 self.documents = with_defaults(rest, config)
                 self.memo = open_memo("verdicts")
                 validate.check_schemas(self.documents, self.memo)
@@ -239,10 +216,9 @@ class Deployment:
         for h in self.selected:
             hv, live = opened[h.name]
             try:
-                self.sessions[h.name] = Session(
-                    Target(h.uri, config.name, h.domain_type),
-                    docs=list(self.placement.by_host[h.name]), prepared=(hv, live, self.memo),
-                    schemas_checked=True)
+                self.sessions[h.name] = Session(Target(h.uri, config.name, h.domain_type), hv,
+                                                live, self.memo,
+                                                list(self.placement.by_host[h.name]))
             except ManifestError as exc:
                 problems += [replace(p, message=f"{p.message} (on host {h.name})")
                              if config.multi_host else p for p in exc.problems]
@@ -269,7 +245,7 @@ class Deployment:
 
     def plan(self, request: PlanRequest = PlanRequest()) -> ProjectPlan:
         views: dict[str, HostView] = {}
-        anything = any(True for _ in self.documents)
+        anything = bool(self.documents)
         for name, session in self.sessions.items():
             kept = tuple(sorted(f"{d.kind}/{d.name}" for other, docs in
                                 self.placement.by_host.items() if other != name for d in docs
@@ -391,10 +367,10 @@ def _open_hosts(hosts: tuple[HostConfig, ...], project: str, lock: LockRequest |
             raise UnreachableError(failed)
         try:
             if lock is not None:
-                from .apply.hostlock import hypervisor_lock
+                from .apply.hostlock import holder_line, hypervisor_lock
                 for h in sorted(hosts, key=lambda h: h.name):
                     locks.enter_context(hypervisor_lock(
-                        hvs[h.name].lock_store(), project, _holder(lock.command), lock.timeout,
+                        hvs[h.name].lock_store(), project, holder_line(lock.command), lock.timeout,
                         _waiting_on(h, lock.waiting)))
             reads = dict(zip(hvs, pool.map(lambda hv: _attempt(hv.read), hvs.values()),
                              strict=True))
@@ -418,16 +394,6 @@ def _attempt(fn: Callable[[], Any]) -> Any:
         return fn()
     except KvmctlError as exc:
         return exc
-
-
-def _holder(command: str) -> str:
-    import getpass
-    import socket
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = str(os.getuid())
-    return f"{user}@{socket.gethostname()} pid {os.getpid()} ({command})"
 
 
 def _waiting_on(host: HostConfig, waiting: Callable[[str], object] | None

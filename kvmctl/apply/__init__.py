@@ -6,6 +6,10 @@ exception inside one change is that change's failure; the others of its level st
 are reported, later levels are skipped. What was done stays done, and a new plan picks up from
 there because every object's ownership is recorded before (volumes) or together with
 (domains, networks) its creation.
+
+Over the hosts of a project (`run_project`), each host's plan runs at once, in its own order; a
+failing host does not stop the others. The moves between hosts (apply/moves.py) run after,
+those of a host that failed are skipped.
 """
 
 from __future__ import annotations
@@ -41,12 +45,12 @@ class Event(StrEnum):
 class Outcome(StrEnum):
     DONE = "done"
     FAILED = "failed"
-    SKIPPED = "skipped"  # a change of a later level, after a failure
+    SKIPPED = "skipped"  # a change of a later level after a failure; a move after its host's
 
 
 @dataclass(frozen=True)
 class ChangeResult:
-    ref: str
+    ref: str  # the change's id: KIND/NAME, or HOST:KIND/NAME in a project's apply
     outcome: Outcome
     detail: str = ""  # why it failed, or what the user should know of how it was done
 
@@ -141,34 +145,18 @@ def _failed(change: Change, detail: str, progress: Progress | None) -> ChangeRes
 
 
 @dataclass(frozen=True)
-class ProjectResult:
-    """What an apply over the project's hosts did: per host, then the moves between them."""
+class ProjectResult(ApplyResult):
+    """What an apply over the project's hosts did: per host, then the moves between them;
+    `results` holds them all, in that order."""
 
-    hosts: tuple[tuple[str, ApplyResult], ...]
+    hosts: tuple[tuple[str, ApplyResult], ...] = ()
     moves: ApplyResult = ApplyResult(())
 
-    @property
-    def results(self) -> tuple[ChangeResult, ...]:
-        return tuple(r for _, res in self.hosts for r in res.results) + self.moves.results
-
-    def _ids(self, outcome: Outcome) -> tuple[str, ...]:
-        return tuple(r.ref for r in self.results if r.outcome is outcome)
-
-    @property
-    def done(self) -> tuple[str, ...]:
-        return self._ids(Outcome.DONE)
-
-    @property
-    def failed(self) -> tuple[tuple[str, str], ...]:
-        return tuple((r.ref, r.detail) for r in self.results if r.outcome is Outcome.FAILED)
-
-    @property
-    def skipped(self) -> tuple[str, ...]:
-        return self._ids(Outcome.SKIPPED)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
+    @staticmethod
+    def of(hosts: tuple[tuple[str, ApplyResult], ...],
+           moves: ApplyResult = ApplyResult(())) -> ProjectResult:
+        return ProjectResult(tuple(r for _, res in hosts for r in res.results) + moves.results,
+                             hosts, moves)
 
     def host_failed(self, host: str) -> bool:
         return any(not res.ok for name, res in self.hosts if name == host)
@@ -186,7 +174,7 @@ def run_project(plan: ProjectPlan, hosts: Mapping[str, tuple[Hypervisor, LiveSta
                                        parallelism, progress, executors[h.host]) for h in todo}
         for name, future in running.items():
             results[name] = future.result()
-    outcome = ProjectResult(tuple(results.items()))
+    outcome = ProjectResult.of(tuple(results.items()))
     moves = [c for c in plan.moves if c.move_steps and not c.blocked]
     if not moves:
         return outcome
@@ -195,6 +183,6 @@ def run_project(plan: ProjectPlan, hosts: Mapping[str, tuple[Hypervisor, LiveSta
              and not outcome.host_failed(c.from_host)]
     skipped = [ChangeResult(c.id, Outcome.SKIPPED, "a change on one of its hosts failed")
                for c in moves if c not in ready]
-    with ThreadPoolExecutor(max_workers=max(1, min(parallelism, len(ready) or 1))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(parallelism, len(ready)))) as pool:
         done = list(pool.map(lambda c: run_move(c, executors, progress), ready))
-    return ProjectResult(outcome.hosts, ApplyResult(tuple(done + skipped)))
+    return ProjectResult.of(outcome.hosts, ApplyResult(tuple(done + skipped)))

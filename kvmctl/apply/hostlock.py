@@ -82,6 +82,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 from ..errors import KvmctlError, LockError
+from .lock import pid_alive
 
 if TYPE_CHECKING:  # the store for a libvirt host satisfies the protocol (checked by mypy)
     from ..host.leases import LeaseStore
@@ -155,27 +156,16 @@ def _identity(pid: int) -> str | None:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
             start = f.read().rpartition(")")[2].split()[19]
     except FileNotFoundError:
-        return "" if _gone(pid) else None  # /proc may hide others' processes (hidepid)
+        return "" if not pid_alive(pid) else None  # /proc may hide others' processes (hidepid)
     except (OSError, IndexError):
         return None
     try:
         namespace = os.readlink(f"/proc/{pid}/ns/pid")
     except FileNotFoundError:
-        return "" if _gone(pid) else None
+        return "" if not pid_alive(pid) else None
     except OSError:
         return None
     return f"{boot}:{namespace}:{pid}:{start}"
-
-
-def _gone(pid: int) -> bool:
-    """No process `pid` in this pid namespace (the kernel says so, whatever /proc shows)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False  # it exists, and belongs to someone else
-    return False
 
 
 def holder_died(process: str) -> bool:

@@ -97,11 +97,12 @@ def _holder(path: str, wait: float = HOLDER_WAIT_S) -> str:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process of this machine runs with `pid`."""
+    """Whether a process of this machine (this pid namespace) runs with `pid`; when the kernel
+    will not say (another user's process), it does."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except OSError:
         return True
     return True

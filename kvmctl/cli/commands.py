@@ -68,7 +68,8 @@ def open_deployment(opts: CommandOptions, env: Env, config: ProjectConfig | None
                       only=opts.hosts, lock=lock)
 
 
-def _load(opts: CommandOptions, env: Env) -> tuple[list[Document], ManifestSet]:
+def _load(opts: CommandOptions, env: Env
+          ) -> tuple[list[Document], ManifestSet, ProjectConfig]:
     """Documents and model, offline: schemas, placement on the project's hosts, and each host's
     share checked as a plan would check it (without what the hosts have)."""
     from ..manifest import documents, validate
@@ -78,12 +79,12 @@ def _load(opts: CommandOptions, env: Env) -> tuple[list[Document], ManifestSet]:
         raise UsageError("no manifests given: use -f FILE, -f DIR or -f -")
     config = project_config(opts)
     loaded = documents.load(list(opts.filenames), recursive=opts.recursive, stdin=env.stdin)
-    project_doc, rest = split_project(loaded, config.source)
+    _, rest = split_project(loaded, config.source)
     docs = with_defaults(rest, config)
     validate.check_schemas(docs)
     placement = place(docs, config)
     if not config.multi_host:
-        return loaded, validate.validate(docs, schemas_checked=True)
+        return loaded, validate.validate(docs, schemas_checked=True), config
     problems = []
     models = []
     for placed in placement.by_host.values():
@@ -93,14 +94,14 @@ def _load(opts: CommandOptions, env: Env) -> tuple[list[Document], ManifestSet]:
             problems += exc.problems
     if problems:
         raise ManifestError(problems)
-    return loaded, ManifestSet.union(models)
+    return loaded, ManifestSet.union(models), config
 
 
 # ---- validate, render ---------------------------------------------------------------------------
 
 def cmd_validate(opts: CommandOptions, env: Env) -> int:
     try:
-        docs, _ = _load(opts, env)
+        docs, _, _ = _load(opts, env)
     except ManifestError as exc:
         print_problems(exc.problems, opts.output, env.stdout)
         return ExitStatus.ERROR
@@ -113,9 +114,8 @@ def cmd_validate(opts: CommandOptions, env: Env) -> int:
 
 def cmd_render(opts: CommandOptions, env: Env) -> int:
     from ..render.definitions import render_all
-    _, manifest = _load(opts, env)
-    project = opts.project or project_config(opts).name
-    rendered = [r for r in render_all(manifest, project, opts.domain_type or "kvm")
+    _, manifest, config = _load(opts, env)
+    rendered = [r for r in render_all(manifest, config.name, opts.domain_type or "kvm")
                 if (not opts.kind or r.kind.lower() == opts.kind.lower())
                 and (not opts.name or r.name == opts.name)]
     if not rendered:

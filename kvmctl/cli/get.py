@@ -17,6 +17,7 @@ def cmd_get(opts: CommandOptions, env: Env) -> int:
     config = project_config(opts, connect=True)
     failed: list[tuple[str, str, str]] = []
     drift: dict[str, dict[str, str]] = {}
+    deployment = None
     if opts.filenames:  # with manifests: show how each object differs from them (drift)
         deployment = open_deployment(opts, env, config)
         opened = {n: (s.hv, s.live) for n, s in deployment.sessions.items()}
@@ -29,13 +30,19 @@ def cmd_get(opts: CommandOptions, env: Env) -> int:
     else:
         opened, failed = open_project_hosts(config, opts.hosts)
     rows: list[dict[str, Any]] = []
-    for name, (hv, live) in opened.items():
-        for row in inventory(opts.what, live, hv, config.name):
-            if drift:
-                state = drift.get(name, {}).get(row["name"], "not in manifests")
-                row["drift"] = None if state == "no-op" else state
-            rows.append({"host": name, **row} if config.multi_host else row)
-        hv.close()
+    try:
+        for name, (hv, live) in opened.items():
+            for row in inventory(opts.what, live, hv, config.name):
+                if drift:
+                    state = drift.get(name, {}).get(row["name"], "not in manifests")
+                    row["drift"] = None if state == "no-op" else state
+                rows.append({"host": name, **row} if config.multi_host else row)
+    finally:
+        if deployment is not None:
+            deployment.close()
+        else:
+            for hv, _ in opened.values():
+                hv.close()
     for name, uri, why in failed:
         env.stderr.write(f"error: host {name} ({uri}) is unreachable: {why}\n")
     status = ExitStatus.ERROR if failed else ExitStatus.OK

@@ -12,7 +12,7 @@ from ..errors import Problem
 
 if TYPE_CHECKING:  # rich and the plan types are imported when there is something to show
     from ..apply import Event
-    from ..plan.types import Change, FieldDiff, Plan, ProjectPlan
+    from ..plan.types import Change, FieldDiff, ProjectPlan
 
 
 @dataclass(frozen=True)
@@ -67,13 +67,10 @@ _COLORS = {"create": "green", "update-live": "yellow", "update-restart": "yellow
            "replace": "magenta", "delete": "red", "no-op": "cyan", "move": "blue"}
 
 
-def print_plan(plan: Plan | ProjectPlan, env: Env) -> None:
+def print_plan(plan: ProjectPlan, env: Env) -> None:
     """The plan as text; a project of several hosts grouped by host, each change named
     HOST:KIND/NAME, and its moves last."""
-    from ..plan.types import ProjectPlan  # noqa: F811 (at run time; the other is for mypy)
-    if not isinstance(plan, ProjectPlan):
-        _print_changes(plan.changes, env, False)
-    elif not plan.multi_host:
+    if not plan.multi_host:
         _print_changes(plan.changes, env, False)
     else:
         for h in plan.hosts:
@@ -93,8 +90,7 @@ def print_plan(plan: Plan | ProjectPlan, env: Env) -> None:
         + (f", {s['blocked']} blocked" if s["blocked"] else "")
         + (f", {s['pending_restart']} pending restart" if s["pending_restart"] else "") + ".\n")
     if not plan.changes_present:
-        env.stdout.write("No changes: the host" + ("s match" if isinstance(plan, ProjectPlan)
-                                                   and plan.multi_host else " matches")
+        env.stdout.write("No changes: the host" + ("s match" if plan.multi_host else " matches")
                          + " the manifests.\n")
 
 

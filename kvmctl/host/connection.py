@@ -32,6 +32,15 @@ def call(what: str, fn: Callable[..., T], *args: Any) -> T:
         raise HypervisorError(f"{what}: {exc.get_error_message() or exc}") from None
 
 
+def send_all(stream: Any, data: bytes | memoryview, what: str) -> None:
+    """All of `data` into a libvirt stream: a send may take less than it is given."""
+    while data:
+        sent = call(what, stream.send, bytes(data))
+        if sent < 0:
+            raise HypervisorError(f"{what}: the stream answered {sent}")
+        data = memoryview(data)[sent:]
+
+
 VANISHED = {libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_NO_NETWORK,
              libvirt.VIR_ERR_NO_STORAGE_POOL, libvirt.VIR_ERR_NO_STORAGE_VOL}
 

@@ -24,7 +24,7 @@ from ..errors import HypervisorError
 from ..kinds import NAMESPACE, RECORD_PREFIX
 from ..render.specs import VolumeSpec
 from . import early
-from .connection import call, silence_default_handler
+from .connection import call, send_all, silence_default_handler
 from .ownership import OwnershipRecord, record_names, slot_capacity
 from .reading import HostReader
 
@@ -255,7 +255,7 @@ class Hypervisor(HostReader):
         try:
             call(f"upload into volume {name}", vol.upload, stream, 0, length, 0)
             for chunk in chunks:
-                call(f"upload into volume {name}", stream.send, chunk)
+                send_all(stream, chunk, f"upload into volume {name}")
             call(f"finish upload into volume {name}", stream.finish)
         except BaseException:
             with contextlib.suppress(libvirt.libvirtError):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import HypervisorError
-from .connection import call
+from .connection import call, send_all
 from .hypervisor import Hypervisor
 
 CHUNK = 1 << 20  # asked of a stream per call; libvirt's RPC messages carry up to 256 KiB each
@@ -131,21 +131,13 @@ def _received(stream: Any, sparse: bool, what: str) -> Iterator[bytes | int]:
         yield got
 
 
-def _send(stream: Any, data: bytes | memoryview, what: str) -> None:
-    while data:
-        sent = call(what, stream.send, bytes(data))
-        if sent < 0:
-            raise HypervisorError(f"{what}: the stream answered {sent}")
-        data = memoryview(data)[sent:]
-
-
 def _send_hole(stream: Any, sparse: bool, length: int, what: str) -> None:
     if sparse:
         call(what, stream.sendHole, length, 0)
         return
     while length > 0:  # a dense destination gets the zeros the hole stands for
         n = min(length, len(_ZEROS))
-        _send(stream, _ZEROS[:n], what)
+        send_all(stream, _ZEROS[:n], what)
         length -= n
 
 
@@ -228,7 +220,7 @@ def copy_volume(src: Hypervisor, src_pool: str, name: str, dst: Hypervisor, dst_
                 _send_hole(dst_stream, dst_sparse, piece, up)
                 digest.hole(piece)
             else:
-                _send(dst_stream, piece, up)
+                send_all(dst_stream, piece, up)
                 digest.data(piece)
             if progress is not None:
                 progress(digest.length)

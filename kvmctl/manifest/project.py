@@ -354,8 +354,3 @@ def _unsatisfied(docs: Sequence[Document], by_name: Mapping[tuple[str, str], Doc
                 check(d, host, ("spec", "pool"), Kind.POOL, spec.get("pool", ""),
                       ", where this Image lives")
     return problems
-
-
-def config_only(project: str, uri: str, domain_type: str = "auto") -> ProjectConfig:
-    """One host, no file: the configuration of a run that names its URI and project."""
-    return ProjectConfig(project, (HostConfig(DEFAULT_HOST, uri, domain_type),), DEFAULT_HOST)

@@ -31,6 +31,7 @@ import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
+from ..host import facts
 from ..host.state import LiveDomain, LiveState, LiveVolume, fingerprint, volume_fingerprint
 from ..kinds import Kind, ref
 from ..manifest.model import Disk, ManifestSet, VirtualMachine
@@ -268,10 +269,9 @@ def _copy_problems(project: str, disk: Disk, vol: LiveVolume, from_host: str, to
 
 def _backing_on(path: str, view: HostView) -> tuple[str, str] | None:
     """(pool, volume) the host has, or its own plan creates, at `path`."""
-    for p in view.live.pools.values():
-        for v in p.volumes:
-            if v.path == path:
-                return v.pool, v.name
+    found = facts.volume_resolver(view.live)(path)
+    if found is not None:
+        return found
     for image in view.manifest.images:
         pool = view.manifest.find(Kind.POOL, image.pool)
         folder = getattr(pool, "path", None) or (view.live.pools[image.pool].path
@@ -287,8 +287,7 @@ def _base_checks(disk_vol: LiveVolume, source: HostView, from_host: str, view: H
     same bytes as the old host's, verified before any original is deleted."""
     if not disk_vol.backing_path:
         return [], []
-    here = next(((v.pool, v.name) for p in source.live.pools.values() for v in p.volumes
-                 if v.path == disk_vol.backing_path), None)
+    here = facts.volume_resolver(source.live)(disk_vol.backing_path)
     there = _backing_on(disk_vol.backing_path, view)
     if here is None or there is None:
         return [], [f"the base {disk_vol.backing_path} of {disk_vol.name} is not a volume on "
@@ -351,7 +350,8 @@ def _block_empty_disks(project: str, host: str, view: HostView, views: Mapping[s
     the creates of a blocked move (`stalled`: (host, VM name)), which wait for it. Refused,
     with what needs them, so that no VM starts on an empty or a stale disk."""
     changes = []
-    refused: set[str] = set()
+    refused: set[str] = set()  # refs whose dependants wait
+    two_copies: set[str] = set()  # of those, Disks that exist here and on another host too
     disks = {d.meta.name: d for d in view.manifest.disks}
     for c in plan.changes:
         disk = disks.get(c.name) if c.kind is Kind.DISK else None
@@ -369,14 +369,12 @@ def _block_empty_disks(project: str, host: str, view: HostView, views: Mapping[s
                     f"does not create it empty on {host!r}; move its VM with it (spec.host), "
                     "or delete it there first"))
                 refused.add(c.ref)
-        elif disk is not None and not c.blocked:
-            holders = {h: why for h, why in _holders(project, c.name, disk.pool, views,
-                                                     exclude=(host,)).items()}
-            if holders and _carrier(c.name, host, view, views, project) is None:
-                refused.add(c.ref)  # its VM's create waits; the volume itself is left alone
-                c = replace(c, blocked=None)
+        elif disk is not None and not c.blocked and _holders(
+                project, c.name, disk.pool, views, exclude=(host,)) and _carrier(
+                c.name, host, view, views, project) is None:
+            two_copies.add(c.ref)  # its VM's create waits; the volume itself is left alone
+            refused.add(c.ref)
         changes.append(c)
-    two_copies = {r for r in refused if not any(c.ref == r and c.blocked for c in changes)}
     out = []
     for c in changes:
         needs = set(c.depends) & refused

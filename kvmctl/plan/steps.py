@@ -326,7 +326,6 @@ class VerifyCopy:
 
 
 MoveStep = Union[OnHost, CopyVolume, VerifyCopy]
-MOVE_STEP_TYPES: tuple[type, ...] = MoveStep.__args__  # type: ignore[attr-defined]
 
 
 def op_name(step: object) -> str:

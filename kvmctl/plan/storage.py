@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from ..host.state import LiveVolume, fingerprint, volume_fingerprint
-from ..kinds import Kind, pool_uuid, ref
+from ..kinds import Kind, ref
 from ..manifest.model import Disk, Image, StoragePool, VirtualMachine
 from ..units import format_size
-from .context import Context, attached_to, owned_volume, pool_owner
+from .context import Context, attached_to, owned_volume, pool_owner, uuid_marked
 from .steps import (
     ClaimPool,
     ClaimVolume,
@@ -60,7 +60,7 @@ def plan_pool(ctx: Context, pool: StoragePool) -> Change:
         fields.append(FieldDiff("active", False, True))
     if live.owner is None:
         steps.append(ClaimPool(name))
-        if live.uuid == pool_uuid(ctx.opts.project, name) and not live.target_missing:
+        if uuid_marked(ctx, live) and not live.target_missing:
             reasons.append("created by this project (its uuid says so) but never recorded, as "
                            "an interrupted apply leaves it: kvmctl records it now")
         elif owner is None:

@@ -91,7 +91,7 @@ def summary(changes: tuple[Change, ...]) -> dict[str, int]:
     counts = {str(k): 0 for k in order}
     for c in changes:
         if not c.blocked:  # a blocked change is counted apart: it will not be made
-            counts[c.change_class] = counts.get(c.change_class, 0) + 1
+            counts[c.change_class] = counts.get(c.change_class, 0) + 1  # "move": projects only
     counts["blocked"] = sum(1 for c in changes if c.blocked)
     counts["pending_restart"] = sum(1 for c in changes if c.pending_restart)
     return counts
@@ -125,8 +125,8 @@ class ProjectPlan:
         return any(c.change_class is not ChangeClass.NOOP for c in self.changes)
 
     def summary(self) -> dict[str, int]:
-        counts = summary(self.changes)
-        counts[str(ChangeClass.MOVE)] = sum(1 for c in self.moves if not c.blocked)
+        counts = summary(self.changes)  # moves are counted there, as "move"
+        counts.setdefault(str(ChangeClass.MOVE), 0)
         return counts
 
     def host_plan(self, host: str) -> HostPlan:
@@ -164,7 +164,7 @@ def project_plan_json(plan: ProjectPlan) -> dict[str, Any]:
     def one(c: Change) -> dict[str, Any]:
         out = change_json(c)
         out["host"] = c.host
-        out["id"] = f"{c.host}:{c.ref}"
+        out["id"] = c.id
         if c.change_class is ChangeClass.MOVE:
             out["from_host"] = c.from_host
         return out
@@ -186,11 +186,3 @@ def steps_json(plan: Plan) -> dict[str, list[dict[str, Any]]]:
     """Every change's steps by ref, in plan order (what golden cases assert besides plan_json)."""
     return {c.ref: [step_json(s) for s in c.steps] for c in plan.changes if c.steps}
 
-
-def project_steps_json(plan: ProjectPlan) -> dict[str, list[dict[str, Any]]]:
-    """Every change's steps by id (HOST:KIND/NAME), moves included."""
-    out = {f"{c.host}:{c.ref}": [step_json(s) for s in c.steps]
-           for c in plan.changes if c.steps}
-    out.update({f"{c.host}:{c.ref}": [step_json(s) for s in c.move_steps]
-                for c in plan.moves if c.move_steps})
-    return out
