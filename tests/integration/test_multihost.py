@@ -18,7 +18,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import libvirt
 import pytest
 import testhosts
 import yaml
+from conftest import Cleanup
 
 KILLWRAP = Path(__file__).with_name("killwrap.py")
 MARKER_BYTES = 4096
@@ -145,42 +145,18 @@ class Bed:
         return data
 
     def remove_everything(self) -> None:
-        """Every object with the prefix, on every host, and the lock records of the project."""
-        for conn in self.conns.values():
-            for dom in conn.listAllDomains(0):
-                if dom.name().startswith(self.prefix):
-                    with contextlib.suppress(libvirt.libvirtError):
-                        dom.destroy()
-                    with contextlib.suppress(libvirt.libvirtError):
-                        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-            for net in conn.listAllNetworks(0):
-                if net.name().startswith(self.prefix):
-                    with contextlib.suppress(libvirt.libvirtError):
-                        net.destroy()
-                    with contextlib.suppress(libvirt.libvirtError):
-                        net.undefine()
-            for pool in conn.listAllStoragePools(0):
-                if pool.name().startswith(self.prefix) or pool.name() == "kvmctl-locks":
-                    with contextlib.suppress(libvirt.libvirtError):
-                        pool.refresh(0)
-                    for vol in pool.listAllVolumes(0) if pool.isActive() else []:
-                        if pool.name() != "kvmctl-locks" or self.project_key_in(vol.name()):
-                            with contextlib.suppress(libvirt.libvirtError):
-                                vol.delete(0)
-                    if pool.name().startswith(self.prefix):
-                        with contextlib.suppress(libvirt.libvirtError):
-                            pool.destroy()
-                        with contextlib.suppress(libvirt.libvirtError):
-                            pool.delete(0)
-                        with contextlib.suppress(libvirt.libvirtError):
-                            pool.undefine()
-        for conn in self.conns.values():
-            with contextlib.suppress(libvirt.libvirtError):
-                conn.close()
-
-    def project_key_in(self, volume: str) -> bool:
-        from kvmctl.apply.hostlock import project_key
-        return volume.startswith(project_key(self.project))
+        """Every object with the prefix on every host (conftest's Cleanup, per host: the lease
+        records too, named after the project, hence the prefix), the pools' directories and
+        the console logs; fails the teardown if anything could not be removed."""
+        errors = []
+        for h in self.hosts:
+            sweep = Cleanup(self.conns[h.name], self.prefix)
+            sweep.path(h.outside(f"/var/lib/libvirt/images/{self.prefix}pool"))
+            errors += [f"{h.name}: {e}" for e in sweep.run()]
+            self.conns[h.name].close()
+        for short in self.placement:
+            self.console_log(short).unlink(missing_ok=True)
+        assert not errors, errors
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +171,6 @@ def bed(session_hosts: list[testhosts.TestHost], tmp_path_factory: pytest.TempPa
         yield b
     finally:
         b.remove_everything()
-        for short in b.placement:
-            b.console_log(short).unlink(missing_ok=True)
 
 
 def test_one_manifest_set_applies_across_three_hosts(bed: Bed) -> None:
@@ -255,48 +229,71 @@ def test_an_unreachable_host_is_named_and_nothing_is_applied(bed: Bed) -> None:
 
 
 HOLDER = """
-import sys, time
+import sys
 from kvmctl.apply.hostlock import hypervisor_lock
 from kvmctl.host.hypervisor import Hypervisor
-uri, project, hold = sys.argv[1], sys.argv[2], float(sys.argv[3])
+uri, project = sys.argv[1], sys.argv[2]
 hv = Hypervisor(uri)
 with hypervisor_lock(hv.lock_store(), project, "laptop pid-holder (kvmctl apply)", 30,
                      lease_s=3.0):
     print("locked", flush=True)
-    time.sleep(hold)
+    sys.stdin.readline()  # held until told
+print("released", flush=True)
 """
 
 
-def _holder(bed: Bed, hold: float) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, bed.hosts[1].uri, bed.project,
-                             str(hold)], stdout=subprocess.PIPE, text=True,
+def _holder(bed: Bed) -> subprocess.Popen[str]:
+    """Another machine's apply, holding the project's lock on h2 until a line on its stdin:
+    it has a lock directory of its own, so only the lock on the hypervisor can stop us."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, bed.hosts[1].uri, bed.project],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             env=bed.env(bed.folder / "locks-b"))
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
 
+def _lease_on(bed: Bed, host: str) -> bool:
+    """Whether the project's lease record is on the host (kvmctl's pool kvmctl-locks)."""
+    from kvmctl.apply.hostlock import project_key
+    from kvmctl.host.leases import POOL_NAME
+    pool = bed.conns[host].storagePoolLookupByName(POOL_NAME)
+    pool.refresh(0)
+    return f"{project_key(bed.project)}.lease" in {v.name() for v in pool.listAllVolumes(0)}
+
+
 def test_the_lock_on_the_hypervisor_serialises_two_lock_directories(bed: Bed) -> None:
-    holder = _holder(bed, 6)  # another machine's apply: a lock directory of its own
+    holder = _holder(bed)
+    assert holder.stdin is not None and holder.stdout is not None
     try:
         refused = bed.cli("apply", "-y", "--lock-timeout", "0")
         assert refused.returncode == 1, (refused.stdout, refused.stderr)
         assert "laptop pid-holder" in refused.stderr and "h2" in refused.stderr
-        started = time.monotonic()
-        waited = bed.ok("apply", "-y", "--lock-timeout", "60")
-        assert time.monotonic() - started > 1  # it waited for the holder to finish
-        assert "waiting" in waited.stderr
+        second = subprocess.Popen(
+            [sys.executable, "-m", "kvmctl", "apply", "-y", "--lock-timeout", "60", "-f",
+             str(bed.folder)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=bed.env())
+        assert second.stderr is not None
+        told = second.stderr.readline()
+        assert "waiting" in told and "laptop pid-holder" in told, told
+        assert second.poll() is None  # it waits while the lock is held...
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "released"
+        out, err = second.communicate(timeout=300)  # ...and applies once it is released
+        assert second.returncode == 0, (out, err)
     finally:
         holder.kill()
         holder.wait()
 
 
 def test_a_killed_lock_holder_is_taken_over(bed: Bed) -> None:
-    holder = _holder(bed, 600)
-    holder.send_signal(signal.SIGKILL)  # it never releases: its lease (3 s) runs out
+    holder = _holder(bed)
+    holder.send_signal(signal.SIGKILL)  # it never releases: its process is gone
     holder.wait()
-    proc = bed.ok("apply", "-y", "--lock-timeout", "90")
-    assert proc.returncode == 0
+    assert _lease_on(bed, "h2")  # the dead holder's lease is still there...
+    bed.ok("apply", "-y", "--lock-timeout", "90")
+    assert not _lease_on(bed, "h2")  # ...taken over, then released by the apply
 
 
 def _digest(data: bytes) -> str:

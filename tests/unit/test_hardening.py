@@ -11,7 +11,6 @@ import json
 import re
 import shutil
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from re import _parser as sre_parse  # type: ignore[attr-defined]
@@ -181,8 +180,6 @@ def test_every_schema_pattern_refuses_its_examples_with_a_trailing_newline(
         assert checker.is_valid(example), (example, pattern)
         assert not checker.is_valid(example + "\n"), (example, pattern)
         assert not checker.is_valid(example + "\n\n"), (example, pattern)
-        # the bug: Python's `$` matches before a final newline
-        assert re.search(pattern, example + "\n") or not re.search(pattern, example)
 
 
 def _normalized(parsed: Any, end: int) -> Any:
@@ -636,10 +633,9 @@ def _alias_bomb(size: int, copies: int) -> str:
 def test_a_string_alias_bomb_is_refused_quickly_at_the_alias_that_crosses_the_limit(
         size: int, copies: int) -> None:
     text = _alias_bomb(size, copies)
-    started = time.perf_counter()
+    # (it took minutes before: the timeout marker above catches a return to that, no clock here)
     with pytest.raises(ManifestError) as caught:
         documents.parse_text(text, "m.yaml")
-    elapsed = time.perf_counter() - started
     (problem,) = caught.value.problems
     assert problem.message.startswith("document too large: more than 1 MiB of text")
     # An alias is its anchor's node: the location is the aliased string, the path its use.
@@ -647,7 +643,6 @@ def test_a_string_alias_bomb_is_refused_quickly_at_the_alias_that_crosses_the_li
     fitting = documents.MAX_DOCUMENT_BYTES // size  # uses that fit: `a` and fitting - 1 aliases
     assert problem.path == ("spec.cloudInit.userData." +
                             ("a" if fitting == 1 else f"b{fitting - 1}"))
-    assert elapsed < 5, f"{elapsed:.2f} s"  # minutes before; well under a second here
 
 
 def test_a_document_just_under_the_size_limit_loads() -> None:

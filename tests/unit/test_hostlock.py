@@ -110,7 +110,7 @@ def test_a_waiter_is_told_once_and_gets_the_lock_after_its_release() -> None:
 
     t = threading.Thread(target=first)
     t.start()
-    held.wait(2)
+    assert held.wait(2)
     with hypervisor_lock(store, PROJECT, "b@m pid 2 (kvmctl apply)", 5, waiting=told.append,
                          lease_s=0.3):
         events.append("b in")

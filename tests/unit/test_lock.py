@@ -64,9 +64,11 @@ def test_the_lock_is_released_when_its_holder_dies(lock_dir: Path) -> None:
 
 def test_a_waiting_apply_gets_the_lock_when_it_is_released(lock_dir: Path) -> None:
     holder = _holder(lock_dir, 0.5)
+    told: list[str] = []
     try:
-        with lock.project_lock("qemu:///x", "p", 10):  # raises LockError if never released
-            pass
+        with lock.project_lock("qemu:///x", "p", 10, told.append):  # LockError if never free
+            assert not holder.is_alive()  # it had it, released it, and only then we got it
+        assert told and told[0].startswith(f"waiting for the lock held by pid {holder.pid}")
     finally:
         holder.join(10)
 
