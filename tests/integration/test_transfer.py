@@ -205,7 +205,7 @@ def test_failed_upload_deletes_the_created_volume(hosts, prefix, monkeypatch):
     def broken(stream, data, what):
         raise HypervisorError(f"{what}: connection reset")
 
-    monkeypatch.setattr(transfer, "_send", broken)
+    monkeypatch.setattr(transfer, "send_all", broken)  # the upload side of the copy
     with pytest.raises(HypervisorError, match="connection reset"):
         hosts.copy(name, capacity)
     assert not hosts.dst.volume_exists(hosts.dst_pool, name)
