@@ -61,7 +61,7 @@ class Executor:
             s.UpdateNetwork: lambda st: hv.update_network(st.name, str(st.command),
                                                           str(st.section), st.xml),
             s.ReplugNic: self.replug_nic,
-            s.DefineDomain: lambda st: self._define(Kind.VM, st.name, st.xml, hv.define_domain),
+            s.DefineDomain: self.define_domain,
             s.SetDomainAutostart: lambda st: hv.set_domain_autostart(st.name, st.on),
             s.StartDomain: self.start_domain,
             s.ShutdownDomain: self.shutdown_domain,
@@ -249,6 +249,13 @@ class Executor:
                     self.project, kind, name) or "<uuid>" in xml:
                 raise
             define(name, with_uuid(xml, found[0]))
+
+    def define_domain(self, step: s.DefineDomain) -> None:
+        self._define(Kind.VM, step.name, step.xml, self.hv.define_domain)
+        if step.digest:
+            # Only a shortcut for later plans: without it they compare the definition in full.
+            with contextlib.suppress(KvmctlError):
+                self.hv.record_definition(step.name, step.digest, step.xml)
 
     def set_vcpus_live(self, step: s.SetVcpusLive) -> str:
         """Hot-plug or unplug vCPUs. The guest must release unplugged ones and may not (libvirt

@@ -23,7 +23,7 @@ from lxml import etree
 from ..errors import HypervisorError
 from ..kinds import NAMESPACE, RECORD_PREFIX
 from ..render.specs import VolumeSpec
-from . import early
+from . import early, facts, records
 from .connection import call, send_all, silence_default_handler
 from .ownership import OwnershipRecord, record_names, slot_capacity
 from .reading import HostReader
@@ -60,6 +60,22 @@ class Hypervisor(HostReader):
     def define_domain(self, name: str, xml: str) -> None:
         call(f"define domain {name}", self.conn.defineXMLFlags, xml,
              libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+
+    def record_definition(self, name: str, digest: str, sent_xml: str) -> bool:
+        """Record with domain `name`, just defined from `sent_xml` (rendered from what `digest`
+        names), that the definition libvirt made of it has no owned difference from it
+        (host/records.py). False, recording nothing, when it has one."""
+        from ..render.definitions import render_template
+        dom = self._dom(name)
+        returned = call(f"read domain {name}", dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE)
+        if facts.diff(facts.domain_facts(sent_xml), facts.domain_facts(returned)):
+            return False
+        record = render_template("definition-record.xml.j2", desired=digest,
+                                 defined=records.config_digest(returned))
+        call(f"record the definition of domain {name}", dom.setMetadata,
+             libvirt.VIR_DOMAIN_METADATA_ELEMENT, record, records.DEFINITION_KEY,
+             records.DEFINITION_NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        return True
 
     def start_domain(self, name: str) -> None:
         call(f"start domain {name}", self._dom(name).create)

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..render.specs import HostHints
 from .ownership import Owner
+from .records import DefinitionRecord, find_record
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class LiveDomain:
     @property
     def running(self) -> bool:
         return self.live_xml is not None
+
+    @property
+    def record(self) -> DefinitionRecord | None:
+        """The definition record kvmctl left in the persistent definition (host/records.py)."""
+        return find_record(self.inactive_xml)
 
 
 @dataclass(frozen=True)

@@ -206,6 +206,10 @@ class ReplugNic:
 class DefineDomain:
     name: str
     xml: str
+    # render.definitions.domain_digest of the definition: recorded with it once libvirt's copy
+    # is checked (host/records.py); "" records nothing. It changes with kvmctl's code, so
+    # step_json shows only whether there is one.
+    digest: str = dataclasses.field(default="", metadata={"shown_as_set": True})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,7 +341,11 @@ def step_json(step: Step | MoveStep) -> dict[str, Any]:
     """The step as plain JSON values: its operation and every field, by name."""
     if isinstance(step, OnHost):
         return {"op": op_name(step), "host": step.host, "step": step_json(step.step)}
-    return {"op": op_name(step), **_plain(dataclasses.asdict(step))}
+    shown = _plain(dataclasses.asdict(step))
+    for f in dataclasses.fields(step):
+        if f.metadata.get("shown_as_set"):
+            shown[f.name] = bool(shown[f.name])
+    return {"op": op_name(step), **shown}
 
 
 def _plain(value: Any) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from ..host import facts
+from ..host import facts, records
 from ..host.facts import DiskFact, FactChange, Facts, NicFact
 from ..host.state import LiveDomain, fingerprint
 from ..kinds import Kind, ref
@@ -74,17 +74,18 @@ def _vm_deps(vm: VirtualMachine) -> tuple[str, ...]:
 def plan_vm(ctx: Context, vm: VirtualMachine) -> Change:
     name = vm.meta.name
     live = ctx.live.domains.get(name)
-    xml = ctx.desired.domains[name]  # with the live domain's uuid (render.HostHints)
     deps = _vm_deps(vm)
     if live is None:
-        steps: list[Step] = [DefineDomain(name, xml), SetDomainAutostart(name, vm.autostart)]
+        xml = ctx.desired.domains[name]
+        steps: list[Step] = [DefineDomain(name, xml, ctx.desired.domain_digests.get(name, "")),
+                             SetDomainAutostart(name, vm.autostart)]
         if vm.state == "running":
             steps.append(StartDomain(name))
         return Change(Kind.VM, name, ChangeClass.CREATE, (f"new VM ({vm.state})",),
                       _created(vm, xml), tuple(steps), depends=deps)
     if not ctx.check_owner(vm.meta, live.owner):
         return Change(Kind.VM, name, ChangeClass.NOOP)
-    return _update_vm(ctx, vm, live, xml, deps)
+    return _update_vm(ctx, vm, live, deps)
 
 
 def _created(vm: VirtualMachine, xml: str) -> tuple[FieldDiff, ...]:
@@ -94,14 +95,22 @@ def _created(vm: VirtualMachine, xml: str) -> tuple[FieldDiff, ...]:
                  if f.field in ips else f for f in created(facts.domain_facts(xml)))
 
 
-def _vm_differences(ctx: Context, xml: str, live: LiveDomain
+def _vm_differences(ctx: Context, vm: VirtualMachine, live: LiveDomain
                     ) -> tuple[list[FactChange], list[FactChange], Facts]:
     """Owned differences of the desired definition from the persistent and the running one.
 
-    Disks the live definitions give by a path are the pool volumes at that path (the host's
-    volumes, ctx.live). A definition pair already known to have none (ctx.memo) is not parsed
-    again; a verdict that took a path lookup depends on the host's volumes, not only on the
-    pair, so it is not remembered."""
+    A persistent definition its record proves unchanged (host/records.py) has none and is not
+    parsed; a stopped VM's desired definition is then not even rendered. Disks the live
+    definitions give by a path are the pool volumes at that path (the host's volumes,
+    ctx.live). A definition pair already known to have none (ctx.memo) is not parsed again; a
+    verdict that took a path lookup depends on the host's volumes, not only on the pair, so it
+    is not remembered."""
+    name = vm.meta.name
+    config_proven = records.proven(live.record, ctx.desired.domain_digests.get(name, ""),
+                                   live.inactive_xml)
+    if config_proven and not live.running:
+        return [], [], {}
+    xml = ctx.desired.domains[name]  # with the live domain's uuid (render.HostHints)
     memo = ctx.memo
     config_key = memo_key("domain", xml, live.inactive_xml) if memo is not None else ""
     live_key = memo_key("domain", xml, live.live_xml or "") if memo is not None and \
@@ -116,7 +125,8 @@ def _vm_differences(ctx: Context, xml: str, live: LiveDomain
         return volumes(path)
 
     desired = facts.domain_facts(xml)
-    config_changes = facts.diff(desired, facts.domain_facts(live.inactive_xml, resolve))
+    config_changes = [] if config_proven else facts.diff(
+        desired, facts.domain_facts(live.inactive_xml, resolve))
     config_lookups = len(lookups)
     live_facts = facts.domain_facts(live.live_xml or "", resolve) if live.running else {}
     live_changes = facts.diff(desired, live_facts) if live.running else []
@@ -127,17 +137,19 @@ def _vm_differences(ctx: Context, xml: str, live: LiveDomain
     return config_changes, live_changes, live_facts
 
 
-def _update_vm(ctx: Context, vm: VirtualMachine, live: LiveDomain, xml: str,
+def _update_vm(ctx: Context, vm: VirtualMachine, live: LiveDomain,
                deps: tuple[str, ...]) -> Change:
-    """`xml` is the rendered definition. It takes the current one's device addresses and
-    controllers (carry_identity) only when a step sends it to libvirt: those are not facts,
-    so both have the same facts, and a no-op VM is spared the work."""
+    """The rendered definition takes the current one's device addresses and controllers
+    (carry_identity) only when a step sends it to libvirt: those are not facts, so both have
+    the same facts, and a no-op VM is spared the work."""
     name = vm.meta.name
     fp = fingerprint(live.inactive_xml, live.state, live.autostart)
-    config_changes, live_changes, live_facts = _vm_differences(ctx, xml, live)
+    config_changes, live_changes, live_facts = _vm_differences(ctx, vm, live)
+    xml = ""
     if config_changes or live_changes:
-        xml = carry_identity(xml, live.inactive_xml)
-    steps: list[Step] = [DefineDomain(name, xml)] if config_changes else []
+        xml = carry_identity(ctx.desired.domains[name], live.inactive_xml)
+    steps: list[Step] = [DefineDomain(name, xml, ctx.desired.domain_digests.get(name, ""))] \
+        if config_changes else []
     reasons: list[str] = []
     fields = [FieldDiff(c.field, describe(c.field, c.old), describe(c.field, c.new))
               for c in config_changes]

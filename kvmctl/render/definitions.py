@@ -6,18 +6,20 @@ structure of the XML it lands in. No XML is built any other way.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+import hashlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
 from typing import Any
 
 import jinja2
 
-from ..errors import RenderError
+from ..errors import Location, RenderError
 from ..kinds import NAMESPACE, Kind, pool_uuid
 from ..manifest.cloudinit import seed_content_of, seed_pool
 from ..manifest.devices import pcie_root_ports, target_names
+from ..memo import code_fingerprint
 from ..manifest.model import (
     Disk,
     Image,
@@ -102,6 +104,31 @@ def seed_spec(vm: VirtualMachine, m: ManifestSet) -> SeedSpec | None:
     target = _next_target(names, vm)
     content = seed_content_of(vm)
     return SeedSpec(pool, seed_volume_name(vm.meta.name), target, content)
+
+
+@lru_cache(maxsize=1)
+def _render_fingerprint() -> str:
+    """kvmctl's code and templates: what turns a model into XML besides the model itself."""
+    digest = hashlib.sha256(code_fingerprint().encode())
+    folder = resources.files("kvmctl.templates")
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".j2"):
+            digest.update(entry.name.encode() + b"\0" + entry.read_bytes())
+    return digest.hexdigest()
+
+
+_NOWHERE = Location("")
+
+
+def domain_digest(vm: VirtualMachine, m: ManifestSet, project: str, domain_type: str) -> str:
+    """A digest of everything `domain_xml` renders `vm` from but the uuid (which only the host
+    gives, and which is no fact): equal digests render the same definition. Where in the
+    manifests the VM is written is left out."""
+    seed = seed_spec(vm, m)
+    inputs = (replace(vm, meta=replace(vm.meta, source=_NOWHERE)), _disk_devices(vm, m),
+              None if seed is None else (seed.pool, seed.volume, seed.target, seed.digest),
+              project, vm.domain_type or domain_type)
+    return hashlib.sha256((_render_fingerprint() + repr(inputs)).encode()).hexdigest()
 
 
 def domain_xml(vm: VirtualMachine, m: ManifestSet, project: str, domain_type: str,
@@ -209,6 +236,7 @@ def render_desired(m: ManifestSet, project: str, domain_type: str,
         spec = disk_volume(d, m, _image_path(d, m, hints))
         disks[d.meta.name] = DesiredVolume(spec, volume_xml(spec))
     seeds = {vm.meta.name: seed for vm in m.vms if (seed := seed_spec(vm, m)) is not None}
+    vms = {vm.meta.name: vm for vm in m.vms}
     return Desired(
         project=project,
         pools={p.meta.name: pool_xml(p, project) for p in m.pools},
@@ -216,8 +244,32 @@ def render_desired(m: ManifestSet, project: str, domain_type: str,
         disks=disks, seeds=seeds,
         networks={n.meta.name: network_xml(n, m, project, hints.network_uuids.get(n.meta.name))
                   for n in m.networks},
-        domains={v.meta.name: domain_xml(v, m, project, domain_type,
-                                         hints.domain_uuids.get(v.meta.name)) for v in m.vms})
+        # Rendered when the planner first asks: a VM its definition record proves unchanged
+        # (host/records.py) is never rendered.
+        domains=_Lazy(vms, lambda v: domain_xml(v, m, project, domain_type,
+                                                hints.domain_uuids.get(v.meta.name))),
+        domain_digests=_Lazy(vms, lambda v: domain_digest(v, m, project, domain_type)))
+
+
+class _Lazy(Mapping[str, str]):
+    """A value for each VM by name, computed on first use and kept."""
+
+    def __init__(self, vms: Mapping[str, VirtualMachine],
+                 compute: Callable[[VirtualMachine], str]) -> None:
+        self._vms, self._compute = vms, compute
+        self._values: dict[str, str] = {}
+
+    def __getitem__(self, name: str) -> str:
+        value = self._values.get(name)
+        if value is None:
+            value = self._values[name] = self._compute(self._vms[name])
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._vms)
+
+    def __len__(self) -> int:
+        return len(self._vms)
 
 
 def _image_path(disk: Disk, m: ManifestSet, hints: HostHints) -> str | None:

@@ -73,3 +73,5 @@ class Desired:
     seeds: Mapping[str, SeedSpec]  # by VM name, for VMs with cloudInit
     networks: Mapping[str, str]
     domains: Mapping[str, str]
+    # render.definitions.domain_digest of each VM: what a definition record must name
+    domain_digests: Mapping[str, str] = field(default_factory=dict)
