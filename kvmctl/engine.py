@@ -14,7 +14,8 @@ import functools
 import ipaddress
 import json
 import re
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TextIO
@@ -29,7 +30,7 @@ from .errors import (
     UnreachableError,
     UsageError,
 )
-from .host import facts
+from .host import early, facts
 from .host.hypervisor import Hypervisor
 from .host.ownership import Owner
 from .host.state import LiveDomain, LiveState, fingerprint
@@ -174,7 +175,7 @@ class Deployment:
         self.config = config
         self.selected = tuple(h for h in config.hosts if not only or h.name in only)
         self._locks = contextlib.ExitStack()
-        with ThreadPoolExecutor(max_workers=1) as pool:
+        with _reader_switching(), ThreadPoolExecutor(max_workers=1) as pool:
             hosts = pool.submit(_open_hosts, self.selected, config.name, lock, self._locks)
             try:
                 # jinja2 and the templates load here, while the hosts answer, not after.
@@ -349,6 +350,19 @@ class Deployment:
             plan, changes=tuple(replace(c, host=name) for c in plan.changes)))
             for name, plan in plans.items())
         return ProjectPlan(self.project, hosts, moves, self.config.multi_host)
+
+
+@contextlib.contextmanager
+def _reader_switching() -> Iterator[None]:
+    """A shorter GIL switch interval while the hosts are read beside the manifests loading:
+    each of the thousands of libvirt calls the readers make waits for the GIL when it returns,
+    by default up to 5 ms while the loading holds it."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, early.READER_SWITCH_INTERVAL))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(interval)
 
 
 def _open_hosts(hosts: tuple[HostConfig, ...], project: str, lock: LockRequest | None,

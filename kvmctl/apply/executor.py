@@ -252,10 +252,10 @@ class Executor:
 
     def define_domain(self, step: s.DefineDomain) -> None:
         self._define(Kind.VM, step.name, step.xml, self.hv.define_domain)
-        if step.digest:
+        if step.digest and step.rendered:
             # Only a shortcut for later plans: without it they compare the definition in full.
             with contextlib.suppress(KvmctlError):
-                self.hv.record_definition(step.name, step.digest, step.xml)
+                self.hv.record_definition(step.name, step.digest, step.rendered, step.xml)
 
     def set_vcpus_live(self, step: s.SetVcpusLive) -> str:
         """Hot-plug or unplug vCPUs. The guest must release unplugged ones and may not (libvirt

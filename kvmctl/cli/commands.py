@@ -26,11 +26,12 @@ if TYPE_CHECKING:
     from ..plan.types import ProjectPlan
 
 
-def project_config(opts: CommandOptions, connect: bool = False) -> ProjectConfig:
+def project_config(opts: CommandOptions, connect: bool = False, read: bool = False
+                   ) -> ProjectConfig:
     """The run's project and hosts: the project file (--project-file, or kvmctl.yaml found from
     the -f paths upward), overridden by --project, --connect and --domain-type. `connect`: the
     command will talk to the hosts, whose handshakes (ssh, TLS) then start at once, while the
-    rest of the pipeline imports."""
+    rest of the pipeline imports; `read`: it will read them, unlocked, which starts too."""
     from ..manifest.project import (
         Overrides,
         find_project_file,
@@ -43,7 +44,7 @@ def project_config(opts: CommandOptions, connect: bool = False) -> ProjectConfig
     def start(doc: Document | None) -> None:
         if connect:
             from ..host.early import connect_soon
-            connect_soon(probable_uris(doc, overrides, opts.hosts) or [opts.uri])
+            connect_soon(probable_uris(doc, overrides, opts.hosts) or [opts.uri], read)
 
     path = opts.project_file or find_project_file(list(opts.filenames))
     if opts.project_file and not os.path.isfile(opts.project_file):
@@ -62,7 +63,7 @@ def plan_request(opts: CommandOptions) -> PlanRequest:
 
 def open_deployment(opts: CommandOptions, env: Env, config: ProjectConfig | None = None,
                     lock: LockRequest | None = None) -> Deployment:
-    config = config or project_config(opts, connect=True)
+    config = config or project_config(opts, connect=True, read=lock is None)
     from ..engine import Deployment
     return Deployment(config, list(opts.filenames), opts.recursive, env.stdin,
                       only=opts.hosts, lock=lock)

@@ -5,42 +5,86 @@ pipeline (jinja2, jsonschema, the planners); an ssh or TLS handshake takes as lo
 names the URIs it will need as soon as it knows them (`connect_soon`), each handshake runs in a
 thread of its own while the imports go on, and `Hypervisor(uri)` takes the finished connection
 (`take`) instead of opening another. A connection nobody takes is closed at exit.
+
+A command that reads a host without locking it first (`plan`) also asks for the read at once
+(`connect_soon(..., read=True)`): the thread goes on from the handshake to reading every object
+(`HostReader.read`), and the Hypervisor's first read takes that result (`take_read`). The read
+then overlaps the imports as well as the loading of the manifests.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import sys
 import threading
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import libvirt
 
 from .connection import silence_default_handler
 
+if TYPE_CHECKING:
+    from .state import LiveState
+
+READER_SWITCH_INTERVAL = 0.0002  # seconds
 _pending: dict[str, Future[Any]] = {}
+_reads: dict[str, tuple[Any, Future[LiveState]]] = {}  # uri -> (its connection, its read)
 _lock = threading.Lock()
 
 
-def connect_soon(uris: list[str]) -> None:
-    """Start opening a connection to each URI (once per URI), in the background."""
+def connect_soon(uris: list[str], read: bool = False) -> None:
+    """Start opening a connection to each URI (once per URI), in the background; with `read`,
+    then reading that host on it."""
     silence_default_handler()
+    if read:
+        # The reader's libvirt calls give up the GIL and wait for it on return, by default up
+        # to 5 ms each while the main thread imports and loads: thousands of calls.
+        sys.setswitchinterval(min(sys.getswitchinterval(), READER_SWITCH_INTERVAL))
     for uri in uris:
         with _lock:
             if uri in _pending:
                 continue
             future: Future[Any] = Future()
             _pending[uri] = future
-        threading.Thread(target=_open, args=(uri, future), daemon=True,
+            reading: Future[LiveState] | None = Future() if read else None
+        threading.Thread(target=_open, args=(uri, future, reading), daemon=True,
                          name="kvmctl-connect").start()
 
 
-def _open(uri: str, future: Future[Any]) -> None:
+def _open(uri: str, future: Future[Any], reading: Future[LiveState] | None) -> None:
     try:
-        future.set_result(libvirt.open(uri))
+        conn = libvirt.open(uri)
     except BaseException as exc:  # handed to whoever takes it, as libvirt.open would raise
         future.set_exception(exc)
+        if reading is not None:
+            reading.set_exception(exc)
+        return
+    if reading is not None:
+        with _lock:
+            _reads[uri] = (conn, reading)
+    future.set_result(conn)
+    if reading is not None:
+        try:
+            from .reading import HostReader
+            reader = HostReader()
+            reader.conn = conn
+            reading.set_result(reader.read())
+        except BaseException as exc:  # raised again by the read that takes it
+            reading.set_exception(exc)
+
+
+def take_read(uri: str, conn: Any) -> LiveState | None:
+    """The read started for `uri` on its connection `conn` (waiting for it), or None if none
+    was, or it was made on another connection; raises what the read raised. Only the first
+    caller gets it."""
+    with _lock:
+        started = _reads.get(uri)
+        if started is None or started[0] is not conn:
+            return None
+        del _reads[uri]
+    return started[1].result()
 
 
 def take(uri: str) -> Any | None:

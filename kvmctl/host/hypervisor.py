@@ -30,6 +30,7 @@ from .reading import HostReader
 
 if TYPE_CHECKING:
     from .leases import LeaseStore
+    from .state import LiveState
 
 AFFECT_LIVE = libvirt.VIR_DOMAIN_AFFECT_LIVE
 _UEFI = re.compile(r"<nvram|<loader|firmware=['\"]efi['\"]")
@@ -46,6 +47,11 @@ class Hypervisor(HostReader):
                          or libvirt.open(uri))
         self._import_lock = threading.Lock()
 
+    def read(self) -> LiveState:
+        """Every object of the host: the read the CLI started with the connection, if it did
+        (host/early.py), else one now."""
+        return early.take_read(self.uri, self.conn) or super().read()
+
     def close(self) -> None:
         with contextlib.suppress(libvirt.libvirtError):
             self.conn.close()
@@ -61,16 +67,16 @@ class Hypervisor(HostReader):
         call(f"define domain {name}", self.conn.defineXMLFlags, xml,
              libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
 
-    def record_definition(self, name: str, digest: str, sent_xml: str) -> bool:
+    def record_definition(self, name: str, digest: str, rendered: str, sent_xml: str) -> bool:
         """Record with domain `name`, just defined from `sent_xml` (rendered from what `digest`
-        names), that the definition libvirt made of it has no owned difference from it
-        (host/records.py). False, recording nothing, when it has one."""
+        names, to XML of the digest `rendered`), that the definition libvirt made of it has no
+        owned difference from it (host/records.py). False, recording nothing, when it has one."""
         from ..render.definitions import render_template
         dom = self._dom(name)
         returned = call(f"read domain {name}", dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE)
         if facts.diff(facts.domain_facts(sent_xml), facts.domain_facts(returned)):
             return False
-        record = render_template("definition-record.xml.j2", desired=digest,
+        record = render_template("definition-record.xml.j2", desired=digest, rendered=rendered,
                                  defined=records.config_digest(returned))
         call(f"record the definition of domain {name}", dom.setMetadata,
              libvirt.VIR_DOMAIN_METADATA_ELEMENT, record, records.DEFINITION_KEY,

@@ -50,9 +50,13 @@ class HostReader:
 
     def _domain(self, dom: Any, active: set[str] | None = None,
                 autostart: set[str] | None = None) -> LiveDomain:
-        """One domain; `active` and `autostart` (UUIDs, from filtered lists) spare two calls."""
-        name, uuid = dom.name(), dom.UUIDString()
-        inactive = call(f"read domain {name}", dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE)
+        """One domain; `active` and `autostart` (UUIDs, from filtered lists) spare two calls.
+
+        Its name and uuid come from its XML where they can: every libvirt call, local or not,
+        gives up the GIL and waits to get it back while the manifests load beside the read."""
+        inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)  # each_listed names it
+        name, uuid = _element_text(inactive, "name") or dom.name(), \
+            _element_text(inactive, "uuid") or dom.UUIDString()
         state = STATES.get(call(f"read domain {name}", dom.state)[0], "other") \
             if active is None or uuid in active else "shutoff"
         live = call(f"read domain {name}", dom.XMLDesc, 0) if state != "shutoff" else None
@@ -237,6 +241,18 @@ class HostReader:
 
     def _dom(self, name: str) -> Any:
         return call(f"look up domain {name}", self.conn.lookupByName, name)
+
+
+def _element_text(xml: str, tag: str) -> str:
+    """The text of the first `<tag>` element of a libvirt definition, which for `name` and
+    `uuid` is the object's own (libvirt writes them first); "" when it holds markup or an
+    entity, which the caller then asks libvirt for."""
+    start = xml.find(f"<{tag}>")
+    end = xml.find(f"</{tag}>", start)
+    if start < 0 or end < 0:
+        return ""
+    text = xml[start + len(tag) + 2:end]
+    return "" if "&" in text or "<" in text else text
 
 
 def _kvmctl_dir_pool(pool: Any, xml: str) -> bool:

@@ -27,7 +27,7 @@ class Meta:
     name: str
     labels: tuple[tuple[str, str], ...]
     spec_hash: str
-    source: Location = field(compare=False)
+    source: Location = field(compare=False, repr=False)  # where it is written, not what
 
     @property
     def ref(self) -> str:

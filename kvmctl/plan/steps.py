@@ -206,10 +206,11 @@ class ReplugNic:
 class DefineDomain:
     name: str
     xml: str
-    # render.definitions.domain_digest of the definition: recorded with it once libvirt's copy
-    # is checked (host/records.py); "" records nothing. It changes with kvmctl's code, so
-    # step_json shows only whether there is one.
+    # render.definitions.domain_digest and records.rendered_digest of the definition: recorded
+    # with it once libvirt's copy is checked (host/records.py); "" records nothing. They change
+    # with kvmctl's code, so step_json shows only whether there are any.
     digest: str = dataclasses.field(default="", metadata={"shown_as_set": True})
+    rendered: str = dataclasses.field(default="", metadata={"shown_as_set": True})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -77,8 +77,7 @@ def plan_vm(ctx: Context, vm: VirtualMachine) -> Change:
     deps = _vm_deps(vm)
     if live is None:
         xml = ctx.desired.domains[name]
-        steps: list[Step] = [DefineDomain(name, xml, ctx.desired.domain_digests.get(name, "")),
-                             SetDomainAutostart(name, vm.autostart)]
+        steps: list[Step] = [_define(ctx, name, xml), SetDomainAutostart(name, vm.autostart)]
         if vm.state == "running":
             steps.append(StartDomain(name))
         return Change(Kind.VM, name, ChangeClass.CREATE, (f"new VM ({vm.state})",),
@@ -86,6 +85,13 @@ def plan_vm(ctx: Context, vm: VirtualMachine) -> Change:
     if not ctx.check_owner(vm.meta, live.owner):
         return Change(Kind.VM, name, ChangeClass.NOOP)
     return _update_vm(ctx, vm, live, deps)
+
+
+def _define(ctx: Context, name: str, xml: str) -> DefineDomain:
+    """Defining `xml` (the rendered definition, perhaps with the current one's identity),
+    with the digests its definition record takes (host/records.py)."""
+    return DefineDomain(name, xml, ctx.desired.domain_digests.get(name, ""),
+                        records.rendered_digest(ctx.desired.domains[name]))
 
 
 def _created(vm: VirtualMachine, xml: str) -> tuple[FieldDiff, ...]:
@@ -107,7 +113,7 @@ def _vm_differences(ctx: Context, vm: VirtualMachine, live: LiveDomain
     is not remembered."""
     name = vm.meta.name
     config_proven = records.proven(live.record, ctx.desired.domain_digests.get(name, ""),
-                                   live.inactive_xml)
+                                   lambda: ctx.desired.domains[name], live.inactive_xml)
     if config_proven and not live.running:
         return [], [], {}
     xml = ctx.desired.domains[name]  # with the live domain's uuid (render.HostHints)
@@ -148,8 +154,7 @@ def _update_vm(ctx: Context, vm: VirtualMachine, live: LiveDomain,
     xml = ""
     if config_changes or live_changes:
         xml = carry_identity(ctx.desired.domains[name], live.inactive_xml)
-    steps: list[Step] = [DefineDomain(name, xml, ctx.desired.domain_digests.get(name, ""))] \
-        if config_changes else []
+    steps: list[Step] = [_define(ctx, name, xml)] if config_changes else []
     reasons: list[str] = []
     fields = [FieldDiff(c.field, describe(c.field, c.old), describe(c.field, c.new))
               for c in config_changes]

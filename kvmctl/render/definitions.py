@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from typing import Any
 
 import jinja2
 
-from ..errors import Location, RenderError
+from ..errors import RenderError
 from ..kinds import NAMESPACE, Kind, pool_uuid
 from ..manifest.cloudinit import seed_content_of, seed_pool
 from ..manifest.devices import pcie_root_ports, target_names
-from ..memo import code_fingerprint
 from ..manifest.model import (
     Disk,
     Image,
@@ -31,6 +30,7 @@ from ..manifest.model import (
     seed_volume_name,
     volume_name,
 )
+from ..memo import code_fingerprint
 from .specs import Desired, DesiredVolume, HostHints, Rendered, SeedSpec, VolumeSpec
 
 
@@ -117,15 +117,12 @@ def _render_fingerprint() -> str:
     return digest.hexdigest()
 
 
-_NOWHERE = Location("")
-
-
 def domain_digest(vm: VirtualMachine, m: ManifestSet, project: str, domain_type: str) -> str:
     """A digest of everything `domain_xml` renders `vm` from but the uuid (which only the host
-    gives, and which is no fact): equal digests render the same definition. Where in the
-    manifests the VM is written is left out."""
+    gives, and which is no fact): equal digests render the same definition. The reprs of the
+    model's frozen values hold every field but where in the manifests a VM is written."""
     seed = seed_spec(vm, m)
-    inputs = (replace(vm, meta=replace(vm.meta, source=_NOWHERE)), _disk_devices(vm, m),
+    inputs = (vm, _disk_devices(vm, m),
               None if seed is None else (seed.pool, seed.volume, seed.target, seed.digest),
               project, vm.domain_type or domain_type)
     return hashlib.sha256((_render_fingerprint() + repr(inputs)).encode()).hexdigest()
