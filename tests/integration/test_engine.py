@@ -34,6 +34,8 @@ from engine_support import (
     vm,
 )
 
+from kvmctl.host import records
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 
@@ -144,6 +146,43 @@ def test_drift_is_shown_and_repaired(kv, prefix, free_subnet, test_guest, scratc
     dom = conn.lookupByName(name)
     assert dom.autostart() == 0 and dom.maxMemory() == 131072
     assert conn.networkLookupByName(net).autostart() == 1
+
+
+def test_definition_records_prove_unchanged_vms_and_never_hide_drift(kv, prefix, test_guest,
+                                                                     conn):
+    """A stopped VM kvmctl defined carries a definition record (host/records.py) that lets a
+    plan skip it; every kind of edit behind kvmctl's back is still found."""
+    names = [f"{prefix}rec{i}" for i in range(3)]
+    manifest = kv.write("records.yaml", [vm(n, test_guest) for n in names])
+    kv.converge(manifest)
+    for name in names:
+        xml = conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        record = records.find_record(xml)
+        assert record is not None and record.defined == records.config_digest(xml), xml
+
+    # 0: vCPUs redefined with the record kept, as `virsh edit` keeps every metadata element.
+    dom = conn.lookupByName(names[0])
+    conn.defineXML(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).replace(
+        "<vcpu placement='static'>1</vcpu>", "<vcpu placement='static'>2</vcpu>"))
+    assert records.find_record(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)) is not None
+    # 1: memory changed through libvirt's own call, which rewrites the definition.
+    conn.lookupByName(names[1]).setMaxMemory(262144)
+    # 2: the record's digests forged to match nothing: compared in full, found equal.
+    two = conn.lookupByName(names[2])
+    two.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                    f'<definition desired="{"0" * 64}" rendered="{"0" * 64}" '
+                    f'defined="{"0" * 64}"/>', records.DEFINITION_KEY, records.DEFINITION_NS,
+                    libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+
+    plan = kv.plan_json(manifest)
+    assert {"vcpus", "vcpus.max"} <= fields(change(plan, f"VirtualMachine/{names[0]}"))
+    assert "memory.max" in fields(change(plan, f"VirtualMachine/{names[1]}"))
+    assert change(plan, f"VirtualMachine/{names[2]}") is None  # no change: not listed
+    kv.converge(manifest)
+    for name in names[:2]:  # redefined: their records are new and hold
+        xml = conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        record = records.find_record(xml)
+        assert record is not None and record.defined == records.config_digest(xml)
 
 
 # ---- identity across a redefinition --------------------------------------------------------------
