@@ -10,15 +10,17 @@ hosts (`spec.hosts: all`, a free /24 of 10.0.0.0/8). Then:
   1. defines N stopped VMs (default 300, `kb-<runid>-vm-NNNN`, `spec.host` h1, h2, h3 in turn)
      and times, in --repeat paired rounds (default 5):
        (a) the whole `kvmctl plan --detailed-exitcode` process (it must exit 0), cold
-           (KVMCTL_NO_CACHE=1) and warm (a memo of this run's own, filled by one untimed plan);
+           (KVMCTL_NO_CACHE=1 and an empty cache folder for each run) and warm (a memo of this
+           run's own, filled by one untimed plan);
        (b) per host, a bare `python -c` process that connects to that host, lists all domains
            and reads each one's inactive XML (plan_noop.py's bare read);
        (c) one bare process that does (b) for h1, h2 and h3 one after another;
      and compares (a) with the slowest host's (b): kvmctl reads the hosts in parallel, so
      that is its floor, where (c) is what a tool reading them one by one pays.
   2. removes those VMs, then, --apply-repeat rounds (default 3), times
-       (a) the whole `kvmctl apply -y` process that defines M new stopped VMs (default 100)
-           spread over the hosts (the network is there and unchanged); then `kvmctl destroy`;
+       (a) the whole `kvmctl apply -y` process (cold) that defines M new stopped VMs
+           (default 100) spread over the hosts (the network is there and unchanged); then
+           `kvmctl destroy`;
        (b) a bare `python -c` process that defines the same XML (`kvmctl render`, renamed
            `kb-<runid>-raw-NNNN`) with virDomainDefineXMLFlags(VALIDATE) on the same hosts,
            the same number per host: one thread per host, in parallel, each defining its
@@ -31,7 +33,7 @@ host that removes what is left, and the run's hypervisor-lock records in `kvmctl
 Prints figures only; it never fails on a slow result.
 
     .venv/bin/python bench/hosts.py [--vms 300] [--repeat 5] [--apply-vms 100]
-        [--apply-repeat 3]
+        [--apply-repeat 3] [--json FILE]
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import ipaddress
 import json
 import os
@@ -51,7 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,12 +71,15 @@ from plan_noop import (  # noqa: E402
     leftovers,
     remove_by_prefix,
     remove_lock_files,
+    row,
     run,
+    run_id_arg,
     terminate_as_exit,
     timed,
     used_subnets,
     vm_yaml,
     write_docs,
+    write_json,
 )
 from plan_noop import Run as SingleHostRun  # noqa: E402
 from testhosts import TestHost  # noqa: E402
@@ -87,6 +93,7 @@ HOSTS = 3
 # its subnet there too, and avoids theirs.
 SUBNET_DIR = Path("/run/kvmctl-tests")
 NEVER = (ipaddress.IPv4Network("10.0.0.0/16"), ipaddress.IPv4Network("10.213.0.0/16"))
+TARGET_RATIO = 1.5  # no-op plan / the slowest host's bare read
 
 # (b) of part 2: argv[1] is a JSON file {uri: [xml, ...]}; one thread per host, defines in turn.
 BARE_DEFINE_PARALLEL = """
@@ -264,24 +271,19 @@ class Run(SingleHostRun):
     """One run over the test hosts: plan_noop's run (id, project, files), with a project file
     naming all the hosts, and the cleanup on every host."""
 
-    def __init__(self, hosts: Sequence[TestHost]) -> None:
-        super().__init__(hosts[0].uri)  # the project's defaultHost; kvmctl() names them all
+    def __init__(self, hosts: Sequence[TestHost], run_id: str | None = None) -> None:
+        super().__init__(hosts[0].uri, run_id)  # the defaultHost; kvmctl() names them all
         self.hosts = list(hosts)
         self.render_dir = Path(tempfile.mkdtemp(prefix=f"kvmctl-{self.project}-render-"))
         self.project_file = self.dir / "kvmctl.yaml"
         self.project_file.write_text(project_yaml(self.project, hosts), encoding="utf-8")
         self.lock_dir = self.dir / "locks"
-        self.cache_dir = self.dir / "cache"
         self.subnet: ipaddress.IPv4Network | None = None
+        self.rows: list[dict[str, object]] = []  # for --json
 
-    def env(self, cache: bool = False) -> dict[str, str]:
-        env = {k: v for k, v in child_env().items()
-               if k not in ("KVMCTL_NO_CACHE", "KVMCTL_CACHE_DIR", "KVMCTL_LOCK_DIR")}
+    def base_env(self) -> dict[str, str]:
+        env = {k: v for k, v in child_env().items() if k != "KVMCTL_LOCK_DIR"}
         env.update(KVMCTL_DOMAIN_TYPE="qemu", KVMCTL_LOCK_DIR=str(self.lock_dir))
-        if cache:
-            env["KVMCTL_CACHE_DIR"] = str(self.cache_dir)
-        else:
-            env["KVMCTL_NO_CACHE"] = "1"
         return env
 
     def kvmctl(self, *args: str) -> list[str]:
@@ -374,21 +376,22 @@ def measure_plan(r: Run, args: argparse.Namespace, load: Load) -> None:
     plan = r.kvmctl("plan", "-f", str(plan_dir), "--detailed-exitcode")
     bare = {h.name: [sys.executable, "-c", BARE_READ, h.uri] for h in hosts}
     sequential = [sys.executable, "-c", BARE_READ] + [h.uri for h in hosts]
-    benv = child_env()
     # Untimed: fills the warm memo, and makes sure the first timed round pays no first-use cost.
-    timed(plan, env=r.env(cache=True))
+    timed(plan, env=r.warm_env("cache"))
     counts = dict(zip([h.name for h in hosts],
-                      run(sequential, env=benv).stdout.split(), strict=True))
+                      run(sequential).stdout.split(), strict=True))
 
-    steps: list[tuple[str, list[str], dict[str, str]]] = [
-        ("cold", plan, r.env()), ("warm", plan, r.env(cache=True))]
-    steps += [(h.name, bare[h.name], benv) for h in hosts] + [("seq", sequential, benv)]
+    # key, argv, its environment (cold: a new empty cache folder for each run)
+    steps: list[tuple[str, list[str], Callable[[], dict[str, str]]]] = [
+        ("cold", plan, r.env), ("warm", plan, functools.partial(r.warm_env, "cache"))]
+    steps += [(h.name, bare[h.name], child_env) for h in hosts]
+    steps += [("seq", sequential, child_env)]
     times: dict[str, list[float]] = {key: [] for key, _, _ in steps}
     for i in range(args.repeat):
         load.sample()
         order = steps if i % 2 == 0 else steps[::-1]  # paired, alternating which goes first
         for key, argv, env in order:
-            times[key].append(timed(argv, env=env))
+            times[key].append(timed(argv, env=env()))
         print(f"  round {i + 1}/{args.repeat}: plan cold {times['cold'][-1]:.3f} s, warm "
               f"{times['warm'][-1]:.3f} s; bare "
               + ", ".join(f"{h.name} {times[h.name][-1]:.3f}" for h in hosts)
@@ -400,7 +403,7 @@ def measure_plan(r: Run, args: argparse.Namespace, load: Load) -> None:
     paired = {k: med([p / max(times[h.name][i] for h in hosts)
                       for i, p in enumerate(times[k])]) for k in ("cold", "warm")}
 
-    def row(label: str, key: str, note: str = "") -> str:
+    def line(label: str, key: str, note: str = "") -> str:
         m = med(times[key])
         return (f"| {label:<58} | {m:8.3f} | {min(times[key]):7.3f} | {m / floor:7.2f} |"
                 f" {note}")
@@ -413,13 +416,18 @@ def measure_plan(r: Run, args: argparse.Namespace, load: Load) -> None:
     for key, label in (("cold", "(a) kvmctl plan, cold (KVMCTL_NO_CACHE=1)"),
                        ("warm", "(a) kvmctl plan, warm memo")):
         ratio = med(times[key]) / floor
-        print(row(label, key, f"paired {paired[key]:.2f}; target <= 1.5: "
-                  f"{'met' if ratio <= 1.5 else 'MISSED'}"))
+        print(line(label, key, f"paired {paired[key]:.2f}; target <= {TARGET_RATIO}: "
+                   f"{'met' if ratio <= TARGET_RATIO else 'MISSED'}"))
+        r.rows.append(row(f"no-op plan over {len(hosts)} test hosts, {n} VMs, {key} (median "
+                          f"of {args.repeat}) vs the slowest host's bare read "
+                          f"({slowest.name}, {slowest.transport})",
+                          f"{med(times[key]):.3f} s", f"{floor:.3f} s", ratio,
+                          f"<= {TARGET_RATIO}", ratio <= TARGET_RATIO))
     for h in hosts:
-        print(row(f"(b) bare read {h.name} ({h.transport}, {counts[h.name]} domains)", h.name,
-                  "<- slowest host: the floor" if h is slowest else ""))
-    print(row("(c) bare read h1, h2, h3 one after another (one process)", "seq",
-              f"sum of the (b) medians: {sum(med(times[h.name]) for h in hosts):.3f} s"))
+        print(line(f"(b) bare read {h.name} ({h.transport}, {counts[h.name]} domains)", h.name,
+                   "<- slowest host: the floor" if h is slowest else ""))
+    print(line("(c) bare read h1, h2, h3 one after another (one process)", "seq",
+               f"sum of the (b) medians: {sum(med(times[h.name]) for h in hosts):.3f} s"))
 
     print("removing the VMs: kvmctl destroy -y ...", flush=True)
     run(r.kvmctl("destroy", "-y", "-f", str(plan_vms)), env=r.env())
@@ -489,11 +497,13 @@ def measure_apply(r: Run, args: argparse.Namespace, load: Load) -> None:
           f"{args.apply_repeat}")
     print(f"| {'':<58} | {'median s':>8} | {'min s':>7} | {'ratio':>7} |")
     print(f"| {'-' * 58} | {'-' * 8}:| {'-' * 6}:| {'-' * 6}:|")
-    print(f"| {'(a) kvmctl apply -y (whole process)':<58} | {a:8.3f} | {min(apply_times):7.3f} "
-          f"| {a / b:7.2f} | paired {paired:.2f}; apply_new.py's target <= 2: "
-          f"{'met' if a / b <= 2 else 'MISSED'}")
+    print(f"| {'(a) kvmctl apply -y, cold (whole process)':<58} | {a:8.3f} | "
+          f"{min(apply_times):7.3f} | {a / b:7.2f} | paired {paired:.2f}")
     print(f"| {'(b) bare defineXMLFlags: a thread per host, in parallel':<58} | {b:8.3f} | "
           f"{min(bare_times):7.3f} | {1:7.2f} | each thread defines its host's VMs in turn")
+    r.rows.append(row(f"apply of {n} new VMs over {len(hosts)} test hosts, cold (median of "
+                      f"{args.apply_repeat}) vs bare defines, a thread per host",
+                      f"{a:.3f} s", f"{b:.3f} s", a / b, "—", None))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -502,34 +512,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=5, help="paired rounds of the plan")
     ap.add_argument("--apply-vms", type=int, default=100, help="new VMs of the apply")
     ap.add_argument("--apply-repeat", type=int, default=3, help="rounds of the apply")
+    ap.add_argument("--json", metavar="FILE", help="also write the figures to FILE "
+                    "(for bench/run)")
+    ap.add_argument("--run-id", type=run_id_arg, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.vms < 1 or args.apply_vms < 2 or args.repeat < 1 or args.apply_repeat < 1:
+        ap.error("--vms must be 1 or more, --apply-vms 2 or more, the repeats 1 or more")
 
     load = Load()
     hosts, started = start_test_hosts()
-    with terminate_as_exit():
-        r = Run(hosts)
-        clean = False
-        try:
-            r.subnet = reserve_subnet(hosts)
-            print(f"run {r.id}: project {r.project}, network {r.network} ({r.subnet}, "
-                  f"isolated, on all hosts), hosts "
-                  + ", ".join(f"{h.name} ({h.transport})" for h in hosts)
-                  + f"; files in {r.dir}", flush=True)
-            print(f"load average at the start: {load.sample():.2f} on {load.cores} cores",
-                  flush=True)
-            print("setting up the network: kvmctl apply -y ...", flush=True)
-            net_dir = r.dir / "net"
-            write_set(net_dir, [], r.network, [], r.subnet)
-            r.apply(net_dir)
-            measure_plan(r, args, load)
-            measure_apply(r, args, load)
-            load.sample()
-            print("\n" + load.report())
-        finally:
-            clean = r.cleanup()
-    if started:  # none ran before this run: it stops what it started
-        subprocess.run([str(TEST_HOSTS), "down"], capture_output=True, check=False)
+    try:
+        with terminate_as_exit():
+            r = Run(hosts, args.run_id)
+            clean = False
+            try:
+                measure(r, args, load)
+            finally:
+                clean = r.cleanup()
+    finally:
+        if started:  # none ran before this run: it stops what it started, also on failure
+            subprocess.run([str(TEST_HOSTS), "down"], capture_output=True, check=False)
     return 0 if clean else 1
+
+
+def measure(r: Run, args: argparse.Namespace, load: Load) -> None:
+    hosts = r.hosts
+    r.subnet = reserve_subnet(hosts)
+    print(f"run {r.id}: project {r.project}, network {r.network} ({r.subnet}, isolated, on "
+          f"all hosts), hosts " + ", ".join(f"{h.name} ({h.transport})" for h in hosts)
+          + f"; files in {r.dir}", flush=True)
+    print(f"load average at the start: {load.sample():.2f} on {load.cores} cores", flush=True)
+    print("setting up the network: kvmctl apply -y ...", flush=True)
+    net_dir = r.dir / "net"
+    write_set(net_dir, [], r.network, [], r.subnet)
+    r.apply(net_dir)
+    measure_plan(r, args, load)
+    measure_apply(r, args, load)
+    load.sample()
+    print("\n" + load.report())
+    write_json(args.json, r.rows, hosts=[f"{h.name} {h.uri}" for h in hosts])
 
 
 if __name__ == "__main__":

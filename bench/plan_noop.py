@@ -1,46 +1,55 @@
 #!/usr/bin/env python3
-"""Benchmark: a no-op `kvmctl plan` over N stopped VMs against a bare libvirt read.
+"""Benchmark: a no-op `kvmctl plan` over N stopped VMs against a bare libvirt read, at scales.
 
-Defines N stopped VMs (default 1000: `kb-<runid>-vm-0001`...; 1 vCPU, 64MiB, direct kernel boot
-of /var/cache/kvmctl/test-guest/vmlinuz, one NIC on the NAT network `kb-<runid>-net`, in
-project `kb-<runid>`) through `kvmctl apply`, then measures side by side, best of --repeat:
+Defines stopped VMs (`kb-<runid>-vm-0001`...; 1 vCPU, 64MiB, direct kernel boot of
+/var/cache/kvmctl/test-guest/vmlinuz, one NIC on the NAT network `kb-<runid>-net`, in project
+`kb-<runid>`) through `kvmctl apply`, growing the set scale by scale (--scales 1000,3000,10000:
+apply 1000, measure, add 2000, measure, add 7000, measure). At each scale, after one untimed
+plan that fills the warm memo, --repeat paired rounds (every other round in reverse order) time:
 
   (a) the whole `kvmctl plan -f DIR --project kb-<runid> --domain-type qemu
-      --detailed-exitcode` process (it must exit 0: no changes);
+      --detailed-exitcode` process (it must exit 0: no changes), cold (KVMCTL_NO_CACHE=1 and an
+      empty fresh XDG_CACHE_HOME/KVMCTL_CACHE_DIR for each run) and warm (a memo of the run's
+      own, KVMCTL_CACHE_DIR, filled by the untimed plan);
   (b) a bare `python -c` process that opens the connection, lists all domains and reads each
       one's inactive XML with libvirt-python: the floor any tool reading this host pays;
 
-and prints both, their ratio, and the start time of `kvmctl --help`. Then it removes everything
-it created (`kvmctl destroy -y`, then a check by name through libvirt-python that removes what is
-left), also when a step fails or it is interrupted.
+and prints one table: medians with the min beside, ratios to (b), CPU time and max RSS of each
+process (os.wait4), and the cost per VM. Then it removes everything it created
+(`kvmctl destroy -y`, then a check by name through libvirt-python that removes what is left),
+also when a step fails or it is interrupted.
 
 Prints figures only; it never fails on a slow result.
 
-    .venv/bin/python bench/plan_noop.py [-n 1000] [--repeat 5] [--no-ip] [--profile FILE]
-        [--compare-python PYTHON]
+    .venv/bin/python bench/plan_noop.py [--scales 1000[,3000,...]] [--repeat 5] [--no-ip]
+        [--profile FILE] [--compare-python PYTHON] [--json FILE]
 
---profile runs `python -m cProfile -o FILE -m kvmctl plan ...` once more after the timings and
-prints the top of it (read it again with `python -m pstats FILE`). --compare-python times
-`PYTHON -m kvmctl plan ...` in the same rounds (another kvmctl: a before/after figure).
+--profile runs `python -m cProfile -o FILE -m kvmctl plan ...` once more at the largest scale
+and prints the top of it (read it again with `python -m pstats FILE`). --compare-python times
+`PYTHON -m kvmctl plan ...` (cold) in the same rounds (another kvmctl: a before/after figure).
+--json writes the figures for bench/run.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import ipaddress
 import json
 import os
 import pstats
 import random
+import re
 import secrets
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +58,8 @@ VMS_PER_FILE = 100
 # Subnets never to use: the host's own and the examples' (10.213.0.0/16).
 RESERVED = (ipaddress.IPv4Network("10.213.0.0/16"), ipaddress.IPv4Network("192.0.2.0/24"))
 # The CLI defaults that the environment can change: cleared so runs do not depend on the shell.
-_ENV_DROP = ("KVMCTL_PROJECT", "KVMCTL_DOMAIN_TYPE", "KVMCTL_CONNECT", "LIBVIRT_DEFAULT_URI")
+_ENV_DROP = ("KVMCTL_PROJECT", "KVMCTL_DOMAIN_TYPE", "KVMCTL_CONNECT", "LIBVIRT_DEFAULT_URI",
+             "KVMCTL_NO_CACHE", "KVMCTL_CACHE_DIR", "XDG_CACHE_HOME")
 
 
 # ---- processes ----------------------------------------------------------------------------------
@@ -88,28 +98,159 @@ _VANISHED = ("Domain not found", "Network not found", "no domain with matching",
              "no network with matching")
 
 
+@dataclass(frozen=True)
+class Sample:
+    """One whole child process: wall time, CPU time (user + system) and max RSS (os.wait4)."""
+
+    wall: float
+    cpu: float
+    maxrss_kib: int
+
+
+# The launcher of every measured process: `python -S -I -c SPAWN REPORT ARGV...` forks, execs
+# ARGV in the child, reaps it with os.wait4 and writes its wall time, CPU time and max RSS to
+# the file REPORT; it exits with the child's exit code. A child forked straight from this
+# benchmark would start as a copy of it (libvirt, lxml, and at 10k VMs a lot of data), and
+# Linux counts the memory a process had before its exec in its ru_maxrss. Forked from this
+# small process, a child starts from about 8 MB, less than any Python program uses.
+SPAWN = """
+import os, sys, time
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    except OSError as exc:
+        print(f"cannot run {sys.argv[2]}: {exc}", file=sys.stderr)
+    os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+wall = time.perf_counter() - start
+with open(sys.argv[1], "w") as f:
+    f.write(f"{wall!r} {usage.ru_utime + usage.ru_stime!r} {usage.ru_maxrss}")
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a launcher and its child (their own process group): SIGTERM, then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def measured(argv: Sequence[str], expect: int = 0, tries: int = 3, cwd: Path | None = None,
+             env: dict[str, str] | None = None) -> Sample:
+    """One whole process in `env` (default: child_env()), which must exit with `expect`: its
+    wall time, and its CPU time and max RSS as os.wait4 reports them for it (see SPAWN)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile("r", prefix="kvmctl-bench-", suffix=".usage") as usage:
+        proc = subprocess.Popen([sys.executable, "-S", "-I", "-c", SPAWN, usage.name, *argv],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                env=child_env() if env is None else env, cwd=cwd,
+                                process_group=0)
+        try:
+            returncode = proc.wait()
+        except BaseException:  # Ctrl-C, SIGTERM: the child goes too, before the cleanup
+            _stop(proc)
+            raise
+        report = usage.read().split()
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
+    if len(report) != 3:
+        raise BenchError(f"the launcher of {' '.join(argv[:4])} ... exited {returncode} "
+                         f"without a report:\n{_tail(stderr)}")
+    if returncode != expect and tries > 1 and any(m in stderr for m in _VANISHED):
+        print(f"  (an object vanished while it was read, running again: "
+              f"{stderr.strip().splitlines()[-1][:120]})", flush=True)
+        return measured(argv, expect, tries - 1, cwd, env)
+    if returncode != expect:
+        raise BenchError(f"{' '.join(argv[:4])} ... exited {returncode} (expected "
+                         f"{expect}):\n{_tail(stdout)}{_tail(stderr)}")
+    return Sample(float(report[0]), float(report[1]), int(report[2]))
+
+
 def timed(argv: Sequence[str], expect: int = 0, tries: int = 3, cwd: Path | None = None,
           env: dict[str, str] | None = None) -> float:
-    """Wall time of one whole process in `env` (default: child_env()), which must exit with
-    `expect`."""
-    start = time.perf_counter()
-    proc = subprocess.run(list(argv), capture_output=True, text=True,
-                          env=child_env() if env is None else env, stdin=subprocess.DEVNULL,
-                          cwd=cwd)
-    elapsed = time.perf_counter() - start
-    if proc.returncode != expect and tries > 1 and any(m in proc.stderr for m in _VANISHED):
-        print(f"  (an object vanished while it was read, running again: "
-              f"{proc.stderr.strip().splitlines()[-1][:120]})", flush=True)
-        return timed(argv, expect, tries - 1, cwd, env)
-    if proc.returncode != expect:
-        raise BenchError(f"{' '.join(argv[:4])} ... exited {proc.returncode} (expected "
-                         f"{expect}):\n{_tail(proc.stdout)}{_tail(proc.stderr)}")
-    return elapsed
+    """Wall time of one whole process (see measured)."""
+    return measured(argv, expect, tries, cwd, env).wall
 
 
-def best_of(repeat: int, fn: Callable[[], float]) -> tuple[float, list[float]]:
-    times = [fn() for _ in range(repeat)]
-    return min(times), times
+# A step of paired rounds: its key, and what runs it once (a fresh environment each time).
+Step = tuple[str, Callable[[], Sample]]
+
+
+def paired_rounds(steps: Sequence[Step], repeat: int,
+                  report: Callable[[int, dict[str, list[Sample]]], None] | None = None,
+                  ) -> dict[str, list[Sample]]:
+    """`repeat` rounds that run every step once, every other round in reverse order, so that a
+    change in the host's load hits all steps alike. key -> one Sample per round."""
+    samples: dict[str, list[Sample]] = {key: [] for key, _ in steps}
+    for i in range(repeat):
+        for key, step in (steps if i % 2 == 0 else steps[::-1]):
+            samples[key].append(step())
+        if report is not None:
+            report(i, samples)
+    return samples
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Samples of one step: median and min wall time, median CPU time, peak max RSS."""
+
+    median: float
+    min: float
+    cpu: float
+    maxrss_mb: float
+
+    @classmethod
+    def of(cls, samples: Sequence[Sample]) -> Summary:
+        return cls(statistics.median(s.wall for s in samples), min(s.wall for s in samples),
+                   statistics.median(s.cpu for s in samples),
+                   max(s.maxrss_kib for s in samples) * 1024 / 1e6)
+
+
+def paired_ratio(a: Sequence[Sample], b: Sequence[Sample]) -> float:
+    """The median over the rounds of a / b of the same round."""
+    return statistics.median(x.wall / y.wall for x, y in zip(a, b, strict=True))
+
+
+def row(what: str, kvmctl: str, bare: str, ratio: float | None, target: str,
+        met: bool | None) -> dict[str, object]:
+    """One line of bench/run's table."""
+    return {"what": what, "kvmctl": kvmctl, "bare": bare, "ratio": ratio, "target": target,
+            "met": met}
+
+
+def write_json(path: str | None, rows: Sequence[dict[str, object]], **extra: object) -> None:
+    """The figures for bench/run (--json FILE)."""
+    if path:
+        Path(path).write_text(json.dumps({"rows": list(rows), **extra}, indent=1),
+                              encoding="utf-8")
+
+
+def fresh_cache_env(env: dict[str, str], parent: Path) -> dict[str, str]:
+    """`env` for a cold kvmctl: no memo (KVMCTL_NO_CACHE=1), and an empty new folder below
+    `parent` as its XDG_CACHE_HOME and KVMCTL_CACHE_DIR."""
+    parent.mkdir(parents=True, exist_ok=True)
+    empty = tempfile.mkdtemp(prefix="cold-", dir=parent)
+    return {**env, "KVMCTL_NO_CACHE": "1", "XDG_CACHE_HOME": empty, "KVMCTL_CACHE_DIR": empty}
+
+
+def warm_cache_env(env: dict[str, str], cache_dir: Path) -> dict[str, str]:
+    """`env` for a warm kvmctl: the memo in `cache_dir` (XDG_CACHE_HOME beside it)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    xdg = cache_dir.with_name(cache_dir.name + "-xdg")
+    xdg.mkdir(exist_ok=True)
+    return {k: v for k, v in env.items() if k != "KVMCTL_NO_CACHE"} | {
+        "KVMCTL_CACHE_DIR": str(cache_dir), "XDG_CACHE_HOME": str(xdg)}
 
 
 class BenchError(Exception):
@@ -157,9 +298,11 @@ def used_subnets(uri: str) -> list[ipaddress.IPv4Network]:
     return used
 
 
-def free_subnet(uri: str, prefixlen: int) -> ipaddress.IPv4Network:
-    """A subnet of 10.128.0.0/9 with this prefix that overlaps nothing on the host."""
-    used = used_subnets(uri)
+def free_subnet(uri: str, prefixlen: int,
+                exclude: Sequence[ipaddress.IPv4Network] = ()) -> ipaddress.IPv4Network:
+    """A subnet of 10.128.0.0/9 with this prefix that overlaps nothing on the host, nor
+    `exclude`."""
+    used = used_subnets(uri) + list(exclude)
     candidates = list(ipaddress.IPv4Network("10.128.0.0/9").subnets(new_prefix=prefixlen))
     start = random.randrange(len(candidates))  # concurrent runs rarely pick the same one
     for net in candidates[start:] + candidates[:start]:
@@ -239,9 +382,9 @@ def terminate_as_exit() -> Iterator[None]:
 class Run:
     """One benchmark run: its id, project, network, manifest directory and cleanup."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, run_id: str | None = None) -> None:
         self.uri = uri
-        self.id = secrets.token_hex(3)
+        self.id = run_id or secrets.token_hex(3)
         self.project = f"kb-{self.id}"
         self.prefix = f"kb-{self.id}-"
         self.network = f"{self.prefix}net"
@@ -251,9 +394,18 @@ class Run:
     def vm_name(self, i: int, kind: str = "vm") -> str:
         return f"{self.prefix}{kind}-{i:04d}"
 
-    def env(self) -> dict[str, str]:
-        """The environment of this run's kvmctl commands."""
+    def base_env(self) -> dict[str, str]:
+        """The environment of this run's kvmctl commands, before the cache settings."""
         return child_env()
+
+    def env(self) -> dict[str, str]:
+        """A cold kvmctl's environment (see fresh_cache_env): every kvmctl command of a run,
+        unless it is timed warm, so that none reads or fills a memo outside the run."""
+        return fresh_cache_env(self.base_env(), self.dir / "state" / "cold")
+
+    def warm_env(self, name: str) -> dict[str, str]:
+        """A warm kvmctl's environment: the run's own memo folder `name`."""
+        return warm_cache_env(self.base_env(), self.dir / "state" / name)
 
     def kvmctl(self, *args: str) -> list[str]:
         return kvmctl_command() + list(args) + ["--connect", self.uri, "--project",
@@ -344,17 +496,28 @@ spec:{f'''
 
 
 def write_vms(directory: Path, names: Sequence[str], network: str,
-              ips: Sequence[str | None]) -> None:
+              ips: Sequence[str | None], stem: str = "vms") -> None:
     write_docs(directory, [vm_yaml(name, network, ip) for name, ip in zip(names, ips,
-                                                                         strict=True)])
+                                                                         strict=True)], stem)
 
 
-def write_docs(directory: Path, docs: Sequence[str]) -> None:
-    """Manifest documents in `directory`, VMS_PER_FILE a file (vms-000.yaml, ...)."""
+def write_docs(directory: Path, docs: Sequence[str], stem: str = "vms") -> None:
+    """Manifest documents in `directory`, VMS_PER_FILE a file (STEM-000.yaml, ...)."""
     directory.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(docs), VMS_PER_FILE):
-        (directory / f"vms-{start // VMS_PER_FILE:03d}.yaml").write_text(
+        (directory / f"{stem}-{start // VMS_PER_FILE:03d}.yaml").write_text(
             "---\n".join(docs[start:start + VMS_PER_FILE]), encoding="utf-8")
+
+
+def reservations(prefixlen: int) -> int:
+    """How many reservations a network of this prefix holds here (vm_ips: the bottom half of
+    its addresses, without the gateway)."""
+    return int((2 ** (32 - prefixlen) - 2) // 2 - 1)
+
+
+def prefix_for(count: int) -> int:
+    """The longest prefix, /24 to /16, whose network holds `count` reservations."""
+    return next((p for p in range(24, 16, -1) if reservations(p) >= count), 16)
 
 
 def vm_ips(subnet: ipaddress.IPv4Network, count: int, reserve: bool) -> list[str | None]:
@@ -393,32 +556,65 @@ def profile(r: Run, out: str, top: int = 35) -> None:
     argv = [sys.executable, "-m", "cProfile", "-o", out, "-m", "kvmctl", "plan", "-f",
             str(r.dir), "--connect", r.uri, "--project", r.project, "--domain-type", "qemu",
             "--detailed-exitcode"]
-    proc = subprocess.run(argv, capture_output=True, text=True, env=child_env(),
+    proc = subprocess.run(argv, capture_output=True, text=True, env=r.env(),
                           stdin=subprocess.DEVNULL, cwd=ROOT)
     if proc.returncode != 0:
         raise BenchError(f"profiled plan exited {proc.returncode}:\n{_tail(proc.stderr)}")
-    print(f"\nprofile of one `kvmctl plan` (saved in {out}):")
+    print(f"\nprofile of one cold `kvmctl plan` (saved in {out}):")
     stats = pstats.Stats(out)
     stats.sort_stats("cumulative").print_stats(top)
     stats.sort_stats("tottime").print_stats(20)
 
 
+def scales_arg(text: str) -> list[int]:
+    """--scales 1000,3000,10000: VM counts, ascending, each above 1."""
+    try:
+        scales = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not scales or scales[0] < 2:
+        raise argparse.ArgumentTypeError("each scale must be 2 or more")
+    return scales
+
+
+def run_id_arg(text: str) -> str:
+    """--run-id: bench/run's run id, 6 hex digits, as a run picks its own."""
+    if not re.fullmatch(r"[0-9a-f]{6}", text):
+        raise argparse.ArgumentTypeError("a run id is 6 lower-case hex digits")
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("-n", "--vms", type=int, default=1000)
-    ap.add_argument("--repeat", type=int, default=5, help="runs of each measurement (best is "
-                    "reported)")
+    ap.add_argument("--scales", type=scales_arg, default=None, metavar="N[,N...]",
+                    help="VM counts, measured one after another on one growing set "
+                         "(default: 1000)")
+    ap.add_argument("-n", "--vms", type=int, default=None,
+                    help="one scale: the same as --scales N")
+    ap.add_argument("--repeat", type=int, default=5, help="paired rounds at each scale "
+                    "(medians are reported, with the min beside)")
     ap.add_argument("--no-ip", action="store_true",
                     help="no DHCP reservations (default: each VM reserves an address)")
     ap.add_argument("--connect", default="qemu:///system", metavar="URI")
-    ap.add_argument("--profile", metavar="FILE", help="also profile one plan into FILE")
+    ap.add_argument("--profile", metavar="FILE",
+                    help="also profile one cold plan at the largest scale into FILE")
     ap.add_argument("--compare-python", metavar="PYTHON",
-                    help="also time `PYTHON -m kvmctl plan ...` in the same rounds: another "
-                         "kvmctl (say, a venv with an older version) for a before/after figure")
+                    help="also time `PYTHON -m kvmctl plan ...` (cold) in the same rounds: "
+                         "another kvmctl (say, a venv with an older version) for a "
+                         "before/after figure")
+    ap.add_argument("--json", metavar="FILE", help="also write the figures to FILE "
+                    "(for bench/run)")
+    ap.add_argument("--run-id", type=run_id_arg, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.scales is None:
+        args.scales = scales_arg(str(args.vms or 1000))
+    elif args.vms is not None:
+        ap.error("give --scales or -n, not both")
+    if args.repeat < 1:
+        ap.error("--repeat must be 1 or more")
 
     with terminate_as_exit():
-        r = Run(args.connect)
+        r = Run(args.connect, args.run_id)
         clean = False
         try:
             measure(r, args)
@@ -427,58 +623,132 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if clean else 1
 
 
-def measure(r: Run, args: argparse.Namespace) -> None:
-    n = args.vms
-    subnet = free_subnet(r.uri, 20 if n < 2000 else 16)
-    print(f"run {r.id}: project {r.project}, {n} stopped VMs on network {r.network} "
-          f"({subnet}{', no reservations' if args.no_ip else ', one reservation each'}), "
-          f"manifests in {r.dir}", flush=True)
-    (r.dir / "network.yaml").write_text(network_yaml(r.network, subnet), encoding="utf-8")
-    names = [r.vm_name(i) for i in range(1, n + 1)]
-    write_vms(r.dir, names, r.network, vm_ips(subnet, n, not args.no_ip))
+TARGET_RATIO = 1.5
+TARGET_RSS_MB = 400.0  # at TARGET_RSS_AT VMs
+TARGET_RSS_AT = 10_000
 
-    print("defining them: kvmctl apply -y ...", flush=True)
-    elapsed = r.apply(r.dir)
-    print(f"  apply of {n} VMs and 1 network: {elapsed:.2f} s", flush=True)
+
+def measure(r: Run, args: argparse.Namespace) -> None:
+    scales: list[int] = args.scales
+    reserve = not args.no_ip
+    steps_vms = [n - m for n, m in zip(scales, [0, *scales[:-1]], strict=True)]
+    addressing = ((f"one DHCP reservation each, on {len(scales)} network(s), one per growth "
+                   f"step ({' + '.join(map(str, steps_vms))} VMs)") if reserve
+                  else f"no DHCP reservations, {len(scales)} network(s), one per growth step")
+    print(f"run {r.id}: project {r.project}, up to {scales[-1]} stopped VMs (scales "
+          f"{', '.join(map(str, scales))}; {addressing}), manifests in {r.dir}", flush=True)
+    r.applied_dirs.append(r.dir)  # the cleanup destroys it, also when the first apply fails
 
     plan = r.kvmctl("plan", "-f", str(r.dir), "--detailed-exitcode")
     bare = [sys.executable, "-c", BARE_READ, r.uri]
-    count = int(run(bare).stdout.strip())
-    help_cmd = kvmctl_command() + ["--help"]
-    bare_start = [sys.executable, "-c", "pass"]
-
-    # Interleaved, so a change in host load hits both sides alike.
     other = [args.compare_python, "-m", "kvmctl"] + plan[len(kvmctl_command()):] \
         if args.compare_python else None
-    plan_times: list[float] = []
-    bare_times: list[float] = []
-    other_times: list[float] = []
-    for i in range(args.repeat):
-        plan_times.append(timed(plan))
-        bare_times.append(timed(bare))
-        if other:  # run elsewhere: `-m kvmctl` in the checkout would import the checkout's
-            other_times.append(timed(other, cwd=r.dir))
-        print(f"  round {i + 1}/{args.repeat}: plan {plan_times[-1]:.3f} s, bare read "
-              f"{bare_times[-1]:.3f} s"
-              + (f", {args.compare_python} plan {other_times[-1]:.3f} s" if other else ""),
-              flush=True)
-    help_best, _ = best_of(args.repeat, lambda: timed(help_cmd))
-    python_best, _ = best_of(args.repeat, lambda: timed(bare_start))
+    results: list[tuple[int, int, dict[str, list[Sample]]]] = []
+    subnets: list[ipaddress.IPv4Network] = []
+    defined = 0
+    for step, n in enumerate(scales, 1):
+        # Each growth step has a network of its own, defined with its VMs' reservations in
+        # one go: adding them to a running network instead costs libvirt a dnsmasq restart,
+        # about 0.65 s, per reservation.
+        network = r.network if step == 1 else f"{r.network}{step}"
+        subnet = free_subnet(r.uri, prefix_for(n - defined) if reserve else 24, subnets)
+        subnets.append(subnet)
+        (r.dir / ("network.yaml" if step == 1 else f"network-{step}.yaml")).write_text(
+            network_yaml(network, subnet), encoding="utf-8")
+        write_vms(r.dir, [r.vm_name(i) for i in range(defined + 1, n + 1)], network,
+                  vm_ips(subnet, n - defined, reserve), stem=f"vms-{step}")
+        print(f"\nscale {n}: kvmctl apply -y of {n - defined} more VMs and the network "
+              f"{network} ({subnet}) ...", flush=True)
+        elapsed = timed(r.kvmctl("apply", "-y", "-f", str(r.dir)), env=r.env())
+        print(f"  apply: {elapsed:.2f} s ({n} VMs defined now)", flush=True)
+        defined = n
+        count = int(run(bare).stdout.strip())
+        cache = f"cache-{n}"
+        # Untimed: fills the warm memo (its own for each scale), and makes sure the first
+        # timed round pays no first-use cost of the host.
+        timed(plan, env=r.warm_env(cache))
 
-    plan_best, bare_best = min(plan_times), min(bare_times)
-    ratio = plan_best / bare_best
-    print(f"\nno-op plan of {n} stopped VMs ({count} domains on the host), best of "
-          f"{args.repeat}:")
-    print(f"  (a) kvmctl plan --detailed-exitcode (exit 0): {plan_best:8.3f} s")
-    print(f"  (b) bare libvirt-python list + inactive XML:  {bare_best:8.3f} s")
-    print(f"  ratio a/b: {ratio:.2f} (target <= 3, aim 1.5): "
-          f"{'meets the target' if ratio <= 3 else 'MISSES the target'}")
-    if other_times:
-        print(f"  {args.compare_python} -m kvmctl plan: {min(other_times):.3f} s, ratio to (b) "
-              f"{min(other_times) / bare_best:.2f}")
-    print(f"  kvmctl --help: {help_best:.3f} s   (python -c pass: {python_best:.3f} s)")
+        steps: list[Step] = [
+            ("cold", lambda: measured(plan, env=r.env())),  # a fresh empty folder each run
+            ("warm", functools.partial(measured, plan, env=r.warm_env(cache))),
+            ("bare", lambda: measured(bare))]
+        if other:  # run elsewhere: `-m kvmctl` in the checkout would import the checkout's
+            steps.append(("other", lambda: measured(other, env=r.env(), cwd=r.dir)))
+
+        def report(i: int, got: dict[str, list[Sample]]) -> None:
+            print(f"  round {i + 1}/{args.repeat}: plan cold {got['cold'][-1].wall:.3f} s, "
+                  f"warm {got['warm'][-1].wall:.3f} s, bare read {got['bare'][-1].wall:.3f} s"
+                  + (f", {args.compare_python} plan {got['other'][-1].wall:.3f} s"
+                     if other else ""), flush=True)
+
+        results.append((n, count, paired_rounds(steps, args.repeat, report)))
+
+    print_table(results, args, addressing)
+    write_json(args.json, json_rows(results, reserve), addressing=addressing,
+               scales=scales, repeat=args.repeat)
     if args.profile:
         profile(r, args.profile)
+
+
+LABELS = {"bare": "(b) bare read", "cold": "(a) plan, cold", "warm": "(a) plan, warm",
+          "other": "--compare-python plan, cold"}
+
+
+def print_table(results: Sequence[tuple[int, int, dict[str, list[Sample]]]],
+                args: argparse.Namespace, addressing: str) -> None:
+    print(f"\nno-op plan of N stopped VMs ({addressing}), median of {args.repeat} paired "
+          "rounds, min beside; ratio = median / median of (b); paired = median over the "
+          "rounds of (a) / (b) of the same round; CPU = user + system (median); RSS = the "
+          "highest max RSS of the process over the rounds")
+    print("| VMs | domains | what | median s | min s | ratio | paired | ms/VM | CPU s "
+          "| max RSS MB |")
+    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for n, count, samples in results:
+        floor = Summary.of(samples["bare"]).median
+        for key in ("bare", "cold", "warm", "other"):
+            if key not in samples:
+                continue
+            s = Summary.of(samples[key])
+            paired = "" if key == "bare" else f"{paired_ratio(samples[key], samples['bare']):.2f}"
+            print(f"| {n} | {count} | {LABELS[key]} | {s.median:.3f} | {s.min:.3f} | "
+                  f"{s.median / floor:.2f} | {paired} | {s.median * 1000 / n:.3f} | "
+                  f"{s.cpu:.3f} | {s.maxrss_mb:.0f} |")
+    for n, _, samples in results:
+        for key in ("cold", "warm"):
+            ratio = Summary.of(samples[key]).median / Summary.of(samples["bare"]).median
+            print(f"  {n} VMs, {key}: ratio {ratio:.2f} (target <= {TARGET_RATIO}): "
+                  f"{'met' if ratio <= TARGET_RATIO else 'MISSED'}")
+    n, _, samples = results[-1]
+    rss = max(Summary.of(samples[k]).maxrss_mb for k in ("cold", "warm"))
+    if n == TARGET_RSS_AT:
+        print(f"  peak memory of kvmctl plan at {n} VMs: {rss:.0f} MB (target <= "
+              f"{TARGET_RSS_MB:.0f} MB): {'met' if rss <= TARGET_RSS_MB else 'MISSED'}")
+    else:
+        print(f"  peak memory of kvmctl plan at {n} VMs: {rss:.0f} MB (the target, <= "
+              f"{TARGET_RSS_MB:.0f} MB, is for {TARGET_RSS_AT} VMs)")
+
+
+def json_rows(results: Sequence[tuple[int, int, dict[str, list[Sample]]]],
+              reserve: bool) -> list[dict[str, object]]:
+    rows = []
+    for n, count, samples in results:
+        b = Summary.of(samples["bare"])
+        for key in ("cold", "warm"):
+            a = Summary.of(samples[key])
+            ratio = a.median / b.median
+            rows.append(row(f"no-op plan, {n} VMs, {key} (median; {a.median * 1000 / n:.2f} "
+                            f"ms/VM)", f"{a.median:.3f} s", f"{b.median:.3f} s", ratio,
+                            f"<= {TARGET_RATIO}", ratio <= TARGET_RATIO))
+        rss = max(Summary.of(samples[k]).maxrss_mb for k in ("cold", "warm"))
+        at_target = n == TARGET_RSS_AT
+        kind = "a DHCP reservation each" if reserve else "no reservations"
+        rows.append(row(f"peak memory (max RSS) of kvmctl plan, {n} VMs ({count} domains; "
+                        f"{kind})", f"{rss:.0f} MB", f"{b.maxrss_mb:.0f} MB",
+                        rss / b.maxrss_mb,
+                        f"<= {TARGET_RSS_MB:.0f} MB" if at_target else
+                        f"(<= {TARGET_RSS_MB:.0f} MB at {TARGET_RSS_AT})",
+                        rss <= TARGET_RSS_MB if at_target else None))
+    return rows
 
 
 if __name__ == "__main__":
