@@ -31,8 +31,7 @@ DEFINITION_NS = "https://kvmctl.dev/xmlns/definition/v1"
 DEFINITION_KEY = "kvmctl-def"  # the prefix libvirt writes the record's element with
 
 # libvirt writes a metadata element on one line, indented, with its namespace declared on it.
-_RECORD = re.compile(r'[ \t]*<kvmctl-def:definition xmlns:kvmctl-def="'
-                     + re.escape(DEFINITION_NS) + r'"([^<>]*)/>\n?')
+_OPENING = f'<{DEFINITION_KEY}:definition xmlns:{DEFINITION_KEY}="{DEFINITION_NS}"'
 _ATTR = re.compile(r'\b(desired|rendered|defined)="([0-9a-f]{64})"')
 _UUID = re.compile(r"[ \t]*<uuid>[^<]*</uuid>\n?")
 
@@ -44,14 +43,23 @@ class DefinitionRecord:
     defined: str  # config_digest of the definition libvirt returned right after
 
 
+def _record_span(xml: str) -> tuple[int, int] | None:
+    """Where the record's line is in `xml` (its indentation and newline included)."""
+    start = xml.find(_OPENING)
+    end = xml.find("/>", start)
+    if start < 0 or end < 0 or "<" in xml[start + len(_OPENING):end]:
+        return None
+    while start and xml[start - 1] in " \t":
+        start -= 1
+    return start, end + (3 if xml.startswith("/>\n", end) else 2)
+
+
 def find_record(xml: str) -> DefinitionRecord | None:
     """The definition record in a domain's persistent definition, if it has one."""
-    if DEFINITION_NS not in xml:
+    span = _record_span(xml)
+    if span is None:
         return None
-    found = _RECORD.search(xml)
-    if found is None:
-        return None
-    values = dict(_ATTR.findall(found.group(1)))
+    values = dict(_ATTR.findall(xml[span[0]:span[1]]))
     if set(values) != {"desired", "rendered", "defined"}:
         return None
     return DefinitionRecord(values["desired"], values["rendered"], values["defined"])
@@ -60,8 +68,9 @@ def find_record(xml: str) -> DefinitionRecord | None:
 def config_digest(xml: str) -> str:
     """sha256 of a persistent definition without its definition record (the record is written
     after the digest is taken, so the digest cannot cover it)."""
-    if DEFINITION_NS in xml:
-        xml = _RECORD.sub("", xml, count=1)
+    span = _record_span(xml)
+    if span is not None:
+        xml = xml[:span[0]] + xml[span[1]:]
     return hashlib.sha256(xml.encode("utf-8", "surrogatepass")).hexdigest()
 
 
