@@ -1,8 +1,9 @@
 """Stage 2: documents -> validated model.
 
-First the JSON schemas (one per kind, strict), then the semantic checks that a schema cannot
-express (checks.py). Every problem in every document is collected; nothing is built from a
-document set that has any error.
+First the JSON schemas (one per kind, strict: compiled predicates say whether a document is
+valid, jsonschema says what is wrong with one that is not), then the semantic checks that a
+schema cannot express (checks.py). Every problem in every document is collected; nothing is
+built from a document set that has any error.
 """
 
 from __future__ import annotations
@@ -10,14 +11,13 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from functools import cache, lru_cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urldefrag, urljoin
 
-if TYPE_CHECKING:  # jsonschema is imported only when a document is not in the memo
+if TYPE_CHECKING:  # jsonschema is imported only to explain why a document is invalid
     import jsonschema
     from jsonschema import Draft202012Validator
 
@@ -30,6 +30,7 @@ from ..xmltext import describe_char, first_non_xml_char
 from . import checks
 from .documents import Document, json_path
 from .model import ManifestSet, build
+from .schemacheck import Compiler, Predicate, anchored
 
 API_VERSION = "kvmctl/v1"
 SCHEMA_FILES = {str(kind): f"{kind.lower()}.schema.json" for kind in MANIFEST_KINDS}
@@ -44,8 +45,18 @@ def _schema_texts() -> dict[str, dict[str, Any]]:
 
 
 @lru_cache(maxsize=1)
+def predicates() -> dict[str, Predicate]:
+    """Per kind, whether a document is valid: the verdict of validators(), without jsonschema
+    (schemacheck.py)."""
+    texts = _schema_texts()
+    compiler = Compiler(schema for schema in texts.values() if "$id" in schema)
+    return {kind: compiler.compile(texts[file]) for kind, file in SCHEMA_FILES.items()}
+
+
+@lru_cache(maxsize=1)
 def validators() -> dict[str, Draft202012Validator]:
-    """One compiled validator per kind; shared definitions resolve through their $id.
+    """One compiled validator per kind; shared definitions resolve through their $id. It
+    explains the documents predicates() refuses; it must give the same verdicts.
 
     Each kind schema is validated in its inlined form (see _inline_refs): resolving a $ref
     through the registry on every use was two thirds of the validation time.
@@ -127,36 +138,6 @@ def _validator_class() -> Any:
         {"pattern": pattern, "patternProperties": pattern_properties,
          "additionalProperties": additional_properties},
         type_checker=type_checker)
-
-
-@cache
-def anchored(pattern: str) -> re.Pattern[str]:
-    """`pattern` compiled with every `$` anchor (outside a character class, not escaped) made
-    `\\Z`, the end of the string: what `$` means in ECMA-262 regular expressions."""
-    out: list[str] = []
-    i, n, in_class = 0, len(pattern), False
-    while i < n:
-        char = pattern[i]
-        if char == "\\":
-            out.append(pattern[i:i + 2])
-            i += 2
-            continue
-        i += 1
-        if in_class:
-            in_class = char != "]"
-            out.append(char)
-        elif char == "[":
-            in_class = True
-            out.append(char)
-            if pattern.startswith("^", i):  # a negated class
-                out.append("^")
-                i += 1
-            if pattern.startswith("]", i):  # ']' first in a class is a literal
-                out.append("]")
-                i += 1
-        else:
-            out.append("\\Z" if char == "$" else char)
-    return re.compile("".join(out))
 
 
 @cache
@@ -406,9 +387,11 @@ def schema_problems(doc: Document, memo: Memo | None = None) -> list[Problem]:
     known = memo_key(doc) if memo is not None else ""
     if known and known in memo:  # type: ignore[operator]
         return []
-    validator = validators()[doc.kind]
-    for error in sorted(validator.iter_errors(doc.body), key=lambda e: list(map(str, e.path))):
-        problems.extend(_problems_from(error, doc))
+    if not predicates()[doc.kind](doc.body):  # only then jsonschema, to say what is wrong
+        validator = validators()[doc.kind]
+        for error in sorted(validator.iter_errors(doc.body),
+                            key=lambda e: list(map(str, e.path))):
+            problems.extend(_problems_from(error, doc))
     texts = text_problems(doc)
     if texts:  # one problem per value: the character, not also the pattern it breaks
         located = {p.path for p in texts}
