@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         whole = Summary.of(processes)
 
         started = time.perf_counter()
-        validate.validators()  # schema compilation is a one-time cost, reported apart
+        validate.predicates()  # schema compilation is a one-time cost, reported apart
         render.environment()
         compile_time = time.perf_counter() - started
         times = []
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  the second run in the same process: {second:.3f} s (first minus second, "
               f"about the one-time costs: {first - second:.3f} s)")
         print(f"load+validate+render in this process, compiled ({compile_time:.3f} s for "
-              f"validators() and environment()): best {best:.3f} s of {len(times)} "
+              f"predicates() and environment()): best {best:.3f} s of {len(times)} "
               f"(all: {', '.join(f'{t:.3f}' for t in times)})")
         print(f"{best * 1000 / max(1, args.vms):.3f} ms per VM document")
         print(f"{total_docs / best:.0f} documents/second")
