@@ -280,9 +280,17 @@ def assign_macs(vms: tuple[VirtualMachine, ...],
                        if m not in taken and m not in on_host)
             chosen[(vm.meta.name, i)] = mac
             taken.add(mac)
-    return tuple(replace(vm, interfaces=tuple(
-        replace(nic, mac=chosen.get((vm.meta.name, i), nic.mac))
-        for i, nic in enumerate(vm.interfaces))) if vm.interfaces else vm for vm in vms)
+    return tuple(_with_macs(vm, chosen) for vm in vms)
+
+
+def _with_macs(vm: VirtualMachine, chosen: Mapping[tuple[str, int], str]) -> VirtualMachine:
+    """`vm` with the MACs chosen for its NICs; itself when they are the ones it has (nearly
+    always: a NIC's first candidate is the MAC it was built with)."""
+    macs = [chosen.get((vm.meta.name, i), nic.mac) for i, nic in enumerate(vm.interfaces)]
+    if all(mac == nic.mac for mac, nic in zip(macs, vm.interfaces, strict=True)):
+        return vm
+    return replace(vm, interfaces=tuple(replace(nic, mac=mac)
+                                        for mac, nic in zip(macs, vm.interfaces, strict=True)))
 
 
 # How far back a defined VM's MAC is looked for among its candidates: a NIC only moves past

@@ -7,10 +7,12 @@ structure of the XML it lands in. No XML is built any other way.
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -30,7 +32,6 @@ from ..manifest.model import (
     seed_volume_name,
     volume_name,
 )
-from ..memo import code_fingerprint
 from .specs import Desired, DesiredVolume, HostHints, Rendered, SeedSpec, VolumeSpec
 
 
@@ -106,10 +107,21 @@ def seed_spec(vm: VirtualMachine, m: ManifestSet) -> SeedSpec | None:
     return SeedSpec(pool, seed_volume_name(vm.meta.name), target, content)
 
 
+# The code that turns a model value into XML besides the value itself: this module, what it
+# calls, and what the templates read (the model's properties). A change to any other module
+# leaves definition records valid (tests/unit/test_records.py keeps this list complete).
+RENDER_MODULES = (__name__, "kvmctl.render.specs", "kvmctl.manifest.model",
+                  "kvmctl.manifest.devices", "kvmctl.manifest.cloudinit", "kvmctl.kinds",
+                  "kvmctl.units")
+
+
 @lru_cache(maxsize=1)
 def _render_fingerprint() -> str:
-    """kvmctl's code and templates: what turns a model into XML besides the model itself."""
-    digest = hashlib.sha256(code_fingerprint().encode())
+    """The rendering code, Jinja's version and the templates."""
+    digest = hashlib.sha256()
+    for name in RENDER_MODULES:
+        digest.update(name.encode() + b"\0" + Path(sys.modules[name].__file__ or "").read_bytes())
+    digest.update(f"jinja2 {jinja2.__version__}".encode())
     folder = resources.files("kvmctl.templates")
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".j2"):

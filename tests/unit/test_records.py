@@ -7,6 +7,8 @@ libvirt's own.
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,3 +208,54 @@ def test_a_changed_manifest_is_planned_though_the_record_still_holds(host: Host)
     plan = host.plan(_manifest(host, memory="128MiB"))
     changed = [ref for ref, c in changes_by_ref(plan).items() if c["class"] != "noop"]
     assert changed == ["VirtualMachine/r-one"]
+
+
+# ---- what the input digest covers ---------------------------------------------------------------
+
+# Modules a rendering imports whose code cannot change a definition's XML: they only word
+# errors or turn manifest text into the values the input digest holds itself.
+NOT_RENDERING = {"kvmctl.errors", "kvmctl.manifest.documents"}
+
+
+def test_the_input_digest_covers_every_module_rendering_runs() -> None:
+    """A module missing from RENDER_MODULES could change the XML without changing the input
+    digest: the record would then vouch for a definition the new code renders differently."""
+    seen: set[str] = set()
+    todo = ["kvmctl.render.definitions"]
+    while todo:
+        name = todo.pop()
+        if name in seen or name in NOT_RENDERING:
+            continue
+        seen.add(name)
+        todo.extend(_kvmctl_imports(name))
+    assert seen == set(definitions.RENDER_MODULES)
+
+
+def _kvmctl_imports(module: str) -> set[str]:
+    """The kvmctl modules `module` imports at run time (not those for type checking only)."""
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin is not None
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    package = module if spec.submodule_search_locations else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.dump(node.test):
+            node.body = []
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package) \
+                if node.level else node.module or ""
+            for alias in node.names:
+                candidate = f"{base}.{alias.name}"
+                found.add(candidate if importlib.util.find_spec(base) and _is_module(candidate)
+                          else base)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name.startswith("kvmctl.") and name != "kvmctl.templates"}
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
