@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 
 from lxml import etree
@@ -39,18 +40,50 @@ def resource_fields(root: etree._Element) -> dict[str, str] | None:
 
 def owner_from_xml(xml: str) -> Owner | None:
     """The kvmctl ownership mark in a domain or network definition, if any."""
-    # Only the <metadata> element is parsed: it is self-contained (libvirt writes the namespace
-    # declarations on its children), and most of a definition is not needed here.
+    # Only the <metadata> element is looked at: it is self-contained (libvirt writes the
+    # namespace declarations on its children), and most of a definition is not needed here.
     start, end = xml.find("<metadata>"), xml.find("</metadata>")
     if start < 0 or end < 0 or NAMESPACE not in xml[start:end]:
         return None
+    fields = _plain_fields(xml[start:end])
+    return _owner(fields) if fields is not None else parsed_owner(xml[start:end + 11])
+
+
+# The mark as kvmctl writes it and libvirt keeps it: one element per field, plain text.
+_RESOURCE = f'<kvmctl:resource xmlns:kvmctl="{NAMESPACE}">'
+_FIELD = re.compile(r"<kvmctl:([a-z-]+)>([^<&]*)</kvmctl:\1>")
+_UNUSUAL = ("&", "<!", "<?")  # entities, comments, CDATA, processing instructions
+
+
+def _plain_fields(metadata: str) -> dict[str, str] | None:
+    """The mark's fields read as text (a thousand domains are read per plan), or None when it
+    is not written the plain way: then it is parsed as XML (parsed_owner)."""
+    start = metadata.find(_RESOURCE)
+    end = metadata.find("</kvmctl:resource>", start)
+    if start < 0 or end < 0 or metadata.count(_RESOURCE) != 1:
+        return None
+    block = metadata[start + len(_RESOURCE):end]
+    if any(sign in block for sign in _UNUSUAL):
+        return None
+    found = _FIELD.findall(block)
+    # Every element in it is one of those fields or a label: anything else (attributes,
+    # nesting, an empty element) is left to the parser.
+    if block.count("<kvmctl:") != len(found) + block.count('<kvmctl:label key="'):
+        return None
+    return {name: text.strip() for name, text in found}
+
+
+def parsed_owner(metadata: str) -> Owner | None:
+    """The mark in a `<metadata>` element, parsed as XML."""
     try:
-        fragment = etree.fromstring(("<x>" + xml[start:end + 11] + "</x>").encode())
+        fragment = etree.fromstring(("<x>" + metadata + "</x>").encode())
     except etree.XMLSyntaxError:
         return None
     fields = resource_fields(fragment)
-    if fields is None:
-        return None
+    return _owner(fields) if fields is not None else None
+
+
+def _owner(fields: dict[str, str]) -> Owner:
     return Owner(fields.get("project", ""), known_kind(fields.get("kind", "")),
                  fields.get("name", ""),
                  fields.get("spec-hash", ""), fields.get("seed-hash", ""),

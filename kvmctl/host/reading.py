@@ -4,7 +4,9 @@ few single reads apply, `get` and `--wait` make (state, addresses, leases, ident
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import libvirt
 from lxml import etree
@@ -23,6 +25,8 @@ from .ownership import (
 )
 from .state import LiveDomain, LiveNetwork, LivePool, LiveState, LiveVolume
 
+T = TypeVar("T")
+
 
 class HostReader:
     """The reading half of Hypervisor (which holds the connection)."""
@@ -39,8 +43,9 @@ class HostReader:
                                                           self.conn.listAllDomains, flags)}
                              for flags in (libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE,
                                            libvirt.VIR_CONNECT_LIST_DOMAINS_AUTOSTART))
-        domains = {d.name: d for d in each_listed(lambda dom: self._domain(dom, active, autostart),
-                                            listed)}
+        domains = {d.name: d for d in _in_parallel(
+            lambda some: list(each_listed(lambda dom: self._domain(dom, active, autostart),
+                                          some)), listed)}
         networks = {n.name: n for n in each_listed(self._network, call("list networks",
                                                                 self.conn.listAllNetworks, 0))}
         pools = {p.name: p for p in each_listed(self._pool, call("list storage pools",
@@ -241,6 +246,26 @@ class HostReader:
 
     def _dom(self, name: str) -> Any:
         return call(f"look up domain {name}", self.conn.lookupByName, name)
+
+
+# Readers of one host's domains at once, on its one connection: libvirtd answers several calls
+# of a client at a time, and while one reader waits to get the GIL back, the others' calls are
+# under way. Two halve a thousand reads; more gain little on a small host.
+READERS = 4
+_READERS_FROM = 64  # domains; below this a single reader is as fast
+
+
+def _in_parallel(read: Callable[[list[Any]], list[T]], objects: list[Any]) -> list[T]:
+    """read(objects), in READERS interleaved slices at once; in the objects' order."""
+    if len(objects) < _READERS_FROM:
+        return read(objects)
+    slices = [objects[i::READERS] for i in range(READERS)]
+    with ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="kvmctl-read") as pool:
+        done = list(pool.map(read, slices))
+    ordered: list[T] = []
+    for i in range(max(len(part) for part in done)):
+        ordered.extend(part[i] for part in done if i < len(part))
+    return ordered
 
 
 def _element_text(xml: str, tag: str) -> str:

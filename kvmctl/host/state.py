@@ -103,8 +103,12 @@ class LiveState:
 
 def fingerprint(*parts: Any) -> str:
     """A short stable hash of live objects, to detect change between plan and apply."""
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    blob = _FINGERPRINT_JSON.encode(parts).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
+
+
+# json.dumps(parts, sort_keys=True, default=str), without building an encoder per call.
+_FINGERPRINT_JSON = json.JSONEncoder(sort_keys=True, default=str)
 
 
 def volume_fingerprint(vol: LiveVolume) -> str:

@@ -149,7 +149,7 @@ def _update_vm(ctx: Context, vm: VirtualMachine, live: LiveDomain,
     (carry_identity) only when a step sends it to libvirt: those are not facts, so both have
     the same facts, and a no-op VM is spared the work."""
     name = vm.meta.name
-    fp = fingerprint(live.inactive_xml, live.state, live.autostart)
+    fp = fingerprint(records.text_digest(live.inactive_xml), live.state, live.autostart)
     config_changes, live_changes, live_facts = _vm_differences(ctx, vm, live)
     xml = ""
     if config_changes or live_changes:

@@ -19,7 +19,9 @@ from kvmctl.host.ownership import (
     Owner,
     OwnershipRecord,
     choose_record,
+    owner_from_xml,
     parse_record_name,
+    parsed_owner,
     record_names,
     slot_capacity,
 )
@@ -456,3 +458,39 @@ def test_a_lone_half_record_makes_the_plan_refuse(tmp_path: Path,
         assert rec is not None and rec.owns_pool and rec.volumes["u-data.qcow2"].protect
     finally:
         host.close()
+
+
+# ---- the mark read as text and parsed as XML agree ---------------------------------------------
+
+_MARK = ('<metadata>\n    <kvmctl:resource xmlns:kvmctl="https://kvmctl.dev/xmlns/resource/v1">\n'
+         '{fields}    </kvmctl:resource>\n{after}  </metadata>')
+_PLAIN = ("      <kvmctl:project>p1</kvmctl:project>\n"
+          "      <kvmctl:kind>VirtualMachine</kvmctl:kind>\n"
+          "      <kvmctl:name>vm-1</kvmctl:name>\n"
+          "      <kvmctl:spec-hash>0123456789abcdef</kvmctl:spec-hash>\n"
+          "      <kvmctl:shutdown-timeout>30</kvmctl:shutdown-timeout>\n")
+
+
+@pytest.mark.parametrize("fields, after", [
+    (_PLAIN, ""),
+    (_PLAIN + "      <kvmctl:protect>true</kvmctl:protect>\n"
+     "      <kvmctl:seed-hash>abc</kvmctl:seed-hash>\n", ""),
+    (_PLAIN + '      <kvmctl:label key="team">a &amp; b</kvmctl:label>\n', ""),
+    (_PLAIN + '      <kvmctl:label key="team">ops</kvmctl:label>\n', ""),
+    (_PLAIN.replace("p1", "p&amp;1"), ""),
+    (_PLAIN.replace("<kvmctl:name>", '<kvmctl:name x="1">'), ""),
+    (_PLAIN.replace("<kvmctl:kind>VirtualMachine</kvmctl:kind>", "<kvmctl:kind/>"), ""),
+    (_PLAIN.replace("vm-1", "<b>vm-1</b>"), ""),
+    (_PLAIN.replace("vm-1", " vm-1 \n "), ""),
+    (_PLAIN + "      <!-- a comment -->\n", ""),
+    (_PLAIN.replace("30", "<![CDATA[30]]>"), ""),
+    (_PLAIN + "      <kvmctl:name>vm-2</kvmctl:name>\n", ""),
+    (_PLAIN, '    <kvmctl-def:definition xmlns:kvmctl-def="https://kvmctl.dev/xmlns/definition/v1" '
+             f'desired="{"a" * 64}" rendered="{"b" * 64}" defined="{"c" * 64}"/>\n'),
+    (_PLAIN, '    <kvmctl:resource xmlns:kvmctl="https://kvmctl.dev/xmlns/resource/v1">'
+             '<kvmctl:project>p2</kvmctl:project></kvmctl:resource>\n'),
+])
+def test_the_mark_read_as_text_is_the_mark_parsed(fields: str, after: str) -> None:
+    metadata = _MARK.format(fields=fields, after=after)
+    xml = f"<domain type='qemu'>\n  <name>vm-1</name>\n  {metadata}\n</domain>"
+    assert owner_from_xml(xml) == parsed_owner(metadata)
