@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import posixpath
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -304,10 +305,16 @@ def _field_order(key: str) -> tuple[int, str]:
 
 # ---- networks ---------------------------------------------------------------------------------
 
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_CANONICAL_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}\Z")
+
+
 def _ip_text(value: str | None) -> str | None:
     """An IP address in its one spelling (as Python writes it); as written when it is none."""
     if value is None:
         return None
+    if _CANONICAL_IPV4.match(value):  # spelled as Python spells it: nothing to normalise
+        return value
     try:
         return str(ipaddress.ip_address(value.strip()))
     except ValueError:

@@ -190,3 +190,24 @@ def test_a_verdict_that_looked_up_a_path_is_not_remembered() -> None:
     gone = dataclasses.replace(pool, volumes=tuple(v for v in pool.volumes
                                                    if v.name != "vi9-blank2.raw"))
     assert vm_class(dataclasses.replace(live, pools={"vi9-pool": gone})) is not ChangeClass.NOOP
+
+
+def test_addresses_spelled_canonically_skip_normalising_and_mean_the_same() -> None:
+    """facts._ip_text takes a dotted quad as written when it is already Python's spelling."""
+    import ipaddress
+    import itertools
+
+    from kvmctl.host.facts import _ip_text
+
+    def normalised(value: str) -> str:
+        try:
+            return str(ipaddress.ip_address(value.strip()))
+        except ValueError:
+            return value
+
+    octets = ["0", "1", "9", "10", "99", "100", "199", "200", "249", "250", "255", "256", "00",
+              "01", "010"]
+    values = [".".join(parts) for parts in itertools.product(octets, repeat=2)]
+    values = [f"{v}.{v}" for v in values] + ["1.2.3", "1.2.3.4.5", "1.2.3.4\n", " 1.2.3.4",
+                                             "::1", "fe80::1", "", "a.b.c.d"]
+    assert [_ip_text(v) for v in values] == [normalised(v) for v in values]
