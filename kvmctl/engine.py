@@ -311,6 +311,15 @@ class Deployment:
         hosts = {name: (s.hv, s.live) for name, s in self.sessions.items()}
         return apply.run_project(plan, hosts, parallelism, progress)
 
+    def upkeep(self, plan: ProjectPlan) -> None:
+        """The plan's upkeep alone, for an apply that found nothing to change."""
+        from .apply import run_upkeep
+        from .apply.executor import Executor
+        for host in plan.hosts:
+            if any(c.upkeep for c in host.plan.changes) and host.host in self.sessions:
+                session = self.sessions[host.host]
+                run_upkeep(host.plan, Executor(session.hv, session.live, plan.project))
+
     def _whole(self) -> ManifestSet:
         """Every object of the project, once (for destroy's scope)."""
         return ManifestSet.union(s.manifest for s in self.sessions.values())

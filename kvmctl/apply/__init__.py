@@ -31,7 +31,7 @@ from .executor import Executor
 S = TypeVar("S")
 
 __all__ = ["ApplyResult", "ChangeResult", "Event", "Outcome", "ProjectResult", "levels", "run",
-           "run_project"]
+           "run_project", "run_upkeep"]
 
 
 @unique
@@ -105,8 +105,18 @@ def run(plan: Plan, hv: Hypervisor, live: LiveState, parallelism: int = 8,
             results += pool.map(lambda c: run_change(executor, c, progress), group)
         if any(r.outcome is Outcome.FAILED for r in results):
             results += [ChangeResult(c.id, Outcome.SKIPPED) for g in groups[i + 1:] for c in g]
-            break
+            return ApplyResult(tuple(results))
+    run_upkeep(plan, executor, parallelism)
     return ApplyResult(tuple(results))
+
+
+def run_upkeep(plan: Plan, executor: Executor, parallelism: int = 8) -> None:
+    """The plan's upkeep (records of definitions found unchanged), after its changes; it never
+    fails the apply and is not reported."""
+    todo = [step for c in plan.changes for step in c.upkeep]
+    if todo:
+        with ThreadPoolExecutor(max_workers=max(1, min(parallelism, len(todo)))) as pool:
+            list(pool.map(executor.upkeep, todo))
 
 
 def run_change(executor: Executor, change: Change, progress: Progress | None) -> ChangeResult:
@@ -167,7 +177,7 @@ def run_project(plan: ProjectPlan, hosts: Mapping[str, tuple[Hypervisor, LiveSta
     """Every host's plan at once, each in its own dependency order (a failing host does not stop
     the others), then the moves between hosts whose own changes all succeeded."""
     executors = {name: Executor(hv, live, plan.project) for name, (hv, live) in hosts.items()}
-    todo = [h for h in plan.hosts if any(c.steps for c in h.plan.changes)]
+    todo = [h for h in plan.hosts if any(c.steps or c.upkeep for c in h.plan.changes)]
     results: dict[str, ApplyResult] = {h.host: ApplyResult(()) for h in plan.hosts}
     with ThreadPoolExecutor(max_workers=max(1, len(todo))) as pool:
         running = {h.host: pool.submit(run, h.plan, hosts[h.host][0], hosts[h.host][1],

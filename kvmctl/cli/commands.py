@@ -194,6 +194,7 @@ def cmd_apply(opts: CommandOptions, env: Env) -> int:
             plan = deployment.plan(plan_request(opts))
         print_plan(plan, env)
         if not plan.changes_present:
+            deployment.upkeep(plan)
             return _after_apply(opts, env, deployment, ok=True)
         _confirm(opts, env)
         ok = _execute(opts, env, deployment, plan)

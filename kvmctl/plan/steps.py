@@ -295,6 +295,19 @@ GUEST_STEPS: tuple[type, ...] = (StartDomain, ShutdownDomain, RestartDomain, Set
                                  UpdateDevice, ReplugNic)
 
 
+@dataclasses.dataclass(frozen=True)
+class RecordDefinition:
+    """Upkeep, not a change: record with domain `name` that its persistent definition has no
+    owned difference from `xml`, its rendered definition (host/records.py). A plan asks for it
+    where it had to compare a definition in full and found it unchanged (no record yet, or one
+    of another kvmctl version), so that the next plan need not."""
+
+    name: str
+    xml: str
+    digest: str = dataclasses.field(default="", metadata={"shown_as_set": True})
+    rendered: str = dataclasses.field(default="", metadata={"shown_as_set": True})
+
+
 # ---- moves between hosts (run by apply/moves.py, which holds every host's executor) ---------
 
 @dataclasses.dataclass(frozen=True)

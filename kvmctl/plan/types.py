@@ -9,7 +9,7 @@ from enum import StrEnum, unique
 from typing import Any
 
 from ..kinds import Kind
-from .steps import MoveStep, Step, step_json
+from .steps import MoveStep, RecordDefinition, Step, step_json
 
 FORMAT_VERSION = 1
 MASK = "(sensitive value hidden)"
@@ -56,6 +56,8 @@ class Change:
     host: str = ""  # the project host it is made on (a move: the host it goes to)
     from_host: str = ""  # a move: the host it leaves
     move_steps: tuple[MoveStep, ...] = ()  # a move's steps, each naming its host(s)
+    # Run by apply after the changes, also when there are none; not part of the plan shown.
+    upkeep: tuple[RecordDefinition, ...] = ()
 
     @property
     def ref(self) -> str:

@@ -17,6 +17,7 @@ from .steps import (
     AttachDevice,
     DefineDomain,
     DetachDevice,
+    RecordDefinition,
     RestartDomain,
     SetDomainAutostart,
     SetMemoryLive,
@@ -102,7 +103,7 @@ def _created(vm: VirtualMachine, xml: str) -> tuple[FieldDiff, ...]:
 
 
 def _vm_differences(ctx: Context, vm: VirtualMachine, live: LiveDomain
-                    ) -> tuple[list[FactChange], list[FactChange], Facts]:
+                    ) -> tuple[list[FactChange], list[FactChange], Facts, bool]:
     """Owned differences of the desired definition from the persistent and the running one.
 
     A persistent definition its record proves unchanged (host/records.py) has none and is not
@@ -110,19 +111,20 @@ def _vm_differences(ctx: Context, vm: VirtualMachine, live: LiveDomain
     definitions give by a path are the pool volumes at that path (the host's volumes,
     ctx.live). A definition pair already known to have none (ctx.memo) is not parsed again; a
     verdict that took a path lookup depends on the host's volumes, not only on the pair, so it
-    is not remembered."""
+    is not remembered. The last value: the persistent definition was found unchanged, though
+    not proven so by a record (one may be written: RecordDefinition)."""
     name = vm.meta.name
     config_proven = records.proven(live.record, ctx.desired.domain_digests.get(name, ""),
                                    lambda: ctx.desired.domains[name], live.inactive_xml)
     if config_proven and not live.running:
-        return [], [], {}
+        return [], [], {}, False
     xml = ctx.desired.domains[name]  # with the live domain's uuid (render.HostHints)
     memo = ctx.memo
     config_key = memo_key("domain", xml, live.inactive_xml) if memo is not None else ""
     live_key = memo_key("domain", xml, live.live_xml or "") if memo is not None and \
         live.running else ""
     if memo is not None and config_key in memo and (not live_key or live_key in memo):
-        return [], [], {}
+        return [], [], {}, not config_proven
     volumes = ctx.resolve_volume
     lookups: list[str] = []  # the disk paths looked up, of both definitions
 
@@ -140,7 +142,8 @@ def _vm_differences(ctx: Context, vm: VirtualMachine, live: LiveDomain
         memo.add(config_key)
     if memo is not None and live_key and not live_changes and len(lookups) == config_lookups:
         memo.add(live_key)
-    return config_changes, live_changes, live_facts
+    return config_changes, live_changes, live_facts, \
+        not config_proven and not config_changes and not config_lookups
 
 
 def _update_vm(ctx: Context, vm: VirtualMachine, live: LiveDomain,
@@ -150,7 +153,11 @@ def _update_vm(ctx: Context, vm: VirtualMachine, live: LiveDomain,
     the same facts, and a no-op VM is spared the work."""
     name = vm.meta.name
     fp = fingerprint(records.text_digest(live.inactive_xml), live.state, live.autostart)
-    config_changes, live_changes, live_facts = _vm_differences(ctx, vm, live)
+    config_changes, live_changes, live_facts, record_due = _vm_differences(ctx, vm, live)
+    upkeep = (RecordDefinition(name, ctx.desired.domains[name],
+                               ctx.desired.domain_digests.get(name, ""),
+                               records.rendered_digest(ctx.desired.domains[name])),) \
+        if record_due else ()
     xml = ""
     if config_changes or live_changes:
         xml = carry_identity(ctx.desired.domains[name], live.inactive_xml)
@@ -201,7 +208,8 @@ def _update_vm(ctx: Context, vm: VirtualMachine, live: LiveDomain,
         reasons.append(f"restarted now (onRestartNeeded: restart, graceful shutdown up to "
                        f"{vm.shutdown_timeout} s)")
     if not steps and not pending:
-        return Change(Kind.VM, name, ChangeClass.NOOP, fingerprint=fp, depends=deps)
+        return Change(Kind.VM, name, ChangeClass.NOOP, fingerprint=fp, depends=deps,
+                      upkeep=upkeep)
     if live.running and not reasons and steps:
         touches_guest = any(isinstance(step, GUEST_STEPS) for step in steps)
         reasons.append("applied to the running guest and to its definition, no restart"
@@ -212,7 +220,7 @@ def _update_vm(ctx: Context, vm: VirtualMachine, live: LiveDomain,
     change_class = ChangeClass.NOOP if not steps else (
         ChangeClass.UPDATE_RESTART if pending else ChangeClass.UPDATE_LIVE)
     return Change(Kind.VM, name, change_class, tuple(reasons), tuple(fields), tuple(steps),
-                  pending_restart=deferred, fingerprint=fp, depends=deps)
+                  pending_restart=deferred, fingerprint=fp, depends=deps, upkeep=upkeep)
 
 
 def _state_steps(vm: VirtualMachine, live: LiveDomain) -> list[Step]:

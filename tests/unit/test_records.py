@@ -202,6 +202,36 @@ def test_a_definition_without_a_record_is_compared_in_full(host: Host,
     assert rendered_vms == ["r-two"]
 
 
+def test_an_apply_with_nothing_to_change_writes_the_missing_records(host: Host,
+                                                                     rendered_vms: list[str]
+                                                                     ) -> None:
+    """Domains defined before records existed, or by a kvmctl whose digests differ, get them
+    from the next apply, though it changes nothing."""
+    path = _manifest(host)
+    host.apply(path)
+    dom = host.hv.conn.lookupByName("r-one")
+    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, None, records.DEFINITION_NS,
+                    libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+    result = host.cli("apply", "-y", "-f", path)
+    assert result.code == 0 and "No changes" in result.stdout, result
+    record = find_record(host.xml("r-one"))
+    assert record is not None and record.defined == config_digest(host.xml("r-one"))
+    rendered_vms.clear()
+    assert not host.plan(path)["changes_present"]
+    assert rendered_vms == []
+
+
+def test_no_record_is_written_for_a_definition_that_differs(host: Host) -> None:
+    path = _manifest(host)
+    host.apply(path)
+    xml = re.sub(r"<memory unit='KiB'>\d+</memory>", "<memory unit='KiB'>131072</memory>",
+                 host.xml("r-one"))
+    host.hv.conn.defineXML(xml.replace(records.DEFINITION_NS, "https://example.com/gone"))
+    plan = host.cli("plan", "-o", "json", "-f", path).json()
+    assert changes_by_ref(plan)["VirtualMachine/r-one"]["class"] != "noop"
+    assert find_record(host.xml("r-one")) is None  # a plan writes nothing
+
+
 def test_a_changed_manifest_is_planned_though_the_record_still_holds(host: Host) -> None:
     path = _manifest(host)
     host.apply(path)
