@@ -12,14 +12,19 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Final
-
-import yaml
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, Final
 
 from ..errors import KvmctlError
 from ..kinds import Kind
+from ..lazy import lazy_module
 from .documents import MAX_DEPTH, node_too_large
 from .model import Disk, ManifestSet, VirtualMachine
+
+if TYPE_CHECKING:
+    import yaml
+else:
+    yaml = lazy_module("yaml")  # only user data needs it
 
 __all__ = ["SeedContent", "SeedError", "meta_data_text", "seed_content", "seed_content_of",
            "seed_pool"]
@@ -123,21 +128,25 @@ class _TooDeep(Exception):
     pass
 
 
-class _DepthLimitedLoader(yaml.SafeLoader):
+@lru_cache(maxsize=1)
+def _depth_limited_loader() -> type[yaml.SafeLoader]:
     """PyYAML's safe loader (what cloud-init reads user data with) that stops composing past
     MAX_DEPTH levels, before its recursion (and its scanner, quadratic in flow nesting) goes
-    any deeper."""
+    any deeper. Made when first needed: PyYAML loads only then (kvmctl/lazy.py)."""
 
-    depth = 0
+    class DepthLimitedLoader(yaml.SafeLoader):
+        depth = 0
 
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        self.depth += 1
-        try:
-            if self.depth > MAX_DEPTH + 1:
-                raise _TooDeep
-            return super().compose_node(parent, index)
-        finally:
-            self.depth -= 1
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            self.depth += 1
+            try:
+                if self.depth > MAX_DEPTH + 1:
+                    raise _TooDeep
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return DepthLimitedLoader
 
 
 def _parse_cloud_config(text: str) -> dict[str, Any]:
@@ -146,7 +155,7 @@ def _parse_cloud_config(text: str) -> dict[str, Any]:
     composed first, checked, then constructed, so that no shape of text can exhaust the stack
     (the composer recurses per level) or the clock."""
     try:
-        node = yaml.compose(text, Loader=_DepthLimitedLoader)
+        node = yaml.compose(text, Loader=_depth_limited_loader())
     except yaml.YAMLError as exc:
         raise SeedError(f"user data is not valid #cloud-config YAML: {exc}", "userData"
                         ) from None

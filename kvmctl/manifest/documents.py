@@ -15,15 +15,18 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
-
-import yaml
+from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import Location, ManifestError, Problem
+from ..lazy import lazy_module
+
+if TYPE_CHECKING:
+    import yaml
+else:
+    yaml = lazy_module("yaml")  # only the libyaml path needs it (see fastyaml.py)
 
 JsonPath = tuple[str | int, ...]
 
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _INT = re.compile(r"^[-+]?(0|[1-9][0-9_]*)$")
 _FLOAT = re.compile(r"^[-+]?([0-9][0-9_]*)?\.[0-9]+([eE][-+]?[0-9]+)?$")
 _NULLS = {"", "~", "null", "Null", "NULL"}
@@ -318,11 +321,16 @@ def _parse_text(text: str, file: str) -> list[Document]:
     return fastyaml.load(text, file) or _parse_yaml(text, file)
 
 
+def _loader() -> type[yaml.SafeLoader]:
+    loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return loader
+
+
 def _parse_yaml(text: str, file: str) -> list[Document]:
     documents: list[Document] = []
     problems: list[Problem] = []
     try:
-        nodes = list(yaml.compose_all(text, Loader=_Loader))
+        nodes = list(yaml.compose_all(text, Loader=_loader()))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file)
@@ -334,7 +342,7 @@ def _parse_yaml(text: str, file: str) -> list[Document]:
             hint = "indent YAML with spaces: tabs are not allowed"
         raise ManifestError([Problem(f"invalid YAML: {message}", where, hint=hint)]) from None
     except yaml.reader.ReaderError as exc:  # a control character; position is an offset
-        before = text.encode("utf-8")[:exc.position] if _Loader is not yaml.SafeLoader \
+        before = text.encode("utf-8")[:exc.position] if _loader() is not yaml.SafeLoader \
             else text[:exc.position].encode("utf-8")  # libyaml counts bytes, Python characters
         byte_lines = before.split(b"\n")
         where = Location(file, len(byte_lines),

@@ -21,7 +21,7 @@ PACKAGE = ROOT / "kvmctl"
 # Lower ranks are imported by higher ones, never the other way round; a rank may import itself.
 RANKS = {
     "kvmctl.errors": 0, "kvmctl.kinds": 0, "kvmctl.units": 0, "kvmctl.memo": 0,
-    "kvmctl.xmltext": 0,
+    "kvmctl.xmltext": 0, "kvmctl.lazy": 0,
     "kvmctl": 0, "kvmctl.__main__": 8,
     "kvmctl.manifest": 1, "kvmctl.render": 2, "kvmctl.host": 3, "kvmctl.plan": 4,
     "kvmctl.apply": 5, "kvmctl.engine": 6, "kvmctl.cli": 7,
