@@ -90,7 +90,7 @@ class LockRequest:
 class Session:
     """One host of a Deployment: its connection, live state, validated and rendered manifests."""
 
-    def __init__(self, target: Target, hv: Hypervisor, live: LiveState, memo: Memo,
+    def __init__(self, target: Target, hv: Hypervisor, live: LiveState, memo: Memo | None,
                  docs: list[Document]) -> None:
         """One host of a Deployment: connected and read, its documents placed and their schemas
         checked (Deployment does both for every host at once)."""
@@ -124,7 +124,8 @@ class Session:
                        request.allow_empty, request.targets, request.scope, kept=request.kept)
         self.rendered = self.desired()
         plan = make_plan(self.manifest, self.rendered, self.live, opts, self.uri, self.memo)
-        self.memo.save()
+        if self.memo is not None:
+            self.memo.save()
         return plan
 
     def destroy_plan(self, with_disks: bool, everywhere: ManifestSet | None = None) -> Plan:

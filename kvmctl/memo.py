@@ -83,9 +83,11 @@ class Memo:
             pass  # a memo that cannot be written only costs time
 
 
-def open_memo(name: str) -> Memo:
+def open_memo(name: str) -> Memo | None:
+    """The memo `name` under the cache folder; None with KVMCTL_NO_CACHE, so that nothing
+    computes keys no memo will keep."""
     base = _cache_base()
-    return Memo(base / f"{name}-{code_fingerprint()}.keys" if base else None)
+    return Memo(base / f"{name}-{code_fingerprint()}.keys") if base else None
 
 
 class ParseMemo:
