@@ -16,6 +16,8 @@ _NOT_XML_CHAR = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff
 
 def first_non_xml_char(text: str) -> int:
     """The index of the first character XML 1.0 cannot carry in `text`, or -1."""
+    if text.isascii() and text.isprintable():  # nearly every manifest string: no C0 control
+        return -1
     found = _NOT_XML_CHAR.search(text)
     return found.start() if found else -1
 

@@ -276,8 +276,9 @@ def assign_macs(vms: tuple[VirtualMachine, ...],
         for i, nic in enumerate(vm.interfaces):
             if nic.mac_given or (vm.meta.name, i) in chosen:
                 continue
-            mac = next(m for m in _candidates(vm.meta.name, i)
-                       if m not in taken and m not in on_host)
+            # nic.mac is the first candidate already (_interfaces): most NICs take it.
+            mac = nic.mac if nic.mac not in taken and nic.mac not in on_host else next(
+                m for m in _candidates(vm.meta.name, i) if m not in taken and m not in on_host)
             chosen[(vm.meta.name, i)] = mac
             taken.add(mac)
     return tuple(_with_macs(vm, chosen) for vm in vms)
