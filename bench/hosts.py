@@ -69,6 +69,7 @@ from plan_noop import (  # noqa: E402
     ip_subnets,
     kvmctl_command,
     leftovers,
+    other_pytests,
     remove_by_prefix,
     remove_lock_files,
     row,
@@ -134,16 +135,6 @@ def start_test_hosts() -> tuple[list[TestHost], bool]:
 
 
 # ---- load ---------------------------------------------------------------------------------------
-
-def other_pytests() -> int:
-    """Running pytest processes on this machine (a test suite sharing CPUs and libvirtds)."""
-    found = 0
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        with contextlib.suppress(OSError):
-            if b"pytest" in cmdline.read_bytes():
-                found += 1
-    return found
-
 
 class Load:
     def __init__(self) -> None:

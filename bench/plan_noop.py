@@ -452,6 +452,16 @@ class Run:
         return True
 
 
+def other_pytests() -> int:
+    """Running pytest processes on this machine (a test suite sharing CPUs and libvirtds)."""
+    found = 0
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if b"pytest" in cmdline.read_bytes():
+                found += 1
+    return found
+
+
 # ---- manifests ----------------------------------------------------------------------------------
 
 def network_yaml(name: str, subnet: ipaddress.IPv4Network) -> str:

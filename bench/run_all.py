@@ -37,7 +37,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
-from plan_noop import leftovers, scales_arg  # noqa: E402
+from plan_noop import leftovers, other_pytests, scales_arg  # noqa: E402
 
 NAMES = ("plan", "validate", "apply", "hosts", "startup")
 SCRIPTS = {"plan": "plan_noop.py", "validate": "validate_render.py", "apply": "apply_new.py",
@@ -152,15 +152,6 @@ def _first(path: str, key: str) -> str:
     return "unknown"
 
 
-def _pytests() -> int:
-    found = 0
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        with contextlib.suppress(OSError):
-            if b"pytest" in cmdline.read_bytes():
-                found += 1
-    return found
-
-
 def libvirt_facts(uri: str) -> dict[str, str]:
     try:
         import libvirt
@@ -207,7 +198,7 @@ def facts(uri: str) -> dict[str, str]:
         "kvmctl": f"{dist('kvmctl')}, checkout {commit or 'unknown'} (plus any uncommitted "
                   "edits of the working tree)",
         "load average before (1, 5, 15 min)": load_text(),
-        "pytest processes before": str(_pytests()),
+        "pytest processes before": str(other_pytests()),
     }
 
 
@@ -365,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for s, h in old.items():
             signal.signal(s, h)
     after = {"load average after (1, 5, 15 min)": load_text(),
-             "pytest processes after": str(_pytests()),
+             "pytest processes after": str(other_pytests()),
              **{k: v for k, v in libvirt_facts(args.connect).items() if k.startswith("domains")}}
 
     print(f"\n{'=' * 100}\nbench/run: {len(outcomes)} benchmark(s) in "
