@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 from lxml import etree
 
+from ..kinds import NAMESPACE
 from ..units import xml_kib
 from .ownership import resource_fields
 from .state import LiveState
@@ -139,6 +140,16 @@ def _metadata(root: etree._Element) -> MetadataFact | None:
     return MetadataFact(fields.get("spec-hash", ""), fields.get("seed-hash", ""))
 
 
+def _labels(root: etree._Element) -> tuple[tuple[str, str], ...]:
+    """The labels in kvmctl's mark, by key (the manifests' `metadata.labels`)."""
+    found = root.find(f"metadata/{{{NAMESPACE}}}resource")
+    if found is None:
+        return ()
+    return tuple(sorted((child.get("key", ""), (child.text or "").strip()) for child in found
+                        if isinstance(child.tag, str)
+                        and etree.QName(child).localname == "label"))
+
+
 def volume_resolver(live: LiveState) -> VolumeResolver:
     """Resolves a path to the (pool, volume) the host has there, from the volumes of every pool
     in `live` (indexed on the first call, so a resolver nobody asks costs nothing)."""
@@ -227,6 +238,7 @@ def domain_facts(xml: str, resolve: VolumeResolver | None = None) -> Facts:
         "graphics": tuple((g.get("type"), g.get("listen"))
                           for g in root.iterfind("devices/graphics")),
         "metadata": _metadata(root),
+        "labels": _labels(root),
     }
     cpu = root.find("cpu")
     facts["cpu.mode"] = cpu.get("mode") if cpu is not None else None
@@ -371,6 +383,7 @@ def network_facts(xml: str, bridge_owned: bool = True) -> Facts:
         "domain": _attr(root.find("domain"), "name"),
         "mtu": int(_required_attr(mtu, "size")) if mtu is not None else None,
         "metadata": _metadata(root),
+        "labels": _labels(root),
     }
     if bridge_owned or mode == "bridge":
         bridge = root.find("bridge")

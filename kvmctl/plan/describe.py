@@ -35,6 +35,8 @@ def describe(field: str, value: object) -> object:
         return None
     if field in KIB_FIELDS and isinstance(value, int):
         return format_kib(value)
+    if field == "labels" and isinstance(value, tuple):
+        return ", ".join(f"{key}={text}" for key, text in value)
     if isinstance(value, MetadataFact):
         return f"spec {value.spec_hash[:8]}" + (
             f", seed {value.seed_hash[:8]}" if value.seed_hash else "")

@@ -24,7 +24,7 @@ from .steps import (
 from .types import Change, ChangeClass, FieldDiff
 from .xmledit import device_element, network_entry, plug_again
 
-LIVE_FIELDS = ("dhcp.hosts", "dns.hosts", "dhcp.range", "metadata")
+LIVE_FIELDS = ("dhcp.hosts", "dns.hosts", "dhcp.range", "metadata", "labels")
 
 
 def plan_network(ctx: Context, net: Network) -> Change:

@@ -39,7 +39,8 @@ class Reach(Enum):
     RESTART = "restart"
 
 
-LIVE_FIELDS = ("vcpus", "memory", "metadata")
+LIVE_FIELDS = ("vcpus", "memory", "metadata", "labels")
+METADATA_FIELDS = ("metadata", "labels")  # both live in kvmctl's one metadata element
 
 
 def field_reach(change: FactChange) -> Reach:
@@ -184,7 +185,7 @@ def _update_vm(ctx: Context, vm: VirtualMachine, live: LiveDomain,
             step = _live_step(name, c, xml, live.live_xml or "", live_facts)
             if step is None:
                 pending.append(c.field)
-            else:
+            elif step not in steps:  # labels and the rest of the mark: one element, one call
                 steps.append(step)
         if pending:
             reasons.append("takes effect at the next restart: " + ", ".join(pending))
@@ -240,7 +241,7 @@ def _live_step(name: str, c: FactChange, desired_xml: str, live_xml: str,
         return SetVcpusLive(name, c.new) if c.new <= live_facts["vcpus.max"] else None
     if c.field == "memory":
         return SetMemoryLive(name, c.new) if c.new <= live_facts["memory.max"] else None
-    if c.field == "metadata":
+    if c.field in METADATA_FIELDS:
         element = metadata_element(desired_xml)
         return SetMetadataLive(name, element) if element is not None else None
     if c.old is None:

@@ -187,6 +187,29 @@ def test_definition_records_prove_unchanged_vms_and_never_hide_drift(kv, prefix,
         assert record is not None and record.defined == records.config_digest(xml), name
 
 
+def test_a_label_change_reaches_vms_and_networks(kv, prefix, free_subnet, test_guest, conn):
+    net, name = f"{prefix}lnet", f"{prefix}lvm"
+
+    def docs(team: str) -> list[dict]:
+        labelled = [network(net, free_subnet_once), vm(name, test_guest,
+                                                       interfaces=[{"network": net}])]
+        for d in labelled:
+            d["metadata"]["labels"] = {"team": team}
+        return labelled
+
+    free_subnet_once = free_subnet()
+    kv.converge(kv.write("labels.yaml", docs("red")))
+    manifest = kv.write("labels.yaml", docs("blue"))
+    plan = kv.plan_json(manifest)
+    for ref in (f"VirtualMachine/{name}", f"Network/{net}"):
+        assert "labels" in fields(change(plan, ref)), plan
+    kv.converge(manifest)
+    assert 'key="team">blue<' in conn.lookupByName(name).XMLDesc(
+        libvirt.VIR_DOMAIN_XML_INACTIVE)
+    assert 'key="team">blue<' in conn.networkLookupByName(net).XMLDesc(
+        libvirt.VIR_NETWORK_XML_INACTIVE)
+
+
 # ---- identity across a redefinition --------------------------------------------------------------
 
 def test_uuid_and_macs_survive_redefinition(kv, prefix, free_subnet, test_guest, conn):
