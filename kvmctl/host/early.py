@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import sys
 import threading
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
@@ -28,6 +27,9 @@ from .connection import silence_default_handler
 if TYPE_CHECKING:
     from .state import LiveState
 
+# While hosts are read beside the manifests loading (engine._reader_switching, only then: the
+# rest of a run keeps Python's own): each of the readers' libvirt calls gives up the GIL and
+# waits for it on return, by default up to 5 ms while the main thread holds it.
 READER_SWITCH_INTERVAL = 0.0002  # seconds
 _pending: dict[str, Future[Any]] = {}
 _reads: dict[str, tuple[Any, Future[LiveState]]] = {}  # uri -> (its connection, its read)
@@ -38,10 +40,6 @@ def connect_soon(uris: list[str], read: bool = False) -> None:
     """Start opening a connection to each URI (once per URI), in the background; with `read`,
     then reading that host on it."""
     silence_default_handler()
-    if read:
-        # The reader's libvirt calls give up the GIL and wait for it on return, by default up
-        # to 5 ms each while the main thread imports and loads: thousands of calls.
-        sys.setswitchinterval(min(sys.getswitchinterval(), READER_SWITCH_INTERVAL))
     for uri in uris:
         with _lock:
             if uri in _pending:
