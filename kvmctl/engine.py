@@ -30,7 +30,7 @@ from .errors import (
     UnreachableError,
     UsageError,
 )
-from .host import early, facts
+from .host import facts
 from .host.hypervisor import Hypervisor
 from .host.ownership import Owner
 from .host.state import LiveDomain, LiveState, fingerprint
@@ -362,13 +362,16 @@ class Deployment:
         return ProjectPlan(self.project, hosts, moves, self.config.multi_host)
 
 
+READER_SWITCH_INTERVAL = 0.0002  # seconds; the rest of a run keeps Python's own
+
+
 @contextlib.contextmanager
 def _reader_switching() -> Iterator[None]:
     """A shorter GIL switch interval while the hosts are read beside the manifests loading:
     each of the thousands of libvirt calls the readers make waits for the GIL when it returns,
     by default up to 5 ms while the loading holds it."""
     interval = sys.getswitchinterval()
-    sys.setswitchinterval(min(interval, early.READER_SWITCH_INTERVAL))
+    sys.setswitchinterval(min(interval, READER_SWITCH_INTERVAL))
     try:
         yield
     finally:

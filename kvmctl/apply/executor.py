@@ -253,12 +253,11 @@ class Executor:
     def define_domain(self, step: s.DefineDomain) -> None:
         self._define(Kind.VM, step.name, step.xml, self.hv.define_domain)
         if step.digest and step.rendered:
-            # Only a shortcut for later plans: without it they compare the definition in full.
-            with contextlib.suppress(KvmctlError):
-                self.hv.record_definition(step.name, step.digest, step.rendered, step.xml)
+            self.upkeep(s.RecordDefinition(step.name, step.xml, step.digest, step.rendered))
 
     def upkeep(self, step: s.RecordDefinition) -> None:
-        """Upkeep never fails an apply: without it a later plan only compares in full."""
+        """A record is only a shortcut for later plans (without it they compare in full), so
+        writing one never fails an apply."""
         with contextlib.suppress(KvmctlError):
             self.hv.record_definition(step.name, step.digest, step.rendered, step.xml)
 

@@ -27,10 +27,6 @@ from .connection import silence_default_handler
 if TYPE_CHECKING:
     from .state import LiveState
 
-# While hosts are read beside the manifests loading (engine._reader_switching, only then: the
-# rest of a run keeps Python's own): each of the readers' libvirt calls gives up the GIL and
-# waits for it on return, by default up to 5 ms while the main thread holds it.
-READER_SWITCH_INTERVAL = 0.0002  # seconds
 _pending: dict[str, Future[Any]] = {}
 _reads: dict[str, tuple[Any, Future[LiveState]]] = {}  # uri -> (its connection, its read)
 _lock = threading.Lock()

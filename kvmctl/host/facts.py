@@ -22,9 +22,8 @@ from typing import Any, NamedTuple
 
 from lxml import etree
 
-from ..kinds import NAMESPACE
 from ..units import xml_kib
-from .ownership import resource_fields
+from .ownership import resource_element, resource_fields
 from .state import LiveState
 
 # Fact name -> value. Scalars for single settings (`memory` in KiB, `vcpus`, `machine`), the
@@ -142,7 +141,7 @@ def _metadata(root: etree._Element) -> MetadataFact | None:
 
 def _labels(root: etree._Element) -> tuple[tuple[str, str], ...]:
     """The labels in kvmctl's mark, by key (the manifests' `metadata.labels`)."""
-    found = root.find(f"metadata/{{{NAMESPACE}}}resource")
+    found = resource_element(root)
     if found is None:
         return ()
     return tuple(sorted((child.get("key", ""), (child.text or "").strip()) for child in found

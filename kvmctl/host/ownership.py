@@ -31,11 +31,16 @@ def resource_fields(root: etree._Element) -> dict[str, str] | None:
     libvirt's setMetadata puts only the element itself in our namespace, not its children, so
     children are matched by local name whatever their namespace.
     """
-    found = root.find(f"metadata/{{{NAMESPACE}}}resource")
+    found = resource_element(root)
     if found is None:
         return None
     return {etree.QName(child).localname: (child.text or "").strip() for child in found
             if isinstance(child.tag, str)}
+
+
+def resource_element(root: etree._Element) -> etree._Element | None:
+    """kvmctl's <resource> metadata element of a definition (or of a <metadata> fragment)."""
+    return root.find(f"metadata/{{{NAMESPACE}}}resource")
 
 
 def owner_from_xml(xml: str) -> Owner | None:
