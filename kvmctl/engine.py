@@ -307,10 +307,11 @@ class Deployment:
         return out
 
     def execute(self, plan: ProjectPlan, parallelism: int = 8,
-                progress: apply.Progress | None = None) -> apply.ProjectResult:
+                progress: apply.Progress | None = None,
+                stop: Callable[[], bool] | None = None) -> apply.ProjectResult:
         from . import apply
         hosts = {name: (s.hv, s.live) for name, s in self.sessions.items()}
-        return apply.run_project(plan, hosts, parallelism, progress)
+        return apply.run_project(plan, hosts, parallelism, progress, stop)
 
     def upkeep(self, plan: ProjectPlan) -> None:
         """The plan's upkeep alone, for an apply that found nothing to change."""

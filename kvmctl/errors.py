@@ -90,3 +90,8 @@ class LockError(KvmctlError):
 
 class UsageError(KvmctlError):
     """The command line itself is wrong."""
+
+
+class SourceError(KvmctlError):
+    """A sync's git source could not be read: the repository, ref or path (the message names
+    them, never a credential), and what git said."""

@@ -95,16 +95,29 @@ def levels(plan: Plan) -> list[list[Change]]:
     return groups
 
 
+STOPPING = "not started: the process is stopping"
+
+
 def run(plan: Plan, hv: Hypervisor, live: LiveState, parallelism: int = 8,
-        progress: Progress | None = None, executor: Executor | None = None) -> ApplyResult:
+        progress: Progress | None = None, executor: Executor | None = None,
+        stop: Callable[[], bool] | None = None) -> ApplyResult:
+    """`stop`: asked before each change starts; once it says so, the changes in progress
+    finish and no other starts (a controller told to terminate)."""
     executor = executor or Executor(hv, live, plan.project)
     results: list[ChangeResult] = []
     groups = levels(plan)
+
+    def one(c: Change) -> ChangeResult:
+        if stop is not None and stop():
+            return ChangeResult(c.id, Outcome.SKIPPED, STOPPING)
+        return run_change(executor, c, progress)
+
     for i, group in enumerate(groups):
         with ThreadPoolExecutor(max_workers=max(1, parallelism)) as pool:
-            results += pool.map(lambda c: run_change(executor, c, progress), group)
-        if any(r.outcome is Outcome.FAILED for r in results):
-            results += [ChangeResult(c.id, Outcome.SKIPPED) for g in groups[i + 1:] for c in g]
+            results += pool.map(one, group)
+        if any(r.outcome is Outcome.FAILED for r in results) or (stop is not None and stop()):
+            results += [ChangeResult(c.id, Outcome.SKIPPED, STOPPING if stop and stop() else "")
+                        for g in groups[i + 1:] for c in g]
             return ApplyResult(tuple(results))
     run_upkeep(plan, executor, parallelism)
     return ApplyResult(tuple(results))
@@ -173,7 +186,8 @@ class ProjectResult(ApplyResult):
 
 
 def run_project(plan: ProjectPlan, hosts: Mapping[str, tuple[Hypervisor, LiveState]],
-                parallelism: int = 8, progress: Progress | None = None) -> ProjectResult:
+                parallelism: int = 8, progress: Progress | None = None,
+                stop: Callable[[], bool] | None = None) -> ProjectResult:
     """Every host's plan at once, each in its own dependency order (a failing host does not stop
     the others), then the moves between hosts whose own changes all succeeded."""
     executors = {name: Executor(hv, live, plan.project) for name, (hv, live) in hosts.items()}
@@ -181,7 +195,8 @@ def run_project(plan: ProjectPlan, hosts: Mapping[str, tuple[Hypervisor, LiveSta
     results: dict[str, ApplyResult] = {h.host: ApplyResult(()) for h in plan.hosts}
     with ThreadPoolExecutor(max_workers=max(1, len(todo))) as pool:
         running = {h.host: pool.submit(run, h.plan, hosts[h.host][0], hosts[h.host][1],
-                                       parallelism, progress, executors[h.host]) for h in todo}
+                                       parallelism, progress, executors[h.host], stop)
+                   for h in todo}
         for name, future in running.items():
             results[name] = future.result()
     outcome = ProjectResult.of(tuple(results.items()))
@@ -190,7 +205,7 @@ def run_project(plan: ProjectPlan, hosts: Mapping[str, tuple[Hypervisor, LiveSta
         return outcome
     from .moves import run_move
     ready = [c for c in moves if not outcome.host_failed(c.host)
-             and not outcome.host_failed(c.from_host)]
+             and not outcome.host_failed(c.from_host) and not (stop is not None and stop())]
     skipped = [ChangeResult(c.id, Outcome.SKIPPED, "a change on one of its hosts failed")
                for c in moves if c not in ready]
     with ThreadPoolExecutor(max_workers=max(1, min(parallelism, len(ready)))) as pool:

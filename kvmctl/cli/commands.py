@@ -289,3 +289,18 @@ def _after_apply(opts: CommandOptions, env: Env, deployment: Deployment, ok: boo
 def cmd_get(opts: CommandOptions, env: Env) -> int:
     from .get import cmd_get as run_get
     return run_get(opts, env)
+
+
+def cmd_sync(opts: CommandOptions, env: Env) -> int:
+    from .gitops import cmd_sync as run_sync
+    return run_sync(opts, env)
+
+
+def cmd_controller(opts: CommandOptions, env: Env) -> int:
+    from .gitops import cmd_controller as run_controller
+    return run_controller(opts, env)
+
+
+def cmd_status(opts: CommandOptions, env: Env) -> int:
+    from .gitops import cmd_status as run_status
+    return run_status(opts, env)

@@ -18,6 +18,8 @@ COMMANDS: dict[str, Command] = {
     "validate": commands.cmd_validate, "render": commands.cmd_render,
     "plan": commands.cmd_plan, "apply": commands.cmd_apply,
     "destroy": commands.cmd_destroy, "get": commands.cmd_get,
+    "sync": commands.cmd_sync, "controller": commands.cmd_controller,
+    "status": commands.cmd_status,
 }
 
 

@@ -69,6 +69,19 @@ class CommandOptions:
     name: str | None = None
     # get
     what: str = "vms"
+    # sync, controller, status
+    repo: str | None = None
+    ref: str | None = None
+    path: str | None = None
+    state_dir: str | None = None
+    dry_run: bool = False
+    project_files: tuple[str, ...] = ()
+    listen: str | None = None
+    token_file: str | None = None
+    webhook_secret_file: str | None = None
+    interval: float | None = None
+    log_format: str = "plain"
+    controller_url: str | None = None
 
     @property
     def uri(self) -> str:
@@ -85,6 +98,7 @@ class CommandOptions:
         raw["filenames"] = tuple(raw.pop("filename", ()) or ())
         raw["targets"] = tuple(raw.pop("target", ()) or ())
         raw["hosts"] = tuple(raw.pop("host", ()) or ())
+        raw["project_files"] = tuple(raw.pop("project_files", ()) or ())
         known = {f.name for f in dataclasses.fields(CommandOptions)}
         return CommandOptions(**{k: v for k, v in raw.items() if k in known})
 
@@ -242,4 +256,84 @@ def build_parser(commands: dict[str, Command], version: str) -> argparse.Argumen
     _manifest_options(p)
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
     p.set_defaults(run=commands["get"])
+
+    _gitops_parsers(sub, commands)
     return parser
+
+
+def _source_options(p: argparse.ArgumentParser, many: bool = False) -> None:
+    p.add_argument("--repo", metavar="URL",
+                   help="git repository of the manifests: file://, https://, ssh://, git://, "
+                        "user@host:path or a local path (default: the project file's "
+                        "spec.sync.source)")
+    p.add_argument("--ref", metavar="REF", help="branch, tag or commit (default: the project "
+                                                "file's, else the repository's HEAD)")
+    p.add_argument("--path", metavar="PATH", help="the manifests' directory in the repository "
+                                                  "(default: the project file's, else its top)")
+    if many:
+        p.add_argument("--project-file", dest="project_files", action="append", default=[],
+                       metavar="FILE",
+                       help="a project file with spec.sync.source: one project each "
+                            "(repeatable; default: ./kvmctl.yaml)")
+    else:
+        p.add_argument("--project-file", metavar="FILE",
+                       help="a project file with spec.sync.source (default: ./kvmctl.yaml); "
+                            "also the project of a repository that has none")
+    p.add_argument("--project", default=project_override(), type=project_name,
+                   help="override the project's name")
+    p.add_argument("--connect", "-c", default=os.environ.get("KVMCTL_CONNECT") or None,
+                   metavar="URI", help="libvirt URI of the default host")
+    p.add_argument("--domain-type", choices=DOMAIN_TYPES, default=domain_type_override())
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="git cache and history (default: $KVMCTL_STATE_DIR, /var/lib/kvmctl "
+                        "as root, else ~/.local/state/kvmctl)")
+
+
+def _gitops_parsers(sub: Any, commands: dict[str, Command]) -> None:
+    p = sub.add_parser("sync", help="one reconciliation from git: fetch, plan, apply per the "
+                                    "project's sync policy")
+    _source_options(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="detect and report only (as apply: manual)")
+    p.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    p.add_argument("--detailed-exitcode", action="store_true",
+                   help="exit 2 when changes remain (waiting for a window, manual)")
+    p.add_argument("--parallelism", type=_positive_int, default=8, metavar="N")
+    p.add_argument("--lock-timeout", type=_seconds, default=30, metavar="SECONDS",
+                   help="wait this long for an apply of the project in progress (default 30)")
+    p.set_defaults(run=commands["sync"])
+
+    p = sub.add_parser("controller", help="reconcile projects from git continuously, with a "
+                                          "JSON API, metrics and a web page")
+    _source_options(p, many=True)
+    p.add_argument("--listen", metavar="HOST:PORT", default=None,
+                   help="where the API and page listen (default 127.0.0.1:8787)")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="the token that sync-now, suspend and resume need (default: "
+                        "$KVMCTL_CONTROLLER_TOKEN, else one made in the state directory)")
+    p.add_argument("--webhook-secret-file", metavar="FILE",
+                   help="the forge's webhook secret (default: $KVMCTL_WEBHOOK_SECRET, else the "
+                        "token)")
+    p.add_argument("--interval", type=_interval, default=None, metavar="SECONDS",
+                   help="poll and drift interval of every project (default: each project's "
+                        "spec.sync.interval, else 60)")
+    p.add_argument("--log-format", choices=("plain", "json"), default="plain")
+    p.add_argument("--parallelism", type=_positive_int, default=8, metavar="N")
+    p.add_argument("--lock-timeout", type=_seconds, default=30, metavar="SECONDS")
+    p.set_defaults(run=commands["controller"])
+
+    p = sub.add_parser("status", help="sync status and health of each object: from the "
+                                      "controller, or from one fresh plan")
+    _source_options(p)
+    p.add_argument("--controller", dest="controller_url", metavar="URL",
+                   help="the controller's address (default: $KVMCTL_CONTROLLER, "
+                        "http://127.0.0.1:8787)")
+    p.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    p.set_defaults(run=commands["status"])
+
+
+def _interval(text: str) -> float:
+    value = _seconds(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is less than 1 second")
+    return value

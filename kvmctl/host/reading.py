@@ -205,6 +205,16 @@ class HostReader:
         return {(i.get("hwaddr") or "").lower(): [a["addr"] for a in (i.get("addrs") or [])]
                 for i in ifaces.values()}
 
+    def agent_answers(self, domain: str, timeout: int = 2) -> bool:
+        """Whether the running guest's agent answers a ping within `timeout` seconds."""
+        import libvirt_qemu
+        try:
+            libvirt_qemu.qemuAgentCommand(self._dom(domain), '{"execute":"guest-ping"}',
+                                          timeout, 0)
+        except (libvirt.libvirtError, HypervisorError):
+            return False
+        return True
+
     def vcpus_live(self, name: str) -> int | None:
         """The running guest's vCPU count (None when it is not running)."""
         dom = self._dom(name)

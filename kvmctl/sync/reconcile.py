@@ -1,0 +1,459 @@
+"""One reconciliation of one project from git: what `kvmctl sync` runs once and the controller
+runs on every round.
+
+    ls-remote the ref -> the commit -> its tree (fetched once, cached) -> its documents (parsed
+    once per commit, kept) -> a plan over the project's hosts, read unlocked -> the changes the
+    policy allows now -> only if there are any: the hosts locked (this machine's lock and each
+    hypervisor's, as `kvmctl apply` takes them), planned again, applied -> statuses and health.
+
+An idle round therefore costs one read of each host and no write anywhere. A commit that does
+not load, validate or plan changes nothing: its sync fails with the located errors and the
+commit, and the last good commit stays in force. A commit with no manifests prunes nothing
+unless the policy allows empty. A host that does not answer is reported unreachable; the others
+go on (disks are then never created empty, see engine.Deployment).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..engine import Deployment, LockRequest, PlanRequest
+from ..errors import KvmctlError, ManifestError, SourceError, UnreachableError
+from ..kinds import PROJECT_FILE, Kind
+from ..manifest import documents
+from ..manifest.documents import Document
+from ..manifest.project import Overrides, ProjectConfig, load_project_file, resolve, split_project
+from ..plan.types import MASK, Change, ChangeClass, ProjectPlan, project_plan_json
+from ..source import Checkout, GitCache, SourceSpec
+from .health import HostProbe, object_health
+from .policy import SyncPolicy, read_policy, waiting_reasons
+from .status import (
+    Commit,
+    FieldChange,
+    Health,
+    HostStatus,
+    ObjectStatus,
+    ProjectState,
+    ProjectStatus,
+    SyncRecord,
+    SyncResult,
+    SyncStatus,
+)
+
+
+@dataclass(frozen=True)
+class ProjectSource:
+    """What to reconcile: a git source, and what this machine adds (a project file of its own
+    for a repository without one, the command line's overrides)."""
+
+    spec: SourceSpec
+    local_project_file: str | None = None
+    overrides: Overrides = Overrides()
+    label: str = ""  # how logs name it before its project file is read
+
+    @property
+    def key(self) -> str:
+        return self.label or self.spec.display
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A commit's documents, project and policy, parsed once and kept while it is in force."""
+
+    checkout: Checkout
+    config: ProjectConfig
+    policy: SyncPolicy
+    documents: list[Document]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    record: SyncRecord
+    status: ProjectStatus
+    changed: bool  # something was made: the next round should come soon, to see it settle
+
+
+@dataclass
+class Reconciler:
+    """One project's reconciliations, with what they keep between rounds."""
+
+    source: ProjectSource
+    cache: GitCache
+    lock_timeout: float = 30.0
+    parallelism: int = 8
+    command: str = "kvmctl controller"
+    last_good: Loaded | None = None
+    synced_commit: str | None = None  # the last commit all of whose changes were made
+    suspended: bool = False  # by a person, through the API (the policy's own suspend aside)
+    last_status: ProjectStatus | None = None
+    # The last fully synced commit as the history knows it (a restarted controller, a `kvmctl
+    # sync` from cron): without it, the first round takes what it finds as git's, not drift.
+    synced_lookup: Callable[[str], str | None] | None = None
+    _looked_up: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.last_good.config.name if self.last_good else self.source.key
+
+    def reconcile(self, trigger: str, stop: Callable[[], bool] | None = None,
+                  dry_run: bool = False, now: Callable[[], float] = time.time) -> Outcome:
+        """One round; never raises for what a round can meet (git, manifests, hosts, locks):
+        those become a failed record. Two calls never overlap."""
+        with self._lock:
+            return self._reconcile(trigger, stop, dry_run, now)
+
+    def _reconcile(self, trigger: str, stop: Callable[[], bool] | None, dry_run: bool,
+                   now: Callable[[], float]) -> Outcome:
+        started = now()
+        notes: list[str] = []
+        try:
+            loaded = self._load()
+        except SourceError as exc:
+            if self.last_good is None:
+                return self._failed(trigger, started, None, [str(exc)], now,
+                                    ProjectState.DEGRADED, f"git: {exc}")
+            loaded = self.last_good  # git is down: the commit in force stays, drift is seen
+            notes.append(f"git unreachable, keeping commit {loaded.checkout.commit.short}: "
+                         f"{exc}")
+        except _InvalidCommit as exc:
+            return self._failed(trigger, started, exc.commit, exc.errors, now,
+                                ProjectState.DEGRADED,
+                                f"commit {exc.commit.short} is invalid; "
+                                + (f"{self.last_good.checkout.commit.short} stays in force"
+                                   if self.last_good else "nothing is in force yet"))
+        policy = loaded.policy
+        commit = loaded.checkout.commit
+        if self.suspended or policy.suspend:
+            why = "suspended through the API" if self.suspended else "spec.sync.suspend"
+            record = SyncRecord(self.name, started, now(), trigger, SyncResult.SUSPENDED,
+                                commit, f"suspended ({why}): nothing reconciled")
+            status = self._status(loaded, ProjectState.SUSPENDED, why, record,
+                                  self.last_status.objects if self.last_status else (),
+                                  self.last_status.hosts if self.last_status else (), (), {})
+            return Outcome(record, status, False)
+        objects = [d for d in loaded.documents]
+        if not objects and policy.prune and not policy.allow_empty:
+            return self._failed(
+                trigger, started, commit,
+                [f"commit {commit.short} has no manifests under {loaded.checkout.spec.path!r}: "
+                 "nothing is pruned (spec.sync.allowEmpty is false)"], now,
+                ProjectState.DEGRADED, "empty commit refused")
+        request = PlanRequest(prune=policy.prune, prune_disks=policy.prune_disks,
+                              allow_empty=policy.allow_empty)
+        from_git = commit.sha != self.synced_commit
+        try:
+            return self._plan_and_apply(loaded, request, trigger, started, from_git, stop,
+                                        dry_run, notes, now)
+        except ManifestError as exc:
+            return self._failed(trigger, started, commit, _problems(exc, loaded.checkout), now,
+                                ProjectState.DEGRADED, "the manifests do not fit the hosts")
+        except KvmctlError as exc:
+            return self._failed(trigger, started, commit, [str(exc)], now,
+                                ProjectState.DEGRADED, str(exc).splitlines()[0])
+
+    # ---- the commit --------------------------------------------------------------------------
+
+    def _load(self) -> Loaded:
+        spec = self.source.spec
+        sha = self.cache.remote_commit(spec)
+        if self.last_good is not None and self.last_good.checkout.commit.sha == sha:
+            return self.last_good  # parsed once per commit
+        checkout = self.cache.checkout(spec, sha)
+        try:
+            loaded = _load_commit(checkout, self.source)
+        except ManifestError as exc:
+            raise _InvalidCommit(checkout.commit, _problems(exc, checkout)) from None
+        except KvmctlError as exc:
+            raise _InvalidCommit(checkout.commit, [_relative(str(exc), checkout)]) from None
+        if not self._looked_up and self.synced_commit is None and self.synced_lookup:
+            self._looked_up = True
+            self.synced_commit = self.synced_lookup(loaded.config.name)
+        return loaded
+
+    # ---- plan, decide, apply -----------------------------------------------------------------
+
+    def _plan_and_apply(self, loaded: Loaded, request: PlanRequest, trigger: str,
+                        started: float, from_git: bool, stop: Callable[[], bool] | None,
+                        dry_run: bool, notes: list[str], now: Callable[[], float]) -> Outcome:
+        policy, commit = loaded.policy, loaded.checkout.commit
+        moment = dt.datetime.fromtimestamp(now(), dt.UTC)
+        with _deployment(loaded) as (deployment, hosts):
+            plan = deployment.plan(request)
+            waits = waiting_reasons(plan.changes, policy, moment, from_git)
+            runnable = _runnable(plan, waits)
+            drift = 0 if from_git else sum(1 for c in plan.changes if _differs(c))
+            if not runnable or dry_run:
+                status = self._round_status(loaded, deployment, hosts, plan, waits, {}, set())
+                result = SyncResult.SYNCED if not any(_differs(c) for c in plan.changes) \
+                    else SyncResult.OUT_OF_SYNC
+                if result is SyncResult.SYNCED and not waits:
+                    self.synced_commit = commit.sha
+                self.last_good = loaded
+                record = SyncRecord(self.name, started, now(), trigger, result, commit,
+                                    _summary(result, (), waits, notes),
+                                    waiting=tuple(sorted(waits)), drift=drift)
+                return Outcome(record, self._keep(replace(status, last_sync=record)), False)
+        # Something may be made: locked, as `kvmctl apply` is, and planned again under the lock.
+        with _deployment(loaded, _lock(self.lock_timeout, self.command)) as (deployment, hosts):
+            plan = deployment.plan(request)
+            waits = waiting_reasons(plan.changes, policy, moment, from_git)
+            todo = _without(plan, waits)
+            result_set = deployment.execute(todo, self.parallelism, stop=stop)
+            done = set(result_set.done)
+            failed = dict(result_set.failed)
+            status = self._round_status(loaded, deployment, hosts, plan, waits, failed, done)
+        skipped = [r for r in result_set.skipped]
+        if failed:
+            result = SyncResult.FAILED
+        elif waits or skipped:
+            result = SyncResult.PARTIAL if done else SyncResult.OUT_OF_SYNC
+        else:
+            result = SyncResult.APPLIED
+            self.synced_commit = commit.sha
+        self.last_good = loaded
+        record = SyncRecord(self.name, started, now(), trigger, result, commit,
+                            _summary(result, tuple(sorted(done)), waits, notes),
+                            changed=tuple(sorted(done)), waiting=tuple(sorted(waits)),
+                            failed=tuple(sorted(failed.items())), drift=drift)
+        state = ProjectState.DEGRADED if failed else ProjectState.PROGRESSING
+        status = replace(status, state=state, last_sync=record,
+                         state_reason=f"{len(failed)} change(s) failed" if failed else
+                         "changes made; the next round checks them")
+        return Outcome(record, self._keep(status), bool(done))
+
+    # ---- statuses ----------------------------------------------------------------------------
+
+    def _round_status(self, loaded: Loaded, deployment: Deployment, hosts: list[HostStatus],
+                      plan: ProjectPlan, waits: dict[str, str], failed: dict[str, str],
+                      done: set[str]) -> ProjectStatus:
+        objects = []
+        pending = []
+        for name, session in deployment.sessions.items():
+            probe = HostProbe(session.hv, session.live, _is_local(session.uri))
+            for c in plan.host_plan(name).plan.changes:
+                if c.kind is Kind.SEED:
+                    continue
+                objects.append(_object_status(c, session.manifest, probe, waits, failed, done))
+                if c.pending_restart:
+                    pending.append(c.id)
+        for c in plan.moves:
+            objects.append(_object_status(c, None, None, waits, failed, done))
+        unreachable = [h for h in hosts if not h.reachable]
+        bad = [o for o in objects if o.health in (Health.DEGRADED, Health.MISSING)]
+        if unreachable:
+            state, why = ProjectState.DEGRADED, "unreachable: " + ", ".join(
+                h.name for h in unreachable)
+        elif failed:
+            state, why = ProjectState.DEGRADED, f"{len(failed)} change(s) failed"
+        elif bad:
+            state, why = ProjectState.DEGRADED, f"{len(bad)} object(s) degraded or missing"
+        elif any(o.health is Health.PROGRESSING or o.sync is SyncStatus.PROGRESSING
+                 for o in objects):
+            state, why = ProjectState.PROGRESSING, "objects on their way"
+        else:
+            state, why = ProjectState.HEALTHY, ""
+        return self._status(loaded, state, why, None, tuple(objects), tuple(hosts),
+                            tuple(pending), project_plan_json(plan))
+
+    def _status(self, loaded: Loaded, state: ProjectState, why: str, record: SyncRecord | None,
+                objects: tuple[ObjectStatus, ...], hosts: tuple[HostStatus, ...],
+                pending: tuple[str, ...], plan: dict[str, Any]) -> ProjectStatus:
+        policy = loaded.policy
+        last_success = self.last_status.last_success if self.last_status else None
+        if record is not None and record.result is not SyncResult.FAILED:
+            last_success = record.finished
+        return ProjectStatus(
+            loaded.config.name, loaded.checkout.spec.display, state,
+            self.suspended or policy.suspend, why, loaded.checkout.commit, record,
+            last_success, hosts, objects, pending,
+            policy.window_state(dt.datetime.now(dt.UTC)), None, policy.summary(), plan)
+
+    def _keep(self, status: ProjectStatus) -> ProjectStatus:
+        if status.last_sync is not None and status.last_sync.result is not SyncResult.FAILED:
+            status = replace(status, last_success=status.last_sync.finished)
+        self.last_status = status
+        return status
+
+    def _failed(self, trigger: str, started: float, commit: Commit | None, errors: list[str],
+                now: Callable[[], float], state: ProjectState, why: str) -> Outcome:
+        record = SyncRecord(self.name, started, now(), trigger, SyncResult.FAILED, commit,
+                            errors[0].splitlines()[0] if errors else why,
+                            errors=tuple(errors))
+        previous = self.last_status
+        if self.last_good is not None:
+            status = self._status(self.last_good, state, why, None,
+                                  previous.objects if previous else (),
+                                  previous.hosts if previous else (),
+                                  previous.pending_restarts if previous else (),
+                                  previous.plan if previous else {})
+        else:
+            status = ProjectStatus(self.name, self.source.spec.display, state, self.suspended,
+                                   why)
+        status = replace(status, last_sync=record,
+                         last_success=previous.last_success if previous else None)
+        self.last_status = status
+        return Outcome(record, status, False)
+
+
+class _InvalidCommit(Exception):
+    def __init__(self, commit: Commit, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.commit, self.errors = commit, errors
+
+
+def _load_commit(checkout: Checkout, source: ProjectSource) -> Loaded:
+    """A commit's project file (the one under its path, else this machine's), its documents and
+    its policy; ManifestError, located, when any of it is invalid."""
+    root = checkout.manifests
+    project_path = _project_file_in(checkout)
+    if project_path is None and source.local_project_file:
+        project_path = source.local_project_file
+    project_doc = load_project_file(project_path) if project_path else None
+    config = resolve(project_doc, source.overrides)
+    loaded = documents.load([root], recursive=True) if os.path.isdir(root) else \
+        documents.load([root])
+    _, rest = split_project(loaded, config.source)
+    from ..manifest.project import place, with_defaults
+    docs = with_defaults(rest, config)
+    from ..manifest import validate
+    validate.check_schemas(docs)
+    place(docs, config)
+    policy = read_policy(project_doc, docs)
+    return Loaded(checkout, config, policy, docs)
+
+
+def _project_file_in(checkout: Checkout) -> str | None:
+    """kvmctl.yaml at the manifests' path or above it, inside the checkout only."""
+    top = os.path.realpath(checkout.root)
+    here = os.path.realpath(checkout.manifests)
+    if not os.path.isdir(here):
+        here = os.path.dirname(here)
+    while True:
+        candidate = os.path.join(here, PROJECT_FILE)
+        if os.path.isfile(candidate):
+            return candidate
+        if here == top or not here.startswith(top):
+            return None
+        here = os.path.dirname(here)
+
+
+@contextlib.contextmanager
+def _deployment(loaded: Loaded, lock: LockRequest | None = None
+                ) -> Iterator[tuple[Deployment, list[HostStatus]]]:
+    """The project's hosts read (and locked, with `lock`); hosts that do not answer are left
+    out and reported, the others go on."""
+    config = loaded.config
+    hosts = {h.name: HostStatus(h.name, h.uri, True) for h in config.hosts}
+    only: tuple[str, ...] = ()
+    with contextlib.ExitStack() as held:
+        if lock is not None:
+            from ..apply.lock import project_lock
+            for h in sorted(config.hosts, key=lambda h: h.uri):
+                held.enter_context(project_lock(h.uri, config.name, lock.timeout))
+        while True:
+            try:
+                deployment = Deployment(config, docs=loaded.documents, only=only, lock=lock)
+                break
+            except UnreachableError as exc:
+                for name, uri, why in exc.hosts:
+                    hosts[name] = HostStatus(name, uri, False, why)
+                only = tuple(h for h in config.host_names if hosts[h].reachable)
+                if not only:
+                    raise
+        held.callback(deployment.close)
+        yield deployment, list(hosts.values())
+
+
+def _lock(timeout: float, command: str) -> LockRequest:
+    return LockRequest(timeout, None, command)
+
+
+def _runnable(plan: ProjectPlan, waits: dict[str, str]) -> list[Change]:
+    return [c for c in plan.changes if (c.steps or c.move_steps) and not c.blocked
+            and c.id not in waits]
+
+
+def _without(plan: ProjectPlan, waits: dict[str, str]) -> ProjectPlan:
+    """The plan with the changes that wait stripped of their steps (apply skips them)."""
+    def strip(c: Change) -> Change:
+        return replace(c, steps=(), move_steps=(), upkeep=()) if c.id in waits else c
+
+    hosts = tuple(replace(h, plan=replace(h.plan, changes=tuple(strip(c)
+                                                                  for c in h.plan.changes)))
+                  for h in plan.hosts)
+    return replace(plan, hosts=hosts, moves=tuple(strip(c) for c in plan.moves))
+
+
+def _differs(c: Change) -> bool:
+    return c.change_class is not ChangeClass.NOOP
+
+
+def _object_status(c: Change, manifest: Any, probe: HostProbe | None, waits: dict[str, str],
+                   failed: dict[str, str], done: set[str]) -> ObjectStatus:
+    if probe is not None and manifest is not None and c.change_class is not ChangeClass.DELETE:
+        health, why = object_health(c.kind, c.name, manifest, probe)
+    elif c.change_class is ChangeClass.DELETE:
+        health, why = Health.HEALTHY, "no longer in git"
+    else:
+        health, why = Health.UNKNOWN, ""
+    fields = tuple(FieldChange(f.field, MASK if f.sensitive else _shown(f.old),
+                               MASK if f.sensitive else _shown(f.new)) for f in c.fields)
+    if c.id in failed:
+        sync, error = SyncStatus.FAILED, failed[c.id]
+    elif c.id in done:
+        sync, error = SyncStatus.PROGRESSING, ""
+        health, why = (Health.PROGRESSING, "just changed") if health is not Health.HEALTHY \
+            else (health, why)
+    elif _differs(c):
+        sync, error = SyncStatus.OUT_OF_SYNC, ""
+    else:
+        sync, error = SyncStatus.SYNCED, ""
+    waiting = waits.get(c.id, "") or (c.blocked or "")
+    return ObjectStatus(c.host, str(c.kind), c.name, sync, health, why,
+                        "" if c.change_class is ChangeClass.NOOP else str(c.change_class),
+                        c.reasons, fields, waiting, error)
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "(none)"
+    if isinstance(value, tuple):
+        return ", ".join(_shown(v) for v in value)
+    return str(value)
+
+
+def _summary(result: SyncResult, done: tuple[str, ...], waits: dict[str, str],
+             notes: list[str]) -> str:
+    parts = []
+    if result is SyncResult.SYNCED:
+        parts.append("in sync")
+    if done:
+        parts.append(f"{len(done)} change(s) made")
+    if waits:
+        parts.append(f"{len(waits)} waiting")
+    if result is SyncResult.OUT_OF_SYNC and not waits:
+        parts.append("out of sync")
+    return "; ".join(parts + notes)
+
+
+def _problems(exc: ManifestError, checkout: Checkout) -> list[str]:
+    return [_relative(str(p), checkout) for p in exc.problems]
+
+
+def _relative(text: str, checkout: Checkout) -> str:
+    """Locations inside the extracted tree, written as the repository's paths."""
+    root = os.path.realpath(checkout.root).rstrip("/") + "/"
+    return text.replace(root, "").replace(checkout.root.rstrip("/") + "/", "")
+
+
+def _is_local(uri: str) -> bool:
+    scheme, _, rest = uri.partition("://")
+    return "+" not in scheme and not rest.split("/", 1)[0]
