@@ -39,10 +39,10 @@ sys.path.insert(0, str(BENCH))
 
 from plan_noop import leftovers, other_pytests, scales_arg  # noqa: E402
 
-NAMES = ("plan", "validate", "apply", "hosts", "startup")
+NAMES = ("plan", "validate", "apply", "hosts", "controller", "startup")
 SCRIPTS = {"plan": "plan_noop.py", "validate": "validate_render.py", "apply": "apply_new.py",
-           "hosts": "hosts.py", "startup": "startup.py"}
-USES_LIBVIRT = {"plan", "apply", "hosts"}
+           "hosts": "hosts.py", "controller": "controller.py", "startup": "startup.py"}
+USES_LIBVIRT = {"plan", "apply", "hosts", "controller"}
 
 
 @dataclass
@@ -79,7 +79,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                     metavar="N[,N...]", help="plan: VM counts of the no-op plan, grown on one "
                     "set (default: 1000,3000,10000)")
     ap.add_argument("--no-ip", action="store_true",
-                    help="plan: VMs without DHCP reservations")
+                    help="plan and controller: VMs without DHCP reservations")
     ap.add_argument("--repeat", type=int, default=None, metavar="R",
                     help="rounds of every benchmark but startup (default: each one's own)")
     ap.add_argument("--plan-repeat", type=int, metavar="R", help="plan: paired rounds "
@@ -102,15 +102,21 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="hosts: new VMs of the apply (default 100)")
     ap.add_argument("--hosts-apply-repeat", type=int, metavar="R",
                     help="hosts: rounds of the apply (default 3)")
+    ap.add_argument("--controller-vms", type=int, default=1000, metavar="N",
+                    help="controller: stopped VMs of the idle project (default 1000)")
+    ap.add_argument("--controller-repeat", type=int, metavar="R",
+                    help="controller: paired rounds of the in-process idle round (default 10)")
+    ap.add_argument("--controller-pushes", type=int, default=5, metavar="P",
+                    help="controller: pushes timed through the webhook (default 5)")
     ap.add_argument("--startup-runs", type=int, default=15, metavar="N",
                     help="startup: rounds (default 15; the target asks for 10 or more)")
     ap.add_argument("--connect", default="qemu:///system", metavar="URI",
-                    help="plan and apply: the libvirt URI")
+                    help="plan, apply and controller: the libvirt URI")
     ap.add_argument("--json", metavar="FILE", help="also write the table and the facts to "
                     "FILE")
     args = ap.parse_args(argv)
     for key in ("plan_repeat", "validate_repeat", "apply_repeat", "hosts_repeat",
-                "hosts_apply_repeat"):
+                "hosts_apply_repeat", "controller_repeat"):
         if getattr(args, key) is None and args.repeat is not None:
             setattr(args, key, args.repeat)
     return args
@@ -131,6 +137,10 @@ def commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
         "hosts": ["--vms", str(args.hosts_vms), "--apply-vms", str(args.hosts_apply_vms),
                   *opt("--repeat", args.hosts_repeat),
                   *opt("--apply-repeat", args.hosts_apply_repeat)],
+        "controller": ["-n", str(args.controller_vms), "--connect", args.connect,
+                       "--pushes", str(args.controller_pushes),
+                       *opt("--repeat", args.controller_repeat),
+                       *(["--no-ip"] if args.no_ip else [])],
         "startup": ["--runs", str(args.startup_runs)],
     }
     chosen = args.only or list(NAMES)

@@ -80,6 +80,8 @@ def _load(opts: CommandOptions, env: Env
         raise UsageError("no manifests given: use -f FILE, -f DIR or -f -")
     config = project_config(opts)
     loaded = documents.load(list(opts.filenames), recursive=opts.recursive, stdin=env.stdin)
+    if config.source:
+        _check_sync_policy(config.source)
     _, rest = split_project(loaded, config.source)
     docs = with_defaults(rest, config)
     validate.check_schemas(docs)
@@ -96,6 +98,16 @@ def _load(opts: CommandOptions, env: Env
     if problems:
         raise ManifestError(problems)
     return loaded, ManifestSet.union(models), config
+
+
+def _check_sync_policy(path: str) -> None:
+    """The project file's spec.sync beyond its schema (schedules, time zones, durations), so
+    that `validate` finds what a sync would refuse; located ManifestError."""
+    from ..manifest.project import load_project_file
+    doc = load_project_file(path)
+    if isinstance(doc.body.get("spec"), dict) and "sync" in doc.body["spec"]:
+        from ..sync.policy import read_policy
+        read_policy(doc)
 
 
 # ---- validate, render ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ..errors import UsageError
@@ -87,6 +88,21 @@ def _history(state_dir: str, retention: int = 1000) -> Any:
         return None
 
 
+def _synced_lookup(history: Any) -> Callable[[str], str | None]:
+    """The last commit the history saw fully synced, per project: what makes a later
+    difference drift rather than git's."""
+    from ..sync.status import SyncResult
+
+    def synced(project: str) -> str | None:
+        if history is None:
+            return None
+        for rec in history.syncs(project, limit=1000):
+            if rec.result in (SyncResult.SYNCED, SyncResult.APPLIED) and rec.commit:
+                return str(rec.commit.sha)
+        return None
+    return synced
+
+
 # ---- kvmctl sync --------------------------------------------------------------------------------
 
 def cmd_sync(opts: CommandOptions, env: Env) -> int:
@@ -101,16 +117,8 @@ def cmd_sync(opts: CommandOptions, env: Env) -> int:
     worst = ExitStatus.OK
     results = []
     for source in todo:
-        def synced(project: str) -> str | None:
-            if history is None:
-                return None
-            for rec in history.syncs(project, limit=200):
-                if rec.result in (SyncResult.SYNCED, SyncResult.APPLIED) and rec.commit:
-                    return str(rec.commit.sha)
-            return None
-
         reconciler = Reconciler(source, cache, opts.lock_timeout, opts.parallelism,
-                                command="kvmctl sync", synced_lookup=synced)
+                                command="kvmctl sync", synced_lookup=_synced_lookup(history))
         outcome = reconciler.reconcile("cli", dry_run=opts.dry_run)
         record = outcome.record
         if history is not None and not opts.dry_run:
@@ -297,11 +305,15 @@ def cmd_status(opts: CommandOptions, env: Env) -> int:
         from ..sync.reconcile import Reconciler
         state_dir = opts.state_dir or default_state_dir()
         cache = GitCache(os.path.join(state_dir, "git"))
+        history = _history(state_dir)
         data = []
         for source in sources(opts):
-            outcome = Reconciler(source, cache, command="kvmctl status").reconcile(
+            outcome = Reconciler(source, cache, command="kvmctl status",
+                                 synced_lookup=_synced_lookup(history)).reconcile(
                 "status", dry_run=True)
             data.append(status_json(outcome.status, True))
+        if history is not None:
+            history.close()
         origin = "a fresh plan (no controller answers at " + url + ")"
     else:
         origin = f"the controller at {url}"

@@ -267,9 +267,11 @@ def _source_options(p: argparse.ArgumentParser, many: bool = False) -> None:
                         "user@host:path or a local path (default: the project file's "
                         "spec.sync.source)")
     p.add_argument("--ref", metavar="REF", help="branch, tag or commit (default: the project "
-                                                "file's, else the repository's HEAD)")
+                                                "file's spec.sync.source.ref; with --repo, "
+                                                "the repository's HEAD)")
     p.add_argument("--path", metavar="PATH", help="the manifests' directory in the repository "
-                                                  "(default: the project file's, else its top)")
+                                                  "(default: the project file's; with --repo, "
+                                                  "its top)")
     if many:
         p.add_argument("--project-file", dest="project_files", action="append", default=[],
                        metavar="FILE",
@@ -286,7 +288,7 @@ def _source_options(p: argparse.ArgumentParser, many: bool = False) -> None:
     p.add_argument("--domain-type", choices=DOMAIN_TYPES, default=domain_type_override())
     p.add_argument("--state-dir", metavar="DIR",
                    help="git cache and history (default: $KVMCTL_STATE_DIR, /var/lib/kvmctl "
-                        "as root, else ~/.local/state/kvmctl)")
+                        "as root, else $XDG_STATE_HOME/kvmctl or ~/.local/state/kvmctl)")
 
 
 def _gitops_parsers(sub: Any, commands: dict[str, Command]) -> None:

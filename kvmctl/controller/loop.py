@@ -29,6 +29,7 @@ from .metrics import Metrics
 log = logging.getLogger("kvmctl.controller")
 
 SETTLE_INTERVAL = 5.0  # seconds to the next round after one that changed something
+SETTLE_ROUNDS = 12  # at most this many such rounds in a row
 MAX_BACKOFF = 900.0
 
 
@@ -54,6 +55,7 @@ class ProjectWorker:
         self._wake = threading.Condition()
         self._requested: str | None = "start"
         self.failures = 0
+        self.settling = 0
         self.next_due = time.time()
         self.busy = False
         self.thread = threading.Thread(target=self._run, name=f"project {reconciler.name}",
@@ -107,7 +109,13 @@ class ProjectWorker:
             delay = min(MAX_BACKOFF, interval * 2 ** (self.failures - 1))
         else:
             self.failures = 0
-            settling = outcome.changed or outcome.status.state is ProjectState.PROGRESSING
+            # After a change, rounds come sooner for a while (a VM booting to its address),
+            # never for good: an object that stays Progressing is seen at the interval.
+            if outcome.changed:
+                self.settling = SETTLE_ROUNDS
+            settling = self.settling > 0 and (
+                outcome.changed or outcome.status.state is ProjectState.PROGRESSING)
+            self.settling = self.settling - 1 if settling else 0
             delay = min(interval, SETTLE_INTERVAL) if settling else interval
         self.next_due = time.time() + delay
 
@@ -128,6 +136,7 @@ class Controller:
         self.metrics = Metrics(self.projects)
         cache = GitCache(os.path.join(settings.state_dir, "git"))
         self._lock = threading.Lock()
+        self._kept: dict[str, tuple[SyncResult, str]] = {}
         self.workers: list[ProjectWorker] = []
         for source in sources:
             reconciler = Reconciler(source, cache, settings.lock_timeout, settings.parallelism,
@@ -164,7 +173,11 @@ class Controller:
 
     def _recorded(self, worker: ProjectWorker, outcome: Outcome) -> None:
         record = outcome.record
-        if self.history is not None:
+        kept = (record.result, record.commit.sha if record.commit else "")
+        # An idle round like the one before is not history: only what changed is kept.
+        repeat = record.result is SyncResult.SYNCED and self._kept.get(record.project) == kept
+        self._kept[record.project] = kept
+        if self.history is not None and not repeat:
             try:
                 record = self.history.record(record)
                 self.history.event(record.project, record.finished,
@@ -262,13 +275,16 @@ def _normal_url(url: str) -> str:
     """A repository URL as forges and users variously write it, in one form."""
     text = url.strip().rstrip("/")
     text = text.removesuffix(".git")
+    with_scheme = False
     for scheme in ("https://", "http://", "ssh://", "git://", "file://"):
         if text.startswith(scheme):
             text = text[len(scheme):]
+            with_scheme = True  # host:port and user:password@ are no scp syntax
             break
     host, _, path = text.partition("/")
     host = host.rpartition("@")[2].split(":")[0]
-    if ":" in text.split("/")[0] and "@" in text.split("/")[0]:  # user@host:path
+    first = text.split("/")[0]
+    if not with_scheme and ":" in first and "@" in first:  # user@host:path
         host, _, path = text.rpartition("@")[2].partition(":")
     return f"{host.lower()}/{path.lstrip('/')}"
 

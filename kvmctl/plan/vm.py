@@ -217,9 +217,12 @@ def _update_vm(ctx: Context, vm: VirtualMachine, live: LiveDomain,
                        if touches_guest else
                        "the definition changes; the running guest already has these values")
     deferred = bool(pending) and vm.on_restart_needed == "defer"
-    # A restart that is only pending (nothing left to apply) is reported, but is not a change.
+    # A restart that is only pending (nothing left to apply) is reported, but is not a change;
+    # nor does it make another change (a start, a live resize) one that needs a restart: only
+    # what this change itself sends to the definition for the next restart does.
+    newly_pending = bool(set(pending) & {c.field for c in config_changes})
     change_class = ChangeClass.NOOP if not steps else (
-        ChangeClass.UPDATE_RESTART if pending else ChangeClass.UPDATE_LIVE)
+        ChangeClass.UPDATE_RESTART if newly_pending else ChangeClass.UPDATE_LIVE)
     return Change(Kind.VM, name, change_class, tuple(reasons), tuple(fields), tuple(steps),
                   pending_restart=deferred, fingerprint=fp, depends=deps, upkeep=upkeep)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ManifestError, Problem
+from ..kinds import Kind
 from ..manifest.documents import Document, json_path
 from ..plan.types import Change, ChangeClass
 from .status import WindowState
@@ -101,6 +102,8 @@ def read_policy(project: Document | None, documents: Iterable[Document] = ()) ->
     if "interval" in sync:
         try:
             interval = parse_duration(sync["interval"])
+            if interval < 1:  # the schema's pattern lets "0s" through; 0 would busy-loop
+                raise ValueError(f"{sync['interval']!r} is less than 1 second")
         except ValueError as exc:
             locate(base + ("interval",), f"interval: {exc}", "a duration: 90s, 5m, 1h")
     windows = []
@@ -163,8 +166,10 @@ def waiting_reasons(changes: Iterable[Change], policy: SyncPolicy, now: dt.datet
     open_windows = [w for w in policy.windows if w.window.opened_at(now) is not None]
     waits: dict[str, str] = {}
     for c in todo:
-        why = _why_waiting(c, policy, policy.objects.get(c.ref, ObjectPolicy()), now,
-                           open_windows, from_git)
+        # A VM's cloud-init seed follows its VM's exceptions.
+        own = policy.objects.get(c.ref) or (policy.objects.get(f"{Kind.VM}/{c.name}")
+                                            if c.kind is Kind.SEED else None)
+        why = _why_waiting(c, policy, own or ObjectPolicy(), now, open_windows, from_git)
         if why:
             waits[c.id] = why
     # A change that needs one that waits, waits too (a VM for its network, its disk).

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from ..engine import Deployment, LockRequest, PlanRequest
@@ -46,6 +49,8 @@ from .status import (
     SyncResult,
     SyncStatus,
 )
+
+log = logging.getLogger("kvmctl.controller")
 
 
 @dataclass(frozen=True)
@@ -98,10 +103,13 @@ class Reconciler:
     synced_lookup: Callable[[str], str | None] | None = None
     _looked_up: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _seen_name: str | None = None  # the project's name in a commit that did not load
 
     @property
     def name(self) -> str:
-        return self.last_good.config.name if self.last_good else self.source.key
+        if self.last_good:
+            return self.last_good.config.name
+        return self._seen_name or self.source.key
 
     def reconcile(self, trigger: str, stop: Callable[[], bool] | None = None,
                   dry_run: bool = False, now: Callable[[], float] = time.time) -> Outcome:
@@ -138,6 +146,7 @@ class Reconciler:
             status = self._status(loaded, ProjectState.SUSPENDED, why, record,
                                   self.last_status.objects if self.last_status else (),
                                   self.last_status.hosts if self.last_status else (), (), {})
+            self.last_status = status  # what the controller's API and page show
             return Outcome(record, status, False)
         objects = [d for d in loaded.documents]
         if not objects and policy.prune and not policy.allow_empty:
@@ -166,13 +175,18 @@ class Reconciler:
         sha = self.cache.remote_commit(spec)
         if self.last_good is not None and self.last_good.checkout.commit.sha == sha:
             return self.last_good  # parsed once per commit
-        checkout = self.cache.checkout(spec, sha)
+        try:
+            checkout = self.cache.checkout(spec, sha)
+        except SourceError as exc:  # git answered, but this commit cannot be read (no path)
+            raise _InvalidCommit(Commit(sha), [str(exc)]) from None
         try:
             loaded = _load_commit(checkout, self.source)
-        except ManifestError as exc:
-            raise _InvalidCommit(checkout.commit, _problems(exc, checkout)) from None
         except KvmctlError as exc:
-            raise _InvalidCommit(checkout.commit, [_relative(str(exc), checkout)]) from None
+            # its failure is recorded under the project's name, as its successes are
+            self._seen_name = _name_in(checkout, self.source) or self._seen_name
+            errors = _problems(exc, checkout) if isinstance(exc, ManifestError) \
+                else [_relative(str(exc), checkout)]
+            raise _InvalidCommit(checkout.commit, errors) from None
         if not self._looked_up and self.synced_commit is None and self.synced_lookup:
             self._looked_up = True
             self.synced_commit = self.synced_lookup(loaded.config.name)
@@ -190,6 +204,8 @@ class Reconciler:
             waits = waiting_reasons(plan.changes, policy, moment, from_git)
             runnable = _runnable(plan, waits)
             drift = 0 if from_git else sum(1 for c in plan.changes if _differs(c))
+            if dry_run:
+                waits.update({c.id: "dry run: would be made" for c in runnable})
             if not runnable or dry_run:
                 status = self._round_status(loaded, deployment, hosts, plan, waits, {}, set())
                 result = SyncResult.SYNCED if not any(_differs(c) for c in plan.changes) \
@@ -200,12 +216,15 @@ class Reconciler:
                 record = SyncRecord(self.name, started, now(), trigger, result, commit,
                                     _summary(result, (), waits, notes),
                                     waiting=tuple(sorted(waits)), drift=drift)
-                return Outcome(record, self._keep(replace(status, last_sync=record)), False)
+                status = _degraded(replace(status, last_sync=record), notes)
+                return Outcome(record, self._keep(status), False)
         # Something may be made: locked, as `kvmctl apply` is, and planned again under the lock.
         with _deployment(loaded, _lock(self.lock_timeout, self.command)) as (deployment, hosts):
             plan = deployment.plan(request)
             waits = waiting_reasons(plan.changes, policy, moment, from_git)
             todo = _without(plan, waits)
+            log.info("project %s: applying %d change(s) at %s", loaded.config.name,
+                     len(_runnable(todo, {})), commit.short)
             result_set = deployment.execute(todo, self.parallelism, stop=stop)
             done = set(result_set.done)
             failed = dict(result_set.failed)
@@ -223,11 +242,14 @@ class Reconciler:
                             _summary(result, tuple(sorted(done)), waits, notes),
                             changed=tuple(sorted(done)), waiting=tuple(sorted(waits)),
                             failed=tuple(sorted(failed.items())), drift=drift)
-        state = ProjectState.DEGRADED if failed else ProjectState.PROGRESSING
-        status = replace(status, state=state, last_sync=record,
-                         state_reason=f"{len(failed)} change(s) failed" if failed else
-                         "changes made; the next round checks them")
-        return Outcome(record, self._keep(status), bool(done))
+        if failed:
+            status = replace(status, state=ProjectState.DEGRADED,
+                             state_reason=f"{len(failed)} change(s) failed")
+        elif status.state is not ProjectState.DEGRADED and done:
+            status = replace(status, state=ProjectState.PROGRESSING,
+                             state_reason="changes made; the next round checks them")
+        status = replace(status, last_sync=record)
+        return Outcome(record, self._keep(_degraded(status, notes)), bool(done))
 
     # ---- statuses ----------------------------------------------------------------------------
 
@@ -246,6 +268,12 @@ class Reconciler:
                     pending.append(c.id)
         for c in plan.moves:
             objects.append(_object_status(c, None, None, waits, failed, done))
+        for h in hosts:  # what lives on a host that did not answer: not known
+            if not h.reachable:
+                objects += [ObjectStatus(h.name, d.kind, d.name, SyncStatus.OUT_OF_SYNC,
+                                         Health.UNKNOWN, f"host {h.name} is unreachable",
+                                         waiting=f"host {h.name} is unreachable: {h.error}")
+                            for d in deployment.placement.by_host.get(h.name, ())]
         unreachable = [h for h in hosts if not h.reachable]
         bad = [o for o in objects if o.health in (Health.DEGRADED, Health.MISSING)]
         if unreachable:
@@ -318,8 +346,11 @@ def _load_commit(checkout: Checkout, source: ProjectSource) -> Loaded:
         project_path = source.local_project_file
     project_doc = load_project_file(project_path) if project_path else None
     config = resolve(project_doc, source.overrides)
-    loaded = documents.load([root], recursive=True) if os.path.isdir(root) else \
-        documents.load([root])
+    if os.path.isdir(root):
+        # a directory without manifests is an empty set (allowEmpty decides), not an error
+        loaded = documents.load([root], recursive=True) if _has_manifests(root) else []
+    else:
+        loaded = documents.load([root])
     _, rest = split_project(loaded, config.source)
     from ..manifest.project import place, with_defaults
     docs = with_defaults(rest, config)
@@ -330,8 +361,23 @@ def _load_commit(checkout: Checkout, source: ProjectSource) -> Loaded:
     return Loaded(checkout, config, policy, docs)
 
 
+def _name_in(checkout: Checkout, source: ProjectSource) -> str | None:
+    """The project's name at a commit that does not load, if its project file does."""
+    path = _project_file_in(checkout) or source.local_project_file
+    try:
+        return resolve(load_project_file(path) if path else None, source.overrides).name
+    except KvmctlError:
+        return None
+
+
+def _has_manifests(root: str) -> bool:
+    return any(p.is_file() and p.suffix in documents.MANIFEST_SUFFIXES
+               for p in Path(root).glob("**/*"))
+
+
 def _project_file_in(checkout: Checkout) -> str | None:
-    """kvmctl.yaml at the manifests' path or above it, inside the checkout only."""
+    """kvmctl.yaml in the manifests' directory (only that path of the commit is extracted), or
+    beside the manifests' file when the path names one."""
     top = os.path.realpath(checkout.root)
     here = os.path.realpath(checkout.manifests)
     if not os.path.isdir(here):
@@ -370,6 +416,13 @@ def _deployment(loaded: Loaded, lock: LockRequest | None = None
                     raise
         held.callback(deployment.close)
         yield deployment, list(hosts.values())
+
+
+def _degraded(status: ProjectStatus, notes: list[str]) -> ProjectStatus:
+    """A round made with the last good commit because git did not answer: degraded."""
+    if not notes:
+        return status
+    return replace(status, state=ProjectState.DEGRADED, state_reason=notes[0])
 
 
 def _lock(timeout: float, command: str) -> LockRequest:
@@ -450,8 +503,8 @@ def _problems(exc: ManifestError, checkout: Checkout) -> list[str]:
 
 def _relative(text: str, checkout: Checkout) -> str:
     """Locations inside the extracted tree, written as the repository's paths."""
-    root = os.path.realpath(checkout.root).rstrip("/") + "/"
-    return text.replace(root, "").replace(checkout.root.rstrip("/") + "/", "")
+    tree = os.path.basename(os.path.normpath(checkout.root))  # <sha>-<key>: unique
+    return re.sub(r"[^\s'\"]*" + re.escape(tree) + "/", "", text)
 
 
 def _is_local(uri: str) -> bool:

@@ -105,7 +105,7 @@ class SyncRecord:
     project: str
     started: float
     finished: float
-    trigger: str  # start | poll | webhook | manual | cli | drift
+    trigger: str  # start | poll | webhook | manual | cli | status
     result: SyncResult
     commit: Commit | None = None
     summary: str = ""  # one line
