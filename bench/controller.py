@@ -640,6 +640,8 @@ class Share:
     measured: float  # share of one core over the window, at the measured interval
     idle_rate: float  # CPU s per s between rounds
     round_cpu: float  # CPU s of a round beyond the idle rate (median)
+    idle_time: float  # s between rounds in the window: one clock tick over it is the
+    #                   resolution of idle_rate
 
     def at(self, interval: float, round_wall: float) -> float:
         """The share at `interval`: a round every interval + round_wall seconds (the next is
@@ -655,7 +657,7 @@ def shares(s: CpuSampler, recs: Sequence[Record], col: int) -> Share:
     idle_time = (t1 - t0) - sum(b - a for a, b in spans)
     idle_rate = (total - sum(busy)) / idle_time if idle_time > 0 else float("nan")
     excess = [cpu - idle_rate * (b - a) for cpu, (a, b) in zip(busy, spans, strict=True)]
-    return Share(total / (t1 - t0), idle_rate, med(excess))
+    return Share(total / (t1 - t0), idle_rate, med(excess), idle_time)
 
 
 def measure_cpu(r: ControllerRun, p: Project, interval: float, rounds: int,
@@ -689,6 +691,7 @@ def measure_cpu(r: ControllerRun, p: Project, interval: float, rounds: int,
             **{f"{key}_{name}": value for key, sh in (("all", full), ("own", own),
                                                       ("libvirtd", daemons))
                for name, value in (("measured", sh.measured), ("idle_rate", sh.idle_rate),
+                                   ("idle_time_s", sh.idle_time),
                                    ("round_cpu_s", sh.round_cpu),
                                    ("computed_at_interval", sh.at(interval, wall)),
                                    ("computed_at_60", sh.at(AT_INTERVAL, wall)))}}
@@ -718,6 +721,10 @@ def print_cpu(figs: Sequence[dict[str, Any]], bare: dict[str, float]) -> None:
               f"{f['all_computed_at_60']:.2%} ({f['own_computed_at_60']:.2%}) | "
               f"{f['libvirtd_measured']:.2%} | {bare[f['what']] / AT_INTERVAL:.3%} | "
               f"{f['max_rss_mb']:.0f} |".replace("%", " %"))
+    for f in figs:
+        print(f"  {f['what']}: between rounds {f['all_idle_rate'] * 1000:.2f} ms/s over "
+              f"{f['all_idle_time_s']:.1f} s; its resolution, one {1000 / CLK_TCK:g} ms clock "
+              f"tick over that time: {1000 / CLK_TCK / f['all_idle_time_s']:.2f} ms/s")
     for f in figs:
         share = f["all_computed_at_60"] * 100
         print(f"  {f['what']}: {share:.2f} % of one core at a {AT_INTERVAL:g} s interval, "
