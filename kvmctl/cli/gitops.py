@@ -124,8 +124,9 @@ def cmd_sync(opts: CommandOptions, env: Env) -> int:
         if history is not None and not opts.dry_run:
             record = history.record(record)
         results.append((record, outcome.status))
-        if record.result is SyncResult.FAILED:
-            worst = ExitStatus.ERROR
+        if record.result is SyncResult.FAILED or any(not h.reachable
+                                                      for h in outcome.status.hosts):
+            worst = ExitStatus.ERROR  # a host not reached: a cron job must hear of it
         elif record.result in (SyncResult.OUT_OF_SYNC, SyncResult.PARTIAL) and \
                 opts.detailed_exitcode and worst is ExitStatus.OK:
             worst = ExitStatus.CHANGES

@@ -204,12 +204,18 @@ class Reconciler:
             waits = waiting_reasons(plan.changes, policy, moment, from_git)
             runnable = _runnable(plan, waits)
             drift = 0 if from_git else sum(1 for c in plan.changes if _differs(c))
+            away = [h for h in hosts if not h.reachable]
+            if away:  # the others go on; this commit is not synced everywhere
+                notes.insert(0, "unreachable: " + ", ".join(f"{h.name} ({h.error})"
+                                                            for h in away))
             if dry_run:
                 waits.update({c.id: "dry run: would be made" for c in runnable})
             if not runnable or dry_run:
                 status = self._round_status(loaded, deployment, hosts, plan, waits, {}, set())
                 result = SyncResult.SYNCED if not any(_differs(c) for c in plan.changes) \
                     else SyncResult.OUT_OF_SYNC
+                if result is SyncResult.SYNCED and away:
+                    result = SyncResult.PARTIAL
                 if result is SyncResult.SYNCED and not waits:
                     self.synced_commit = commit.sha
                 self.last_good = loaded
@@ -232,7 +238,7 @@ class Reconciler:
         skipped = [r for r in result_set.skipped]
         if failed:
             result = SyncResult.FAILED
-        elif waits or skipped:
+        elif waits or skipped or any(not h.reachable for h in hosts):
             result = SyncResult.PARTIAL if done else SyncResult.OUT_OF_SYNC
         else:
             result = SyncResult.APPLIED
