@@ -83,6 +83,7 @@ from plan_noop import (  # noqa: E402
     leftovers,
     measured,
     network_yaml,
+    other_pytests,
     paired_ratio,
     paired_rounds,
     prefix_for,
@@ -663,7 +664,7 @@ def shares(s: CpuSampler, recs: Sequence[Record], col: int) -> Share:
 def measure_cpu(r: ControllerRun, p: Project, interval: float, rounds: int,
                 what: str) -> dict[str, Any]:
     domains = host_domains(r.uri)
-    ctl = Controller(r, p, interval, f"cpu-{what}")
+    ctl = Controller(r, p, interval, "cpu-" + re.sub(r"[^a-z0-9]+", "-", what.lower()))
     print(f"  controller pid {ctl.pid} (--interval {interval:g}) on {p.name} ({what}; the host "
           f"has {domains} domains): waiting for its first round ...", flush=True)
     first = ctl.first_round()
@@ -915,9 +916,17 @@ def make_small(r: ControllerRun) -> tuple[Project, ipaddress.IPv4Network]:
     return p, subnet
 
 
+def load() -> str:
+    """The 1-minute load average, and a note when it reached half the cores."""
+    one, cores = os.getloadavg()[0], os.cpu_count() or 1
+    return f"{one:.2f} on {cores} cores" + (
+        f" (half the cores or more: other work shared the CPUs; {other_pytests()} pytest "
+        "processes)" if one >= cores / 2 else "")
+
+
 def measure(r: ControllerRun, args: argparse.Namespace) -> None:
     print(f"run {r.id}: projects {r.project} ({args.vms} stopped VMs) and {r.project}-hook, "
-          f"folder {r.dir}", flush=True)
+          f"folder {r.dir}; load average {load()}", flush=True)
     big = make_big(r, args.vms, not args.no_ip)
     print(f"\n1. idle round in-process, {args.repeat} paired rounds ...", flush=True)
     idle = measure_idle(r, big, args.vms, args.repeat)
@@ -939,6 +948,7 @@ def measure(r: ControllerRun, args: argparse.Namespace) -> None:
     bare_cpu["small project"] = med([timed_bare(r.uri).cpu for _ in range(5)])
     cpu.append(measure_cpu(r, small, args.cpu_interval, args.cpu_rounds, "small project"))
 
+    print(f"\nload average now {load()}", flush=True)
     print_idle(idle)
     print_cpu(cpu, bare_cpu)
     print_push(push, direct)

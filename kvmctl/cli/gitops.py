@@ -15,6 +15,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ..errors import UsageError
@@ -123,9 +124,12 @@ def cmd_sync(opts: CommandOptions, env: Env) -> int:
         record = outcome.record
         if history is not None and not opts.dry_run:
             record = history.record(record)
-        results.append((record, outcome.status))
+        in_force = history.last_good_commit(record.project) if history is not None and \
+            record.result is SyncResult.FAILED and outcome.status.commit is None else None
+        status = replace(outcome.status, commit=in_force) if in_force else outcome.status
+        results.append((record, status))
         if record.result is SyncResult.FAILED or any(not h.reachable
-                                                      for h in outcome.status.hosts):
+                                                      for h in status.hosts):
             worst = ExitStatus.ERROR  # a host not reached: a cron job must hear of it
         elif record.result in (SyncResult.OUT_OF_SYNC, SyncResult.PARTIAL) and \
                 opts.detailed_exitcode and worst is ExitStatus.OK:

@@ -187,6 +187,13 @@ class Reconciler:
             errors = _problems(exc, checkout) if isinstance(exc, ManifestError) \
                 else [_relative(str(exc), checkout)]
             raise _InvalidCommit(checkout.commit, errors) from None
+        if self.last_good is not None and loaded.config.name != self.last_good.config.name:
+            # A commit that lost its project file, or renamed the project, would hand the
+            # objects to another owner: a project is renamed by a new source, not a commit.
+            raise _InvalidCommit(checkout.commit, [
+                f"the commit's project is {loaded.config.name!r}, the one in force is "
+                f"{self.last_good.config.name!r} (is kvmctl.yaml missing under "
+                f"{checkout.spec.path!r}?): nothing is changed"])
         if not self._looked_up and self.synced_commit is None and self.synced_lookup:
             self._looked_up = True
             self.synced_commit = self.synced_lookup(loaded.config.name)
@@ -302,7 +309,8 @@ class Reconciler:
                 pending: tuple[str, ...], plan: dict[str, Any]) -> ProjectStatus:
         policy = loaded.policy
         last_success = self.last_status.last_success if self.last_status else None
-        if record is not None and record.result is not SyncResult.FAILED:
+        if record is not None and record.result not in (SyncResult.FAILED,
+                                                          SyncResult.SUSPENDED):
             last_success = record.finished
         return ProjectStatus(
             loaded.config.name, loaded.checkout.spec.display, state,

@@ -317,6 +317,18 @@ def test_an_empty_commit_prunes_nothing(bed: Bed) -> None:
     assert host_snapshot(bed) == before
 
 
+def test_a_commit_that_loses_its_project_file_changes_nothing(bed: Bed) -> None:
+    """Without kvmctl.yaml the commit would be project 'default': another owner, so the objects
+    of the project in force would be left unmanaged, or another project's touched."""
+    r, good_sha = good(bed, prune=True)
+    before = host_snapshot(bed)
+    lost = bed.commit({"m/kvmctl.yaml": None}, "no project file")
+    out = r.reconcile("poll")
+    assert_failed_at(out, lost, good_sha)
+    assert "the commit's project is 'default', the one in force is" in out.record.errors[0]
+    assert host_snapshot(bed) == before
+
+
 def test_an_empty_commit_prunes_everything_with_allow_empty(bed: Bed) -> None:
     r, _ = good(bed, prune=True, allowEmpty=True)
     empty = bed.commit({"m/net.yaml": None, "m/vm.yaml": None}, "everything gone")
