@@ -379,6 +379,17 @@ def test_a_committed_change_lands_live_without_a_reboot(lab: Lab) -> None:
                if r["commit"] and r["commit"]["sha"] == sha and r["result"] == "applied"]
     assert applied and f"local:VirtualMachine/{lab.vm}" in applied[-1]["changed"]
     assert lab.boots() == 1, "a live change rebooted the guest"
+    # kvmctl status reads the same from the controller's API
+    shown = subprocess.run([PYTHON, "-m", "kvmctl", "status", "--controller",
+                            lab.controller.url, "-o", "json"], capture_output=True, text=True,
+                           timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    data = json.loads(shown.stdout)
+    assert data["source"] == f"the controller at {lab.controller.url}"
+    mine = next(p for p in data["projects"] if p["name"] == lab.project)
+    assert mine["commit"]["sha"] == sha
+    assert {o["id"]: o["sync"] for o in mine["objects"]}[
+        f"local:VirtualMachine/{lab.vm}"] == "Synced"
 
 
 # ---- 3. drift -----------------------------------------------------------------------------------
@@ -572,6 +583,14 @@ def test_sync_over_file_url_for_cron(lab: Lab, free_subnet) -> None:
     def sync(*extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*argv, *extra], capture_output=True, text=True, timeout=120)
 
+    before = subprocess.run([PYTHON, "-m", "kvmctl", "status", "--controller",
+                             f"http://127.0.0.1:{_free_port()}", *argv[4:], "-o", "json"],
+                            capture_output=True, text=True, timeout=120)
+    assert before.returncode == 0, before.stderr
+    fresh = json.loads(before.stdout)
+    assert fresh["source"].startswith("a fresh plan (no controller answers")
+    assert {o["id"]: o["sync"] for o in fresh["projects"][0]["objects"]} == {
+        f"local:Network/{project}n": "OutOfSync"}
     first = sync()
     assert first.returncode == 0, first
     assert "applied" in first.stdout
