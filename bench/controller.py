@@ -14,8 +14,8 @@ under /tmp, manifests under `manifests/`), applied once with `kvmctl sync`. Then
      to a bare libvirt-python read in the same process: open, listAllDomains, XMLDesc
      (inactive) of each domain, of each network and of each pool, close. Medians, with the
      min beside; the round's phases (ls-remote, reading the host, plan, health and status).
-  2. Idle CPU share of a whole `kvmctl controller` process: started with
-     `--interval --cpu-interval` (default 10 s) on the N-VM project, then on the small one,
+  2. Idle CPU share of a whole `kvmctl controller` process: started with `--interval` set
+     to --cpu-interval (default 10 s) on the N-VM project, then on the small one,
      /proc/PID/stat sampled every 50 ms over --cpu-rounds rounds after the first. It prints the
      share measured at that interval, and the share at a 60 s interval computed from the same
      samples: the CPU between rounds (per second) plus the CPU of a round beyond that, spread
@@ -280,10 +280,16 @@ def autostart_network(name: str, subnet: ipaddress.IPv4Network, autostart: bool)
 
 PHASES = {"ls-remote": "git ls-remote (GitCache.remote_commit)",
           "hosts": "connect, read host, validate (Deployment)",
+          "read": "  of which: connect + read the host (engine._open_hosts, in a thread, "
+                  "beside the placement)",
+          "validate": "  of which: validate against the host (Session: validate.validate)",
           "plan": "render + compare (Deployment.plan)",
           "health": "health checks + status (_round_status)",
           "close": "close connections (Deployment.close)",
           "rest": "the rest (scheduling, records)"}
+
+
+SUBPHASES = ("read", "validate")  # parts of "hosts", not added to the total
 
 
 class Phases:
@@ -304,8 +310,12 @@ class Phases:
 def phase_timers(phases: Phases, reconciler: Any, cache: Any) -> Iterator[None]:
     """Time the round's parts by wrapping the calls it makes (microseconds each)."""
     from kvmctl import engine
+    from kvmctl.manifest import validate
     from kvmctl.sync import reconcile
     saved = reconcile.Deployment, engine.Deployment.plan, engine.Deployment.close
+    inner = engine._open_hosts, validate.validate
+    engine._open_hosts = phases.timed("read", inner[0])  # type: ignore[assignment]
+    validate.validate = phases.timed("validate", inner[1])  # type: ignore[assignment]
     cache.remote_commit = phases.timed("ls-remote", cache.remote_commit)
     reconcile.Deployment = phases.timed("hosts", saved[0])  # type: ignore[misc]
     engine.Deployment.plan = phases.timed("plan", saved[1])  # type: ignore[method-assign]
@@ -315,6 +325,7 @@ def phase_timers(phases: Phases, reconciler: Any, cache: Any) -> Iterator[None]:
         yield
     finally:
         reconcile.Deployment, engine.Deployment.plan, engine.Deployment.close = saved
+        engine._open_hosts, validate.validate = inner
         del cache.remote_commit, reconciler._round_status
 
 
@@ -397,7 +408,8 @@ def measure_idle(r: ControllerRun, p: Project, n: int, repeat: int) -> dict[str,
     def kvmctl_round() -> Sample:
         phases.times = dict.fromkeys(PHASES, 0.0)
         s = reconcile()
-        phases.times["rest"] = s.wall - sum(phases.times.values())
+        phases.times["rest"] = s.wall - sum(v for k, v in phases.times.items()
+                                            if k not in SUBPHASES)
         per_round.append(dict(phases.times))
         return s
 
