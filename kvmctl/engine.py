@@ -38,7 +38,14 @@ from .kinds import Kind, ref
 from .manifest import checks, documents, validate
 from .manifest.documents import Document
 from .manifest.model import ManifestSet
-from .manifest.project import HostConfig, ProjectConfig, place, split_project, with_defaults
+from .manifest.project import (
+    HostConfig,
+    Placement,
+    ProjectConfig,
+    place,
+    split_project,
+    with_defaults,
+)
 from .memo import Memo, open_memo, open_parse_memo
 from .plan import Options, make_plan
 from .plan.moves import HostView, plan_moves
@@ -87,17 +94,46 @@ class LockRequest:
     command: str = "kvmctl apply"
 
 
+@dataclass
+class Prepared:
+    """What a Deployment made of one set of documents, for the next Deployment over the very
+    same documents (a controller's rounds at one commit): their schema check and placement,
+    and each host's model while the host's facts stay the same. It holds the documents, so
+    their identities it is keyed by stay theirs."""
+
+    documents: list[Document] = field(default_factory=list)
+    placement: Placement | None = None
+    models: dict[str, tuple[checks.HostFacts, ManifestSet]] = field(default_factory=dict)
+    # A host's last plan, with what it was made from: the same model, request and live state
+    # (compared in full, every definition's text) make the same plan.
+    plans: dict[str, tuple[ManifestSet, PlanRequest, LiveState, Plan, Desired | None]] = field(
+        default_factory=dict)
+
+    def holds(self, docs: list[Document]) -> bool:
+        return len(docs) == len(self.documents) and all(
+            a is b for a, b in zip(docs, self.documents, strict=True))
+
+
 class Session:
     """One host of a Deployment: its connection, live state, validated and rendered manifests."""
 
     def __init__(self, target: Target, hv: Hypervisor, live: LiveState, memo: Memo | None,
-                 docs: list[Document]) -> None:
+                 docs: list[Document], prepared: Prepared | None = None,
+                 host: str = "") -> None:
         """One host of a Deployment: connected and read, its documents placed and their schemas
         checked (Deployment does both for every host at once)."""
         self.target, self.hv, self.live, self.memo = target, hv, live, memo
         self.documents = docs
-        self.manifest: ManifestSet = validate.validate(self.documents, host_facts(self.live),
-                                                       self.memo, schemas_checked=True)
+        self._prepared, self._host = prepared, host
+        facts_now = host_facts(self.live)
+        kept = prepared.models.get(host) if prepared is not None else None
+        if kept is not None and kept[0] == facts_now:
+            self.manifest: ManifestSet = kept[1]
+        else:
+            self.manifest = validate.validate(self.documents, facts_now, self.memo,
+                                              schemas_checked=True)
+            if prepared is not None:
+                prepared.models[host] = (facts_now, self.manifest)
         self._domain_type: str | None = None
         self.rendered: Desired | None = None  # what the last plan compared with
 
@@ -120,6 +156,18 @@ class Session:
                               self.domain_type, self.live.hints())
 
     def plan(self, request: PlanRequest = PlanRequest()) -> Plan:
+        kept = self._prepared.plans.get(self._host) if self._prepared is not None else None
+        if kept is not None and kept[0] is self.manifest and kept[1] == request \
+                and kept[2] == self.live:
+            self.rendered = kept[4]
+            return kept[3]
+        plan = self._plan(request)
+        if self._prepared is not None:
+            self._prepared.plans[self._host] = (self.manifest, request, self.live, plan,
+                                                self.rendered)
+        return plan
+
+    def _plan(self, request: PlanRequest) -> Plan:
         opts = Options(self.target.project, request.prune, request.prune_disks, request.adopt,
                        request.allow_empty, request.targets, request.scope, kept=request.kept)
         self.rendered = self.desired()
@@ -166,7 +214,7 @@ class Deployment:
     def __init__(self, config: ProjectConfig, paths: list[str] | None = None,
                  recursive: bool = False, stdin: TextIO | None = None,
                  docs: list[Document] | None = None, only: tuple[str, ...] = (),
-                 lock: LockRequest | None = None) -> None:
+                 lock: LockRequest | None = None, prepared: Prepared | None = None) -> None:
         if docs is None and not paths:
             raise UsageError("no manifests given: use -f FILE, -f DIR or -f -")
         unknown = sorted(set(only) - set(config.host_names))
@@ -181,13 +229,22 @@ class Deployment:
             try:
                 # jinja2 and the templates load here, while the hosts answer, not after.
                 import kvmctl.render.definitions  # noqa: F401
-                loaded = docs if docs is not None else documents.load(
-                    paths or [], recursive=recursive, stdin=stdin, memo=open_parse_memo())
-                _, rest = split_project(loaded, config.source)
-                self.documents = with_defaults(rest, config)
                 self.memo = open_memo("verdicts")
-                validate.check_schemas(self.documents, self.memo)
-                self.placement = place(self.documents, config)
+                if prepared is not None and docs is not None and prepared.holds(docs) \
+                        and prepared.placement is not None:
+                    self.documents, self.placement = prepared.documents, prepared.placement
+                else:
+                    loaded = docs if docs is not None else documents.load(
+                        paths or [], recursive=recursive, stdin=stdin, memo=open_parse_memo())
+                    _, rest = split_project(loaded, config.source)
+                    self.documents = with_defaults(rest, config)
+                    validate.check_schemas(self.documents, self.memo)
+                    self.placement = place(self.documents, config)
+                    if prepared is not None and docs is not None:
+                        prepared.documents, prepared.placement = list(docs), self.placement
+                        prepared.models.clear()
+                        if not prepared.holds(self.documents):  # defaults were filled in
+                            prepared.placement = None
             except BaseException:
                 opened_anyway = hosts.result() if hosts.exception() is None else {}
                 self._locks.close()  # released through the connections, before they close
@@ -202,6 +259,7 @@ class Deployment:
         self.watched: dict[str, tuple[Hypervisor, LiveState]] = {}
         self.unknown: dict[str, str] = {}
         self.sessions: dict[str, Session] = {}
+        self._prepared = prepared
         try:
             self._prepare(opened)
         except BaseException:  # no lock or connection outlives a failed start
@@ -220,7 +278,8 @@ class Deployment:
             try:
                 self.sessions[h.name] = Session(Target(h.uri, config.name, h.domain_type), hv,
                                                 live, self.memo,
-                                                list(self.placement.by_host[h.name]))
+                                                list(self.placement.by_host[h.name]),
+                                                self._prepared, h.name)
             except ManifestError as exc:
                 problems += [replace(p, message=f"{p.message} (on host {h.name})")
                              if config.multi_host else p for p in exc.problems]

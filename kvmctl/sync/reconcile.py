@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..engine import Deployment, LockRequest, PlanRequest
+from ..engine import Deployment, LockRequest, PlanRequest, Prepared
 from ..errors import KvmctlError, ManifestError, SourceError, UnreachableError
 from ..kinds import PROJECT_FILE, Kind
 from ..manifest import documents
@@ -76,6 +76,9 @@ class Loaded:
     config: ProjectConfig
     policy: SyncPolicy
     documents: list[Document]
+    # Their schema check, placement and per-host models, made by the first round's Deployment
+    # and taken by every later round at this commit while the host's facts stay the same.
+    prepared: Prepared = field(default_factory=Prepared, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -420,7 +423,8 @@ def _deployment(loaded: Loaded, lock: LockRequest | None = None
                 held.enter_context(project_lock(h.uri, config.name, lock.timeout))
         while True:
             try:
-                deployment = Deployment(config, docs=loaded.documents, only=only, lock=lock)
+                deployment = Deployment(config, docs=loaded.documents, only=only, lock=lock,
+                                        prepared=loaded.prepared)
                 break
             except UnreachableError as exc:
                 for name, uri, why in exc.hosts:

@@ -783,3 +783,48 @@ def test_cli_sync_without_anything_to_sync(bed: Bed, monkeypatch: pytest.MonkeyP
     assert result.code in (1, 2), result
     no_traceback(result)
     assert "nothing to sync" in result.stderr
+
+
+def test_rounds_at_one_commit_validate_again_only_when_the_host_changes(
+        bed: Bed, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The controller keeps each host's model between rounds while the host's facts (names,
+    subnets, MACs) stay the same: an idle round costs the read, not a validation."""
+    from kvmctl.manifest import validate as validate_module
+    r, _ = good(bed)
+    calls: list[int] = []
+    real = validate_module.validate
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(validate_module, "validate", counting)
+    assert r.reconcile("poll").record.result is SyncResult.SYNCED
+    assert r.reconcile("poll").record.result is SyncResult.SYNCED
+    assert calls == []
+    bed.hv.conn.networkDefineXML(  # a network made by hand: the host's facts change
+        "<network><name>other</name><ip address='10.251.9.1' prefix='24'/></network>")
+    assert r.reconcile("poll").record.result is SyncResult.SYNCED
+    assert calls == [1]
+
+
+def test_rounds_at_one_commit_plan_again_only_when_the_host_changes(
+        bed: Bed, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same model, same request, same live state (every definition compared in full): the
+    same plan, kept from the round before; any drift is a different live state."""
+    import kvmctl.engine as engine
+    r, _ = good(bed)
+    calls: list[int] = []
+    real = engine.make_plan
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "make_plan", counting)
+    assert r.reconcile("poll").record.result is SyncResult.SYNCED
+    assert calls == []
+    stop_network_by_hand(bed)
+    out = r.reconcile("poll")
+    assert calls == [1]
+    assert the_object(out, "h1:Network/g-net").sync is SyncStatus.OUT_OF_SYNC
