@@ -41,6 +41,22 @@ def default_state_dir() -> str:
     return os.path.join(base, "kvmctl")
 
 
+def _state_dir(opts: CommandOptions) -> str:
+    """The state directory, made private (0700) if it is new; UsageError if it cannot be."""
+    path = os.path.abspath(opts.state_dir or default_state_dir())
+    try:
+        existed = os.path.isdir(path)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        if not existed:
+            os.chmod(path, 0o700)  # makedirs obeys the umask
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        raise UsageError(f"state directory {path}: {exc.strerror} (--state-dir or "
+                         "$KVMCTL_STATE_DIR names another)") from None
+    return path
+
+
 def sources(opts: CommandOptions) -> list[ProjectSource]:
     """The projects of the command line: --repo (with --ref, --path) for one, or each
     --project-file's spec.sync.source; --repo with one --project-file: that file's project
@@ -111,8 +127,7 @@ def cmd_sync(opts: CommandOptions, env: Env) -> int:
     from ..sync.reconcile import Reconciler
     from ..sync.status import SyncResult
     todo = sources(opts)
-    state_dir = opts.state_dir or default_state_dir()
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    state_dir = _state_dir(opts)
     history = _history(state_dir)
     cache = GitCache(os.path.join(state_dir, "git"))
     worst = ExitStatus.OK
@@ -209,7 +224,7 @@ def cmd_controller(opts: CommandOptions, env: Env) -> int:
     from ..controller.loop import Controller, ControllerSettings, ControllerViewAdapter
     from ..controller.web import Server, create_app
     todo = sources(opts)
-    state_dir = opts.state_dir or default_state_dir()
+    state_dir = _state_dir(opts)
     host, port = _listen(opts.listen or DEFAULT_LISTEN)
     token = _secret(opts.token_file, TOKEN_ENV, "token")
     if token is None:
@@ -308,7 +323,7 @@ def cmd_status(opts: CommandOptions, env: Env) -> int:
         from ..controller.web import status_json
         from ..source import GitCache
         from ..sync.reconcile import Reconciler
-        state_dir = opts.state_dir or default_state_dir()
+        state_dir = _state_dir(opts)
         cache = GitCache(os.path.join(state_dir, "git"))
         history = _history(state_dir)
         data = []
