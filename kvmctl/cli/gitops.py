@@ -14,7 +14,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -105,21 +104,6 @@ def _history(state_dir: str, retention: int = 1000) -> Any:
         return None
 
 
-def _synced_lookup(history: Any) -> Callable[[str], str | None]:
-    """The last commit the history saw fully synced, per project: what makes a later
-    difference drift rather than git's."""
-    from ..sync.status import SyncResult
-
-    def synced(project: str) -> str | None:
-        if history is None:
-            return None
-        for rec in history.syncs(project, limit=1000):
-            if rec.result in (SyncResult.SYNCED, SyncResult.APPLIED) and rec.commit:
-                return str(rec.commit.sha)
-        return None
-    return synced
-
-
 # ---- kvmctl sync --------------------------------------------------------------------------------
 
 def cmd_sync(opts: CommandOptions, env: Env) -> int:
@@ -134,13 +118,18 @@ def cmd_sync(opts: CommandOptions, env: Env) -> int:
     results = []
     for source in todo:
         reconciler = Reconciler(source, cache, opts.lock_timeout, opts.parallelism,
-                                command="kvmctl sync", synced_lookup=_synced_lookup(history))
+                                command="kvmctl sync", state_dir=state_dir)
         outcome = reconciler.reconcile("cli", dry_run=opts.dry_run)
         record = outcome.record
-        if history is not None and not opts.dry_run:
-            record = history.record(record)
-        in_force = history.last_good_commit(record.project) if history is not None and \
-            record.result is SyncResult.FAILED and outcome.status.commit is None else None
+        in_force = None
+        try:  # history is a convenience: a damaged database never hides what was applied
+            if history is not None and not opts.dry_run:
+                record = history.record(record)
+            if history is not None and record.result is SyncResult.FAILED \
+                    and outcome.status.commit is None:
+                in_force = history.last_good_commit(record.project)
+        except UsageError as exc:
+            env.stderr.write(f"warning: history unavailable: {exc}\n")
         status = replace(outcome.status, commit=in_force) if in_force else outcome.status
         results.append((record, status))
         if record.result is SyncResult.FAILED or any(not h.reachable
@@ -219,6 +208,18 @@ def _listen(text: str) -> tuple[str, int]:
 
 def cmd_controller(opts: CommandOptions, env: Env) -> int:
     gc.enable()  # a long-running process: main() turned the cycle collector off for one command
+    stop = threading.Event()
+    # SIGTERM from the first moment: one that comes while the controller starts ends it, 0.
+    previous = {s: signal.signal(s, lambda *_: stop.set())
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _controller(opts, env, stop)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _controller(opts: CommandOptions, env: Env, stop: threading.Event) -> int:
     _setup_logging(opts.log_format, env.stderr)
     log = logging.getLogger("kvmctl.controller")
     from ..controller.loop import Controller, ControllerSettings, ControllerViewAdapter
@@ -239,15 +240,22 @@ def cmd_controller(opts: CommandOptions, env: Env) -> int:
         server = Server(app, host, port)
     except OSError as exc:
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    stop = threading.Event()
-
+    if host in ("127.0.0.1", "::1", "localhost"):
+        app.config["KVMCTL_ALLOWED_HOSTS"] = {f"{name}:{server.port}" for name in (
+            "127.0.0.1", "localhost", "[::1]")}
+    if webhook is None:
+        log.info("no --webhook-secret-file or $%s: the webhook is off", WEBHOOK_ENV)
     def on_signal(signum: int, _frame: object) -> None:
         log.info("%s: finishing the change in progress, starting no other",
                  signal.Signals(signum).name)
         stop.set()
         controller.stopping.set()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, on_signal)
+    if stop.is_set():  # asked to stop while starting
+        server.stop()
+        return ExitStatus.OK
     log.info("controller: %d project(s), %s on http://%s:%d/", len(todo),
              ", ".join(s.key for s in todo), host, server.port)
     controller.start()
@@ -259,8 +267,6 @@ def cmd_controller(opts: CommandOptions, env: Env) -> int:
         server.stop()
         if controller.history is not None:
             controller.history.close()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
     log.info("controller: stopped")
     return ExitStatus.OK
 
@@ -325,15 +331,11 @@ def cmd_status(opts: CommandOptions, env: Env) -> int:
         from ..sync.reconcile import Reconciler
         state_dir = _state_dir(opts)
         cache = GitCache(os.path.join(state_dir, "git"))
-        history = _history(state_dir)
         data = []
         for source in sources(opts):
             outcome = Reconciler(source, cache, command="kvmctl status",
-                                 synced_lookup=_synced_lookup(history)).reconcile(
-                "status", dry_run=True)
+                                 state_dir=state_dir).reconcile("status", dry_run=True)
             data.append(status_json(outcome.status, True))
-        if history is not None:
-            history.close()
         origin = "a fresh plan (no controller answers at " + url + ")"
     else:
         origin = f"the controller at {url}"
@@ -383,5 +385,5 @@ def _from_controller(url: str) -> list[dict[str, Any]] | None:
                     timeout=5) as r:
                 out.append(json.load(r))
         return out
-    except (urllib.error.URLError, OSError, ValueError):
-        return None
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
+        return None  # nothing, or not a kvmctl controller, answers there

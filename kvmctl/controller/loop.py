@@ -106,7 +106,7 @@ class ProjectWorker:
         interval = self.interval()
         if outcome is None or outcome.record.result is SyncResult.FAILED:
             self.failures += 1
-            delay = min(MAX_BACKOFF, interval * 2 ** (self.failures - 1))
+            delay = min(MAX_BACKOFF, interval * 2 ** min(self.failures - 1, 20))
         else:
             self.failures = 0
             # After a change, rounds come sooner for a while (a VM booting to its address),
@@ -140,20 +140,16 @@ class Controller:
         self.workers: list[ProjectWorker] = []
         for source in sources:
             reconciler = Reconciler(source, cache, settings.lock_timeout, settings.parallelism,
-                                    synced_lookup=self._synced_commit)
+                                    state_dir=settings.state_dir, claim=self._claim)
             self.workers.append(ProjectWorker(reconciler, settings, self._recorded,
                                               self.stopping))
 
-    def _synced_commit(self, project: str) -> str | None:
-        if self.history is None:
-            return None
-        try:
-            for rec in self.history.syncs(project, limit=200):
-                if rec.result in (SyncResult.SYNCED, SyncResult.APPLIED) and rec.commit:
-                    return rec.commit.sha
-        except Exception as exc:  # history is a convenience: never a reason to fail
-            log.warning("history unavailable: %s", exc)
-        return None
+    def _claim(self, project: str, reconciler: Reconciler) -> bool:
+        """Whether `reconciler` may sync `project`: no other source of this controller does."""
+        with self._lock:
+            return not any(w.reconciler is not reconciler and w.reconciler.last_good is not None
+                           and w.reconciler.last_good.config.name == project
+                           for w in self.workers)
 
     # ---- running -----------------------------------------------------------------------------
 

@@ -19,8 +19,8 @@ Who may do what:
 - The page's forms need a session made by pasting the token at /login, and the session's CSRF
   token in the form; the cookie is HttpOnly and SameSite=Strict, signed with a key made at
   start (a restart logs everybody out, which is the point: nothing to keep secret on disk).
-- The webhook needs the forge's signature of the body, made with the webhook secret (or with
-  the token when no secret is set).
+- The webhook needs the forge's signature of the body, made with the webhook secret; without
+  one it is off (never the token: GitLab shows its webhook secret to maintainers).
 """
 
 from __future__ import annotations
@@ -295,7 +295,8 @@ def _abort(code: int, message: str) -> NoReturn:
 def create_app(view: ControllerView, token: str, webhook_secret: str | None, metrics: Metrics,
                *, refresh_seconds: int = REFRESH_SECONDS) -> flask.Flask:
     """The WSGI application over `view`. `token` authorises the API's POSTs and the page's
-    login; `webhook_secret` (or, None, the token) verifies the forges' signatures."""
+    login; `webhook_secret` verifies the forges' signatures (None: the webhook is off; never
+    the token, which a forge such as GitLab shows to the repository's maintainers)."""
     app = flask.Flask(__name__, static_folder=None)
     app.secret_key = secrets.token_bytes(32)
     app.config.update(
@@ -316,7 +317,18 @@ def create_app(view: ControllerView, token: str, webhook_secret: str | None, met
     app.jinja_env.filters.update(utc=_utc, ago=_ago, tone=tone)
     app.jinja_env.globals.update(SYNC_STATUSES=list(SyncStatus), HEALTHS=list(Health))
     stylesheet = _stylesheet()
-    secret = webhook_secret if webhook_secret is not None else token
+    secret = webhook_secret
+
+    @app.before_request
+    def only_known_hosts() -> flask.Response | None:
+        # Listening on loopback, only loopback names: a page of another site that a browser
+        # resolves to 127.0.0.1 (DNS rebinding) reads nothing.
+        allowed = app.config.get("KVMCTL_ALLOWED_HOSTS")
+        if allowed and flask.request.host.lower() not in allowed:
+            response = flask.Response("unknown host name\n", status=421,
+                                      mimetype="text/plain")
+            return response
+        return None
 
     def api_error(code: int, message: str) -> flask.Response:
         response = flask.jsonify({"error": message})
@@ -481,6 +493,9 @@ def create_app(view: ControllerView, token: str, webhook_secret: str | None, met
     @app.post("/api/v1/webhook/<path:name>")
     def webhook(name: str | None) -> flask.Response:
         body = flask.request.get_data(cache=True)  # 413 past MAX_CONTENT_LENGTH
+        if not secret:
+            return api_error(404, "the webhook is off: start the controller with "
+                                  "--webhook-secret-file or $KVMCTL_WEBHOOK_SECRET")
         forge = verify_webhook(flask.request.headers, body, secret)
         if forge is None:
             log.warning("webhook: refused a request from %s: no valid signature",

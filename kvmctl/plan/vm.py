@@ -221,8 +221,9 @@ def _update_vm(ctx: Context, vm: VirtualMachine, live: LiveDomain,
     # nor does it make another change (a start, a live resize) one that needs a restart: only
     # what this change itself sends to the definition for the next restart does.
     newly_pending = bool(set(pending) & {c.field for c in config_changes})
+    restarts = any(isinstance(step, RestartDomain) for step in steps)
     change_class = ChangeClass.NOOP if not steps else (
-        ChangeClass.UPDATE_RESTART if newly_pending else ChangeClass.UPDATE_LIVE)
+        ChangeClass.UPDATE_RESTART if newly_pending or restarts else ChangeClass.UPDATE_LIVE)
     return Change(Kind.VM, name, change_class, tuple(reasons), tuple(fields), tuple(steps),
                   pending_restart=deferred, fingerprint=fp, depends=deps, upkeep=upkeep)
 

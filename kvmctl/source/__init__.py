@@ -72,6 +72,7 @@ _LOCAL_ENV = ("GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_CONFIG", "GIT_CONFIG_PARA
               "GIT_NO_REPLACE_OBJECTS", "GIT_REPLACE_REF_BASE", "GIT_PREFIX",
               "GIT_INTERNAL_SUPER_PREFIX", "GIT_SHALLOW_FILE", "GIT_COMMON_DIR",
               "GIT_NAMESPACE", "GIT_QUARANTINE_PATH")
+_KVMCTL_SECRETS = frozenset({"KVMCTL_CONTROLLER_TOKEN", "KVMCTL_WEBHOOK_SECRET"})
 
 # Before the subcommand, on every call. protocol.file.allow: a file:// source is fetched like any
 # other (git restricts it for submodules only, which are not fetched). hooksPath: a global hooks
@@ -416,7 +417,10 @@ class GitCache:
     # -- running git ----------------------------------------------------------------------
 
     def _env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in _LOCAL_ENV}
+        # Nor are kvmctl's own secrets (the controller's token, the webhook secret) handed to
+        # git, ssh or a credential helper.
+        env = {k: v for k, v in os.environ.items()
+               if k not in _LOCAL_ENV and k not in _KVMCTL_SECRETS}
         refuse = shutil.which("false") or "/bin/false"
         env.update({
             "GIT_TERMINAL_PROMPT": "0",  # no password prompt on a terminal

@@ -10,7 +10,7 @@ needs a change that waits.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,10 +158,13 @@ def read_source(project: Document | None) -> SourceDefaults | None:
 
 
 def waiting_reasons(changes: Iterable[Change], policy: SyncPolicy, now: dt.datetime,
-                    from_git: bool) -> dict[str, str]:
+                    from_git: bool | Callable[[Change], bool]) -> dict[str, str]:
     """Why each change that may not be made now waits, by change id (those absent may run).
-    `from_git`: the commit differs from the last one fully synced, so the changes are git's;
-    otherwise they are drift, made only with selfHeal."""
+    `from_git`: whether a change is git's (its object's manifest changed since it was last
+    synced, see synced.py), for all changes or per change; otherwise it is drift, made only
+    with selfHeal. A delete waits while any other change of its host waits: what waits may
+    still need what would be deleted (a VM left on the network a commit removes)."""
+    git = from_git if callable(from_git) else (lambda _c: bool(from_git))
     todo = [c for c in changes if c.change_class is not ChangeClass.NOOP and not c.blocked]
     open_windows = [w for w in policy.windows if w.window.opened_at(now) is not None]
     waits: dict[str, str] = {}
@@ -169,7 +172,7 @@ def waiting_reasons(changes: Iterable[Change], policy: SyncPolicy, now: dt.datet
         # A VM's cloud-init seed follows its VM's exceptions.
         own = policy.objects.get(c.ref) or (policy.objects.get(f"{Kind.VM}/{c.name}")
                                             if c.kind is Kind.SEED else None)
-        why = _why_waiting(c, policy, own or ObjectPolicy(), now, open_windows, from_git)
+        why = _why_waiting(c, policy, own or ObjectPolicy(), now, open_windows, git(c))
         if why:
             waits[c.id] = why
     # A change that needs one that waits, waits too (a VM for its network, its disk).
@@ -186,6 +189,13 @@ def waiting_reasons(changes: Iterable[Change], policy: SyncPolicy, now: dt.datet
                     waits[c.id] = f"needs {dep}, which waits"
                     grew = True
                     break
+    hosts_waiting = {c.host for c in changes if c.id in waits or (
+        c.blocked and c.change_class is not ChangeClass.DELETE)}
+    for c in todo:
+        if c.change_class is ChangeClass.DELETE and c.id not in waits \
+                and c.host in hosts_waiting:
+            waits[c.id] = ("deleted once the other changes of its host are made (one that "
+                           "waits may still need it)")
     return waits
 
 

@@ -22,7 +22,8 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,15 @@ from ..errors import KvmctlError, ManifestError, SourceError, UnreachableError
 from ..kinds import PROJECT_FILE, Kind
 from ..manifest import documents
 from ..manifest.documents import Document
-from ..manifest.project import Overrides, ProjectConfig, load_project_file, resolve, split_project
+from ..manifest.model import ManifestSet
+from ..manifest.project import (
+    Overrides,
+    Placement,
+    ProjectConfig,
+    load_project_file,
+    resolve,
+    split_project,
+)
 from ..plan.types import MASK, Change, ChangeClass, ProjectPlan, project_plan_json
 from ..source import Checkout, GitCache, SourceSpec
 from .health import HostProbe, object_health
@@ -49,6 +58,7 @@ from .status import (
     SyncResult,
     SyncStatus,
 )
+from .synced import SourceState, digests
 
 log = logging.getLogger("kvmctl.controller")
 
@@ -79,6 +89,7 @@ class Loaded:
     # Their schema check, placement and per-host models, made by the first round's Deployment
     # and taken by every later round at this commit while the host's facts stay the same.
     prepared: Prepared = field(default_factory=Prepared, compare=False, repr=False)
+    local_stamp: int | None = None  # the local project file's mtime, when one stands in
 
 
 @dataclass(frozen=True)
@@ -97,16 +108,31 @@ class Reconciler:
     lock_timeout: float = 30.0
     parallelism: int = 8
     command: str = "kvmctl controller"
+    # Where what the source last synced is kept (synced.py); None: in memory only.
+    state_dir: str | None = None
+    # Asked when a commit names its project: False if another source already syncs it.
+    claim: Callable[[str, Reconciler], bool] | None = None
     last_good: Loaded | None = None
-    synced_commit: str | None = None  # the last commit all of whose changes were made
-    suspended: bool = False  # by a person, through the API (the policy's own suspend aside)
+    synced_commit: str | None = None  # the last commit a round left with nothing to do
     last_status: ProjectStatus | None = None
-    # The last fully synced commit as the history knows it (a restarted controller, a `kvmctl
-    # sync` from cron): without it, the first round takes what it finds as git's, not drift.
-    synced_lookup: Callable[[str], str | None] | None = None
-    _looked_up: bool = False
+    state: SourceState = field(init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _seen_name: str | None = None  # the project's name in a commit that did not load
+    _digests: tuple[Loaded, dict[str, str]] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.state = SourceState.load(self.state_dir, self.source.spec.display)
+
+    @property
+    def suspended(self) -> bool:
+        """Suspended by a person, through the API (the policy's own suspend aside); kept in
+        the state directory, so a restart does not resume it."""
+        return self.state.suspended
+
+    @suspended.setter
+    def suspended(self, on: bool) -> None:
+        self.state.suspended = on
+        self.state.save(self.source.spec.display)
 
     @property
     def name(self) -> str:
@@ -160,10 +186,9 @@ class Reconciler:
                 ProjectState.DEGRADED, "empty commit refused")
         request = PlanRequest(prune=policy.prune, prune_disks=policy.prune_disks,
                               allow_empty=policy.allow_empty)
-        from_git = commit.sha != self.synced_commit
         try:
-            return self._plan_and_apply(loaded, request, trigger, started, from_git, stop,
-                                        dry_run, notes, now)
+            return self._plan_and_apply(loaded, request, trigger, started, stop, dry_run,
+                                        notes, now)
         except ManifestError as exc:
             return self._failed(trigger, started, commit, _problems(exc, loaded.checkout), now,
                                 ProjectState.DEGRADED, "the manifests do not fit the hosts")
@@ -176,8 +201,10 @@ class Reconciler:
     def _load(self) -> Loaded:
         spec = self.source.spec
         sha = self.cache.remote_commit(spec)
-        if self.last_good is not None and self.last_good.checkout.commit.sha == sha:
-            return self.last_good  # parsed once per commit
+        stamp = _stamp(self.source.local_project_file)
+        if self.last_good is not None and self.last_good.checkout.commit.sha == sha \
+                and self.last_good.local_stamp == stamp:
+            return self.last_good  # parsed once per commit (and edit of the local file)
         try:
             checkout = self.cache.checkout(spec, sha)
         except SourceError as exc:  # git answered, but this commit cannot be read (no path)
@@ -190,62 +217,87 @@ class Reconciler:
             errors = _problems(exc, checkout) if isinstance(exc, ManifestError) \
                 else [_relative(str(exc), checkout)]
             raise _InvalidCommit(checkout.commit, errors) from None
-        if self.last_good is not None and loaded.config.name != self.last_good.config.name:
+        bound = self.last_good.config.name if self.last_good else self.state.project
+        if bound is not None and loaded.config.name != bound:
             # A commit that lost its project file, or renamed the project, would hand the
             # objects to another owner: a project is renamed by a new source, not a commit.
             raise _InvalidCommit(checkout.commit, [
-                f"the commit's project is {loaded.config.name!r}, the one in force is "
-                f"{self.last_good.config.name!r} (is kvmctl.yaml missing under "
-                f"{checkout.spec.path!r}?): nothing is changed"])
-        if not self._looked_up and self.synced_commit is None and self.synced_lookup:
-            self._looked_up = True
-            self.synced_commit = self.synced_lookup(loaded.config.name)
-        return loaded
+                f"the commit's project is {loaded.config.name!r}, the one this source syncs "
+                f"is {bound!r} (is kvmctl.yaml missing under {checkout.spec.path!r}?): "
+                "nothing is changed"])
+        if self.claim is not None and not self.claim(loaded.config.name, self):
+            raise _InvalidCommit(checkout.commit, [
+                f"project {loaded.config.name!r} is already synced from another source of "
+                "this controller: two sources would fight over (and prune) its objects"])
+        return replace(loaded, local_stamp=stamp)
 
     # ---- plan, decide, apply -----------------------------------------------------------------
 
     def _plan_and_apply(self, loaded: Loaded, request: PlanRequest, trigger: str,
-                        started: float, from_git: bool, stop: Callable[[], bool] | None,
-                        dry_run: bool, notes: list[str], now: Callable[[], float]) -> Outcome:
+                        started: float, stop: Callable[[], bool] | None, dry_run: bool,
+                        notes: list[str], now: Callable[[], float]) -> Outcome:
         policy, commit = loaded.policy, loaded.checkout.commit
-        moment = dt.datetime.fromtimestamp(now(), dt.UTC)
+        stopping = stop if stop is not None else (lambda: False)
         with _deployment(loaded) as (deployment, hosts):
             plan = deployment.plan(request)
-            waits = waiting_reasons(plan.changes, policy, moment, from_git)
+            placement = deployment.placement
+            declared = self._declared(loaded, placement.by_host)
+            git = self._git(declared)
+            moment = dt.datetime.fromtimestamp(now(), dt.UTC)
+            waits = waiting_reasons(plan.changes, policy, moment, git)
             runnable = _runnable(plan, waits)
-            drift = 0 if from_git else sum(1 for c in plan.changes if _differs(c))
+            drift = sum(1 for c in plan.changes if _differs(c) and not git(c))
             away = [h for h in hosts if not h.reachable]
             if away:  # the others go on; this commit is not synced everywhere
                 notes.insert(0, "unreachable: " + ", ".join(f"{h.name} ({h.error})"
                                                             for h in away))
-            if dry_run:
-                waits.update({c.id: "dry run: would be made" for c in runnable})
-            if not runnable or dry_run:
-                status = self._round_status(loaded, deployment, hosts, plan, waits, {}, set())
-                result = SyncResult.SYNCED if not any(_differs(c) for c in plan.changes) \
-                    else SyncResult.OUT_OF_SYNC
-                if result is SyncResult.SYNCED and away:
-                    result = SyncResult.PARTIAL
-                if result is SyncResult.SYNCED and not waits:
-                    self.synced_commit = commit.sha
-                self.last_good = loaded
-                record = SyncRecord(self.name, started, now(), trigger, result, commit,
-                                    _summary(result, (), waits, notes),
-                                    waiting=tuple(sorted(waits)), drift=drift)
-                status = _degraded(replace(status, last_sync=record), notes)
-                return Outcome(record, self._keep(status), False)
+            # Health is read here, unlocked: never while a person's apply waits for the lock.
+            health = _health(deployment, plan, self.parallelism)
+        if dry_run:
+            waits.update({c.id: "dry run: would be made" for c in runnable})
+        if not runnable or dry_run or stopping() or self.suspended:
+            status = self._round_status(loaded, placement, hosts, plan, waits, {}, set(), health)
+            result = SyncResult.SYNCED if not any(_differs(c) for c in plan.changes) \
+                else SyncResult.OUT_OF_SYNC
+            if result is SyncResult.SYNCED and away:
+                result = SyncResult.PARTIAL
+            if result is SyncResult.SYNCED and not waits:
+                self.synced_commit = commit.sha
+            self.last_good = loaded
+            if not dry_run:
+                self._remember(loaded, plan, declared, waits, {}, set())
+            record = SyncRecord(self.name, started, now(), trigger, result, commit,
+                                _summary(result, (), waits, notes),
+                                waiting=tuple(sorted(waits)), drift=drift)
+            status = _degraded(replace(status, last_sync=record), notes)
+            return Outcome(record, self._keep(status), False)
         # Something may be made: locked, as `kvmctl apply` is, and planned again under the lock.
-        with _deployment(loaded, _lock(self.lock_timeout, self.command)) as (deployment, hosts):
-            plan = deployment.plan(request)
-            waits = waiting_reasons(plan.changes, policy, moment, from_git)
-            todo = _without(plan, waits)
-            log.info("project %s: applying %d change(s) at %s", loaded.config.name,
-                     len(_runnable(todo, {})), commit.short)
-            result_set = deployment.execute(todo, self.parallelism, stop=stop)
-            done = set(result_set.done)
-            failed = dict(result_set.failed)
-            status = self._round_status(loaded, deployment, hosts, plan, waits, failed, done)
-        skipped = [r for r in result_set.skipped]
+        done: set[str] = set()
+        failed: dict[str, str] = {}
+        skipped: tuple[str, ...] = ()
+        try:
+            with _deployment(loaded, _lock(self.lock_timeout, self.command)) as (deployment,
+                                                                                 hosts):
+                plan = deployment.plan(request)
+                placement = deployment.placement
+                declared = self._declared(loaded, placement.by_host)
+                moment = dt.datetime.fromtimestamp(now(), dt.UTC)  # after the lock's wait
+                waits = waiting_reasons(plan.changes, policy, moment, self._git(declared))
+                if self.suspended or stopping():  # asked while the lock was awaited
+                    waits.update({c.id: "not started: suspended or stopping"
+                                  for c in _runnable(plan, waits)})
+                todo = _without(plan, waits)
+                log.info("project %s: applying %d change(s) at %s", loaded.config.name,
+                         len(_runnable(todo, {})), commit.short)
+                result_set = deployment.execute(todo, self.parallelism, stop=stop)
+                done, failed = set(result_set.done), dict(result_set.failed)
+                skipped = result_set.skipped
+        except KvmctlError as exc:
+            if not done and not failed:
+                raise  # nothing was made: the round failed before its changes
+            notes.append(f"after the changes: {exc}")  # made, then the release failed
+        status = self._round_status(loaded, placement, hosts, plan, waits, failed, done, health)
+        self._remember(loaded, plan, declared, waits, failed, done)
         if failed:
             result = SyncResult.FAILED
         elif waits or skipped or any(not h.reachable for h in hosts):
@@ -267,29 +319,52 @@ class Reconciler:
         status = replace(status, last_sync=record)
         return Outcome(record, self._keep(_degraded(status, notes)), bool(done))
 
+    # ---- what is git's, what is drift --------------------------------------------------------
+
+    def _declared(self, loaded: Loaded, by_host: Mapping[str, Iterable[Document]]
+                  ) -> dict[str, str]:
+        if self._digests is None or self._digests[0] is not loaded:
+            self._digests = (loaded, digests(loaded.config, by_host))
+        return self._digests[1]
+
+    def _git(self, declared: dict[str, str]) -> Callable[[Change], bool]:
+        state = self.state
+        return lambda c: state.is_git(c.id, declared.get(c.id))
+
+    def _remember(self, loaded: Loaded, plan: ProjectPlan, declared: dict[str, str],
+                  waits: dict[str, str], failed: dict[str, str], done: set[str]) -> None:
+        """Each object the round left with nothing to do is synced as declared now."""
+        state = self.state
+        for c in plan.changes:
+            if c.id in waits or c.id in failed or c.blocked or (_differs(c) and c.id not in done):
+                continue
+            state.synced(c.id, declared.get(c.id))
+            if c.change_class is ChangeClass.MOVE:
+                state.synced(f"{c.from_host}:{c.ref}", None)
+        state.known = True
+        state.project = loaded.config.name
+        state.commit = loaded.checkout.commit.sha
+        state.save(self.source.spec.display)
+
     # ---- statuses ----------------------------------------------------------------------------
 
-    def _round_status(self, loaded: Loaded, deployment: Deployment, hosts: list[HostStatus],
+    def _round_status(self, loaded: Loaded, placement: Placement, hosts: list[HostStatus],
                       plan: ProjectPlan, waits: dict[str, str], failed: dict[str, str],
-                      done: set[str]) -> ProjectStatus:
+                      done: set[str], health: dict[str, tuple[Health, str]]) -> ProjectStatus:
         objects = []
         pending = []
-        for name, session in deployment.sessions.items():
-            probe = HostProbe(session.hv, session.live, _is_local(session.uri))
-            for c in plan.host_plan(name).plan.changes:
-                if c.kind is Kind.SEED:
-                    continue
-                objects.append(_object_status(c, session.manifest, probe, waits, failed, done))
-                if c.pending_restart:
-                    pending.append(c.id)
-        for c in plan.moves:
-            objects.append(_object_status(c, None, None, waits, failed, done))
+        for c in plan.changes:
+            if c.kind is Kind.SEED:
+                continue
+            objects.append(_object_status(c, health, waits, failed, done))
+            if c.pending_restart:
+                pending.append(c.id)
         for h in hosts:  # what lives on a host that did not answer: not known
             if not h.reachable:
                 objects += [ObjectStatus(h.name, d.kind, d.name, SyncStatus.OUT_OF_SYNC,
                                          Health.UNKNOWN, f"host {h.name} is unreachable",
                                          waiting=f"host {h.name} is unreachable: {h.error}")
-                            for d in deployment.placement.by_host.get(h.name, ())]
+                            for d in placement.by_host.get(h.name, ())]
         unreachable = [h for h in hosts if not h.reachable]
         bad = [o for o in objects if o.health in (Health.DEGRADED, Health.MISSING)]
         if unreachable:
@@ -443,6 +518,16 @@ def _degraded(status: ProjectStatus, notes: list[str]) -> ProjectStatus:
     return replace(status, state=ProjectState.DEGRADED, state_reason=notes[0])
 
 
+def _stamp(path: str | None) -> int | None:
+    """When a local project file last changed (its edit is a new configuration)."""
+    if not path:
+        return None
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
 def _lock(timeout: float, command: str) -> LockRequest:
     return LockRequest(timeout, None, command)
 
@@ -467,30 +552,53 @@ def _differs(c: Change) -> bool:
     return c.change_class is not ChangeClass.NOOP
 
 
-def _object_status(c: Change, manifest: Any, probe: HostProbe | None, waits: dict[str, str],
+def _object_status(c: Change, health: dict[str, tuple[Health, str]], waits: dict[str, str],
                    failed: dict[str, str], done: set[str]) -> ObjectStatus:
-    if probe is not None and manifest is not None and c.change_class is not ChangeClass.DELETE:
-        health, why = object_health(c.kind, c.name, manifest, probe)
-    elif c.change_class is ChangeClass.DELETE:
-        health, why = Health.HEALTHY, "no longer in git"
+    if c.change_class is ChangeClass.DELETE:
+        shown, why = Health.HEALTHY, "no longer in git"
     else:
-        health, why = Health.UNKNOWN, ""
+        shown, why = health.get(c.id, (Health.UNKNOWN, ""))
     fields = tuple(FieldChange(f.field, MASK if f.sensitive else _shown(f.old),
                                MASK if f.sensitive else _shown(f.new)) for f in c.fields)
     if c.id in failed:
         sync, error = SyncStatus.FAILED, failed[c.id]
     elif c.id in done:
         sync, error = SyncStatus.PROGRESSING, ""
-        health, why = (Health.PROGRESSING, "just changed") if health is not Health.HEALTHY \
-            else (health, why)
+        shown, why = (Health.PROGRESSING, "just changed") if shown is not Health.HEALTHY \
+            else (shown, why)
     elif _differs(c):
         sync, error = SyncStatus.OUT_OF_SYNC, ""
     else:
         sync, error = SyncStatus.SYNCED, ""
     waiting = waits.get(c.id, "") or (c.blocked or "")
-    return ObjectStatus(c.host, str(c.kind), c.name, sync, health, why,
+    return ObjectStatus(c.host, str(c.kind), c.name, sync, shown, why,
                         "" if c.change_class is ChangeClass.NOOP else str(c.change_class),
                         c.reasons, fields, waiting, error)
+
+
+def _health(deployment: Deployment, plan: ProjectPlan, parallelism: int
+            ) -> dict[str, tuple[Health, str]]:
+    """Each declared object's health on its host, by change id; the probes of a host run side
+    by side (a guest agent that does not answer costs its timeout, once)."""
+    out: dict[str, tuple[Health, str]] = {}
+    for name, session in deployment.sessions.items():
+        probe = HostProbe(session.hv, session.live, _is_local(session.uri))
+        wanted = [c for c in plan.host_plan(name).plan.changes
+                  if c.kind is not Kind.SEED and c.change_class is not ChangeClass.DELETE]
+        with ThreadPoolExecutor(max_workers=max(1, min(parallelism, len(wanted)))) as pool:
+            found = pool.map(_probe, wanted, [session.manifest] * len(wanted),
+                             [probe] * len(wanted))
+            out.update(zip((c.id for c in wanted), found, strict=True))
+    for c in plan.moves:
+        out[c.id] = (Health.UNKNOWN, "moving")
+    return out
+
+
+def _probe(c: Change, manifest: ManifestSet, probe: HostProbe) -> tuple[Health, str]:
+    try:
+        return object_health(c.kind, c.name, manifest, probe)
+    except KvmctlError as exc:
+        return Health.UNKNOWN, f"could not be read: {str(exc).splitlines()[0]}"
 
 
 def _shown(value: Any) -> str:

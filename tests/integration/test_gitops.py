@@ -122,6 +122,7 @@ class Controller:
         argv = [PYTHON, "-m", "kvmctl", "controller", "--repo", lab.git.url, "--ref", "main",
                 "--path", "m", "--state-dir", str(lab.state), "--interval", str(interval),
                 "--listen", f"127.0.0.1:{self.port}", "--token-file", str(lab.token_file),
+                "--webhook-secret-file", str(lab.webhook_file),
                 "--log-format", "json", "--lock-timeout", "60"]
         env = {**os.environ, "KVMCTL_DOMAIN_TYPE": "qemu"}
         self.log_file = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
@@ -203,6 +204,10 @@ class Lab:
         self.token_file = scratch / "token"
         self.token_file.write_text(self.token + "\n")
         self.token_file.chmod(0o600)
+        self.webhook_secret = secrets.token_hex(16)  # never the token: forges show theirs
+        self.webhook_file = scratch / "webhook-secret"
+        self.webhook_file.write_text(self.webhook_secret + "\n")
+        self.webhook_file.chmod(0o600)
         self.git = GitServer(self.bare.parent, _free_port())
         self.console = scratch / "vm.log"
         self.controller: Controller | None = None
@@ -323,7 +328,7 @@ def lab(conn, free_subnet, test_guest):
 def _webhook(lab: Lab, controller: Controller) -> int:
     body = json.dumps({"ref": "refs/heads/main",
                        "repository": {"clone_url": lab.git.url}}).encode()
-    signature = hmac.new(lab.token.encode(), body, hashlib.sha256).hexdigest()
+    signature = hmac.new(lab.webhook_secret.encode(), body, hashlib.sha256).hexdigest()
     return controller.post("/api/v1/webhook", body, {
         "Content-Type": "application/json", "X-GitHub-Event": "push",
         "X-Hub-Signature-256": f"sha256={signature}"})

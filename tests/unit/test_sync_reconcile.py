@@ -325,7 +325,8 @@ def test_a_commit_that_loses_its_project_file_changes_nothing(bed: Bed) -> None:
     lost = bed.commit({"m/kvmctl.yaml": None}, "no project file")
     out = r.reconcile("poll")
     assert_failed_at(out, lost, good_sha)
-    assert "the commit's project is 'default', the one in force is" in out.record.errors[0]
+    assert "the commit's project is 'default', the one this source syncs is" \
+        in out.record.errors[0]
     assert host_snapshot(bed) == before
 
 
@@ -596,24 +597,51 @@ def test_the_health_of_pools_and_disks(bed: Bed) -> None:
     assert out.record.commit is not None and out.record.commit.sha == sha
 
 
-def test_the_synced_commit_from_history_makes_a_restart_see_drift(bed: Bed) -> None:
-    """A new reconciler (a restarted controller, the next `kvmctl sync`) knows the last fully
-    synced commit only from the history; without it, the first round takes drift for git's."""
-    _, sha = good(bed)
+def test_a_restart_knows_what_was_synced_from_the_state_directory(bed: Bed) -> None:
+    """A new reconciler (a restarted controller, the next `kvmctl sync`) knows what each object
+    was last synced as from the state directory: drift stays drift. Without the state
+    directory, the first round takes what it finds as git's, as a first sync does."""
+    state = str(bed.state)
+    sha = bed.commit({"m/kvmctl.yaml": bed.project(), "m/net.yaml": dump(network()),
+                      "m/vm.yaml": dump(vm())}, "a network and a VM")
+    assert bed.reconciler(state_dir=state).reconcile("test").record.commit.sha == sha
+    bed.lease()
     bed.hv.conn.lookupByName("g-vm").destroy()
-    asked: list[str] = []
-
-    def lookup(project: str) -> str | None:
-        asked.append(project)
-        return sha
-
-    out = bed.reconciler(synced_lookup=lookup).reconcile("start")
-    assert asked == [PROJECT]
+    out = bed.reconciler(state_dir=state).reconcile("start")
     assert out.record.result is SyncResult.OUT_OF_SYNC and out.record.drift == 1
     assert not bed.hv.conn.lookupByName("g-vm").isActive()
-    out = bed.reconciler().reconcile("start")
+    out = bed.reconciler().reconcile("start")  # no state directory: git's
     assert out.record.result is SyncResult.APPLIED and out.record.changed == (VM,)
     assert bed.hv.conn.lookupByName("g-vm").isActive()
+
+
+def test_drift_stays_drift_while_another_change_waits_for_its_window(bed: Bed) -> None:
+    """Per object: a change of one object waiting for a window does not make a hand-made
+    drift of another object "git's" (it used to be reverted with selfHeal off)."""
+    at = 1_900_000_000.0  # 2030-03-17 17:46:40 UTC
+    r, _ = good(bed, windows=[{"schedule": "0 0 3 * * *", "duration": 60}])
+    bed.commit({"m/vm.yaml": dump(vm(cpus={"count": 1, "max": 4}))}, "more vCPUs, at a restart")
+    first = r.reconcile("poll", now=lambda: at)
+    assert the_object(first, VM).waiting.startswith("update-restart waits for a maintenance")
+    stop_network_by_hand(bed)
+    out = r.reconcile("poll", now=lambda: at)
+    net = the_object(out, "h1:Network/g-net")
+    assert net.sync is SyncStatus.OUT_OF_SYNC and "selfHeal is off" in net.waiting
+    assert not bed.hv.conn.networkLookupByName("g-net").isActive()
+
+
+def test_a_prune_waits_while_a_change_of_its_host_waits(bed: Bed) -> None:
+    """A VM kept manual while a commit moves it to a new network and drops the old one: the old
+    network is not deleted under the VM that still uses it."""
+    r, _ = good(bed, prune=True)
+    moved = vm(interfaces=[{"network": "g-two"}])
+    moved["metadata"]["sync"] = {"apply": "manual"}
+    bed.commit({"m/net.yaml": dump(network("g-two", third=2)), "m/vm.yaml": dump(moved)},
+               "the VM to g-two, g-net gone")
+    out = r.reconcile("poll")
+    assert "g-net" in bed.networks() and "g-two" in bed.networks()
+    assert "once the other changes of its host are made" in the_object(
+        out, "h1:Network/g-net").waiting
 
 
 # ---- git unreachable ---------------------------------------------------------------------------
@@ -828,3 +856,29 @@ def test_rounds_at_one_commit_plan_again_only_when_the_host_changes(
     out = r.reconcile("poll")
     assert calls == [1]
     assert the_object(out, "h1:Network/g-net").sync is SyncStatus.OUT_OF_SYNC
+
+
+def test_a_project_another_source_syncs_is_refused(bed: Bed) -> None:
+    bed.commit({"m/kvmctl.yaml": bed.project(), "m/net.yaml": dump(network())}, "a network")
+    out = bed.reconciler(claim=lambda name, _r: False).reconcile("start")
+    assert out.record.result is SyncResult.FAILED
+    assert "already synced from another source" in out.record.errors[0]
+    assert bed.networks() == set()
+
+
+def test_a_suspend_and_the_project_binding_outlive_a_restart(bed: Bed) -> None:
+    state = str(bed.state)
+    bed.commit({"m/kvmctl.yaml": bed.project(), "m/net.yaml": dump(network())}, "a network")
+    first = bed.reconciler(state_dir=state)
+    assert first.reconcile("start").record.result is SyncResult.APPLIED
+    first.suspended = True
+    again = bed.reconciler(state_dir=state)
+    assert again.suspended
+    assert again.reconcile("start").record.result is SyncResult.SUSPENDED
+    again.suspended = False
+    lost = bed.commit({"m/kvmctl.yaml": None}, "no project file")
+    out = bed.reconciler(state_dir=state).reconcile("start")  # a restart: nothing in memory
+    assert out.record.result is SyncResult.FAILED and out.record.commit.sha == lost
+    assert "the one this source syncs is 'gitops'" in out.record.errors[0]
+    mode = os.stat(next((bed.state / "sources").iterdir())).st_mode & 0o777
+    assert mode == 0o600

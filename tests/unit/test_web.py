@@ -492,14 +492,27 @@ def test_webhook_github_ping_triggers_nothing(client: FlaskClient, view: FakeVie
     assert view.syncs == []
 
 
-def test_webhook_secret_defaults_to_the_token(view: FakeView) -> None:
+def test_the_webhook_is_off_without_its_own_secret(view: FakeView) -> None:
+    """Never the token: a forge such as GitLab shows the webhook secret to maintainers."""
     app, _ = make_app(view, webhook_secret=None)
     body = body_of(GITHUB_PUSH)
     client = app.test_client()
-    assert client.post("/api/v1/webhook", data=body,
-                       headers=github_headers(body)).status_code == 401
-    assert client.post("/api/v1/webhook", data=body,
-                       headers=github_headers(body, TOKEN)).status_code == 202
+    for secret in (None, TOKEN):
+        headers = github_headers(body) if secret is None else github_headers(body, secret)
+        response = client.post("/api/v1/webhook", data=body, headers=headers)
+        assert response.status_code == 404
+        assert "--webhook-secret-file" in response.get_json()["error"]
+    assert view.syncs == []
+
+
+def test_only_loopback_names_when_it_listens_on_loopback(view: FakeView) -> None:
+    """DNS rebinding: a page of another site resolved to 127.0.0.1 reads nothing."""
+    app, _ = make_app(view)
+    app.config["KVMCTL_ALLOWED_HOSTS"] = {"127.0.0.1:8787", "localhost:8787"}
+    client = app.test_client()
+    assert client.get("/api/v1/projects", headers={"Host": "127.0.0.1:8787"}).status_code == 200
+    assert client.get("/api/v1/projects",
+                      headers={"Host": "evil.example:8787"}).status_code == 421
 
 
 def test_webhook_body_over_one_mib_is_413(client: FlaskClient, view: FakeView) -> None:
