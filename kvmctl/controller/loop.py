@@ -137,6 +137,7 @@ class Controller:
         cache = GitCache(os.path.join(settings.state_dir, "git"))
         self._lock = threading.Lock()
         self._kept: dict[str, tuple[SyncResult, str]] = {}
+        self._claims: dict[str, Reconciler] = {}
         self.workers: list[ProjectWorker] = []
         for source in sources:
             reconciler = Reconciler(source, cache, settings.lock_timeout, settings.parallelism,
@@ -145,11 +146,11 @@ class Controller:
                                               self.stopping))
 
     def _claim(self, project: str, reconciler: Reconciler) -> bool:
-        """Whether `reconciler` may sync `project`: no other source of this controller does."""
+        """Whether `reconciler` may sync `project`: no other source of this controller does
+        (the first to name it keeps it, from the moment its commit names it)."""
         with self._lock:
-            return not any(w.reconciler is not reconciler and w.reconciler.last_good is not None
-                           and w.reconciler.last_good.config.name == project
-                           for w in self.workers)
+            owner = self._claims.setdefault(project, reconciler)
+            return owner is reconciler
 
     # ---- running -----------------------------------------------------------------------------
 
