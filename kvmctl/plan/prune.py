@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..host import facts
 from ..host.ownership import Owner
 from ..host.state import LiveDomain, LivePool, LiveVolume, fingerprint, volume_fingerprint
 from ..kinds import Kind, ref
@@ -42,6 +43,8 @@ def plan_prune(ctx: Context) -> list[Change]:
                                fingerprint(net.xml)))
     # VMs this plan deletes (before any volume) do not keep their disks in use.
     leaving = {c.name for c in out if c.kind is Kind.VM and c.steps}
+    # VMs whose delete is blocked (protected) stay: so do the disks they use.
+    staying = _disks_of(ctx, {c.name for c in out if c.kind is Kind.VM and c.blocked})
     doomed = [vol for pool in ctx.live.pools.values() for vol in pool.volumes
               if vol.owner is not None and vol.owner.project == project
               and isinstance(vol.owner.kind, Kind)  # a record of ours names kinds we know
@@ -51,7 +54,7 @@ def plan_prune(ctx: Context) -> list[Change]:
     going: set[str] = set()
     decided: dict[str, Change] = {}
     for vol in sorted(doomed, key=lambda v: v.owner is not None and v.owner.kind == Kind.IMAGE):
-        decided[vol.path] = _prune_volume(ctx, vol, going, leaving)
+        decided[vol.path] = _prune_volume(ctx, vol, going, leaving, staying)
         if decided[vol.path].steps:
             going.add(vol.path)
     for pool in ctx.live.pools.values():
@@ -88,8 +91,24 @@ def _delete(owner: Owner | None, kind: Kind, name: str, step: Step, fp: str,
                   steps=() if blocked else (step,), blocked=blocked, fingerprint=fp)
 
 
+def _disks_of(ctx: Context, vms: set[str]) -> dict[tuple[str, str], str]:
+    """(pool, volume) -> the VM among `vms` whose definition uses it."""
+    out: dict[tuple[str, str], str] = {}
+    for name in sorted(vms):
+        dom = ctx.live.domains.get(name)
+        if dom is None:
+            continue
+        for value in facts.domain_facts(dom.inactive_xml, ctx.resolve_volume).values():
+            if isinstance(value, facts.DiskFact) and isinstance(value.source, tuple):
+                pool, volume = value.source
+                if pool is not None and volume is not None:
+                    out.setdefault((pool, volume), name)
+    return out
+
+
 def _prune_volume(ctx: Context, vol: LiveVolume, going: set[str],
-                  leaving: set[str] | frozenset[str] = frozenset()) -> Change:
+                  leaving: set[str] | frozenset[str] = frozenset(),
+                  staying: dict[tuple[str, str], str] | None = None) -> Change:
     owner = vol.owner
     assert owner is not None
     step = DeleteVolume(vol.pool, vol.name)
@@ -103,6 +122,9 @@ def _prune_volume(ctx: Context, vol: LiveVolume, going: set[str],
     users = [a.domain for a in attached_to(ctx, vol.pool, vol.name) if a.domain not in leaving]
     if users and kind is not Kind.SEED:
         blocked = "attached to a running VM"
+    keeper = (staying or {}).get((vol.pool, vol.name))
+    if keeper is not None:
+        blocked = f"used by VM {keeper}, which is not deleted"
     return _delete(owner, kind, owner.name, step, volume_fingerprint(vol), blocked)
 
 
