@@ -81,6 +81,7 @@ from plan_noop import (  # noqa: E402
     free_subnet,
     kvmctl_command,
     leftovers,
+    lock_records,
     measured,
     network_yaml,
     other_pytests,
@@ -191,31 +192,9 @@ class ControllerRun(Run):
                 print(f"  kvmctl destroy could not run: {exc}", flush=True)
 
     def lock_records(self, remove: bool = False) -> list[str]:
-        """Hypervisor-lock records of this run's projects (volumes of the pool kvmctl-locks
-        whose name starts with kb-<runid>-: project_key of both projects does)."""
-        import libvirt
-
-        from kvmctl.host.leases import POOL_NAME
-        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-        conn = libvirt.open(self.uri)
-        try:
-            try:
-                pool = conn.storagePoolLookupByName(POOL_NAME)
-            except libvirt.libvirtError:
-                return []
-            if not pool.isActive():
-                return []
-            pool.refresh(0)
-            found = []
-            for vol in pool.listAllVolumes(0):
-                if vol.name().startswith(self.prefix):
-                    found.append(f"lock record {vol.name()}")
-                    if remove:
-                        with contextlib.suppress(libvirt.libvirtError):
-                            vol.delete(0)
-            return found
-        finally:
-            conn.close()
+        """Hypervisor-lock records of this run's projects (project_key of both projects
+        starts with kb-<runid>-)."""
+        return lock_records(self.uri, self.prefix, remove)
 
     def cleanup(self) -> bool:
         for c in self.controllers:

@@ -69,6 +69,7 @@ from plan_noop import (  # noqa: E402
     ip_subnets,
     kvmctl_command,
     leftovers,
+    lock_records,
     other_pytests,
     remove_by_prefix,
     remove_lock_files,
@@ -282,30 +283,8 @@ class Run(SingleHostRun):
 
     def lease_records(self, host: TestHost, remove: bool = False) -> list[str]:
         """This project's hypervisor-lock records (volumes of the pool kvmctl-locks)."""
-        import libvirt
-
         from kvmctl.apply.hostlock import project_key
-        from kvmctl.host.leases import POOL_NAME
-        key = project_key(self.project)
-        conn = libvirt.open(host.uri)
-        try:
-            try:
-                pool = conn.storagePoolLookupByName(POOL_NAME)
-            except libvirt.libvirtError:
-                return []
-            if not pool.isActive():
-                return []
-            pool.refresh(0)
-            found = []
-            for vol in pool.listAllVolumes(0):
-                if vol.name().startswith(key):
-                    found.append(f"lock record {vol.name()}")
-                    if remove:
-                        with contextlib.suppress(libvirt.libvirtError):
-                            vol.delete(0)
-            return found
-        finally:
-            conn.close()
+        return lock_records(host.uri, project_key(self.project), remove)
 
     def cleanup(self) -> bool:
         """Remove everything of this run on every host; True when nothing is left."""

@@ -311,6 +311,34 @@ def free_subnet(uri: str, prefixlen: int,
     raise BenchError(f"no free /{prefixlen} in 10.128.0.0/9 on this host")
 
 
+def lock_records(uri: str, prefix: str, remove: bool = False) -> list[str]:
+    """Hypervisor-lock records (volumes of kvmctl's pool kvmctl-locks) whose name starts with
+    `prefix`; with `remove`, deleted too."""
+    import libvirt
+
+    from kvmctl.host.leases import POOL_NAME
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    conn = libvirt.open(uri)
+    try:
+        try:
+            pool = conn.storagePoolLookupByName(POOL_NAME)
+        except libvirt.libvirtError:
+            return []
+        if not pool.isActive():
+            return []
+        pool.refresh(0)
+        found = []
+        for vol in pool.listAllVolumes(0):
+            if vol.name().startswith(prefix):
+                found.append(f"lock record {vol.name()}")
+                if remove:
+                    with contextlib.suppress(libvirt.libvirtError):
+                        vol.delete(0)
+        return found
+    finally:
+        conn.close()
+
+
 def leftovers(uri: str, prefix: str) -> list[str]:
     """libvirt objects whose name starts with `prefix` (domains, networks, pools)."""
     import libvirt

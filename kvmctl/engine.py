@@ -96,13 +96,14 @@ class LockRequest:
 
 @dataclass
 class Prepared:
-    """What a Deployment made of one set of documents, for the next Deployment over the very
-    same documents (a controller's rounds at one commit): their schema check and placement,
-    and each host's model while the host's facts stay the same. It holds the documents, so
-    their identities it is keyed by stay theirs."""
+    """One set of documents, schema-checked and placed (with the project's defaults filled in),
+    for every Deployment over the very same documents (a controller's rounds at one commit),
+    and what those Deployments made of them: each host's model while the host's facts stay the
+    same, each host's plan while its live state does. It holds the documents, so the
+    identities it is keyed by stay theirs."""
 
-    documents: list[Document] = field(default_factory=list)
-    placement: Placement | None = None
+    documents: list[Document]
+    placement: Placement
     models: dict[str, tuple[checks.HostFacts, ManifestSet]] = field(default_factory=dict)
     # A host's last plan, with what it was made from: the same model, request and live state
     # (compared in full, every definition's text) make the same plan.
@@ -230,8 +231,7 @@ class Deployment:
                 # jinja2 and the templates load here, while the hosts answer, not after.
                 import kvmctl.render.definitions  # noqa: F401
                 self.memo = open_memo("verdicts")
-                if prepared is not None and docs is not None and prepared.holds(docs) \
-                        and prepared.placement is not None:
+                if prepared is not None and docs is not None and prepared.holds(docs):
                     self.documents, self.placement = prepared.documents, prepared.placement
                 else:
                     loaded = docs if docs is not None else documents.load(
@@ -240,11 +240,6 @@ class Deployment:
                     self.documents = with_defaults(rest, config)
                     validate.check_schemas(self.documents, self.memo)
                     self.placement = place(self.documents, config)
-                    if prepared is not None and docs is not None:
-                        prepared.documents, prepared.placement = list(docs), self.placement
-                        prepared.models.clear()
-                        if not prepared.holds(self.documents):  # defaults were filled in
-                            prepared.placement = None
             except BaseException:
                 opened_anyway = hosts.result() if hosts.exception() is None else {}
                 self._locks.close()  # released through the connections, before they close

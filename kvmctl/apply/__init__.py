@@ -115,8 +115,9 @@ def run(plan: Plan, hv: Hypervisor, live: LiveState, parallelism: int = 8,
     for i, group in enumerate(groups):
         with ThreadPoolExecutor(max_workers=max(1, parallelism)) as pool:
             results += pool.map(one, group)
-        if any(r.outcome is Outcome.FAILED for r in results) or (stop is not None and stop()):
-            results += [ChangeResult(c.id, Outcome.SKIPPED, STOPPING if stop and stop() else "")
+        stopping = stop is not None and stop()
+        if stopping or any(r.outcome is Outcome.FAILED for r in results):
+            results += [ChangeResult(c.id, Outcome.SKIPPED, STOPPING if stopping else "")
                         for g in groups[i + 1:] for c in g]
             return ApplyResult(tuple(results))
     run_upkeep(plan, executor, parallelism)

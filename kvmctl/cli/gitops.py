@@ -95,10 +95,10 @@ def sources(opts: CommandOptions) -> list[ProjectSource]:
     return out
 
 
-def _history(state_dir: str, retention: int = 1000) -> Any:
+def _history(state_dir: str) -> Any:
     from ..controller.history import History
     try:
-        return History(os.path.join(state_dir, "history.db"), retention)
+        return History(os.path.join(state_dir, "history.db"))
     except UsageError as exc:
         logging.getLogger("kvmctl.controller").warning("history unavailable: %s", exc)
         return None

@@ -11,12 +11,11 @@ expire on the hypervisor).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ..errors import UsageError
@@ -39,7 +38,6 @@ class ControllerSettings:
     interval: float | None = None  # overrides every project's spec.sync.interval
     lock_timeout: float = 30.0
     parallelism: int = 8
-    history_retention: int = 1000
 
 
 class ProjectWorker:
@@ -299,11 +297,3 @@ def _log_record(record: SyncRecord, status: ProjectStatus | None) -> None:
             record.commit.short if record.commit else "no commit", record.summary or "-",
             record.duration, "".join(f"\n  {e}" for e in record.errors), extra={"kv": extra})
 
-
-@contextlib.contextmanager
-def running(controller: Controller) -> Iterator[Controller]:
-    controller.start()
-    try:
-        yield controller
-    finally:
-        controller.stop()

@@ -91,9 +91,7 @@ def _vm_health(vm: VirtualMachine, name: str, probe: HostProbe) -> tuple[Health,
     if vm.state == "stopped":
         return (Health.HEALTHY, "") if not d.running else (
             Health.DEGRADED, f"{d.state}, declared stopped")
-    if not d.running:
-        return Health.DEGRADED, f"{d.state}, declared running"
-    if d.state != "running":
+    if d.state != "running":  # shut off, paused, crashed...
         return Health.DEGRADED, f"{d.state}, declared running"
     nics = [(facts.key_id(key), nic.source if nic.type == "network" else None)
             for key, nic in facts.domain_facts(d.live_xml or d.inactive_xml).items()
@@ -102,9 +100,9 @@ def _vm_health(vm: VirtualMachine, name: str, probe: HostProbe) -> tuple[Health,
     wanted = [(mac, net) for mac, net in nics if net]
     if wanted or vm.guest_agent:
         agent = probe.hv.agent_addresses(name) if vm.guest_agent and agent_ok else {}
-        leases = {net: probe.leases(net) for _, net in wanted if net}
+        leases = {net: probe.leases(net) for _, net in wanted}
         from ..apply.readiness import nic_addresses
-        if not nic_addresses(wanted or [(m, n) for m, n in nics], leases, agent):
+        if not nic_addresses(wanted or nics, leases, agent):
             return Health.PROGRESSING, "running, no address yet"
     if not agent_ok:
         return Health.DEGRADED, "running, the guest agent does not answer"

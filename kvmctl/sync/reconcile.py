@@ -88,7 +88,7 @@ class Loaded:
     documents: list[Document]
     # Their schema check, placement and per-host models, made by the first round's Deployment
     # and taken by every later round at this commit while the host's facts stay the same.
-    prepared: Prepared = field(default_factory=Prepared, compare=False, repr=False)
+    prepared: Prepared = field(compare=False, repr=False)
     local_stamp: int | None = None  # the local project file's mtime, when one stands in
 
 
@@ -257,8 +257,7 @@ class Reconciler:
             waits.update({c.id: "dry run: would be made" for c in runnable})
         if not runnable or dry_run or stopping() or self.suspended:
             status = self._round_status(loaded, placement, hosts, plan, waits, {}, set(), health)
-            result = SyncResult.SYNCED if not any(_differs(c) for c in plan.changes) \
-                else SyncResult.OUT_OF_SYNC
+            result = SyncResult.OUT_OF_SYNC if plan.changes_present else SyncResult.SYNCED
             if result is SyncResult.SYNCED and away:
                 result = SyncResult.PARTIAL
             if result is SyncResult.SYNCED and not waits:
@@ -448,9 +447,10 @@ def _load_commit(checkout: Checkout, source: ProjectSource) -> Loaded:
     docs = with_defaults(rest, config)
     from ..manifest import validate
     validate.check_schemas(docs)
-    place(docs, config)
+    placement = place(docs, config)
     policy = read_policy(project_doc, docs)
-    return Loaded(checkout, config, policy, docs)
+    # Checked and placed once: every round's Deployment at this commit takes them.
+    return Loaded(checkout, config, policy, docs, Prepared(docs, placement))
 
 
 def _name_in(checkout: Checkout, source: ProjectSource) -> str | None:

@@ -420,10 +420,7 @@ def test_drift_is_reverted_within_one_interval_with_self_heal(lab: Lab) -> None:
     lab.wait_synced(sha)
     assert _autostart(lab)  # the commit's sync reverted the drift
     virsh("autostart", "--disable", lab.vm)
-    drifted = time.monotonic()
-    wait_until(lambda: _autostart(lab), INTERVAL * 2 + 10, "drift reverted")
-    took = time.monotonic() - drifted
-    assert took <= INTERVAL * 2 + 10, took
+    wait_until(lambda: _autostart(lab), INTERVAL * 2 + 10, "drift reverted within an interval")
     assert lab.boots() == 1
 
 
@@ -524,21 +521,18 @@ def test_sigterm_mid_apply_finishes_the_change_and_a_restart_converges(lab: Lab)
     wait_until(lambda: _applying(lab.controller, seen), 60, "the apply to start")
     time.sleep(1)
     assert lab.conn.lookupByName(lab.vm).isActive(), "the shutdown ended before SIGTERM"
-    signalled = time.monotonic()
-    code = lab.controller.stop(signal.SIGTERM)
+    code = lab.controller.stop(signal.SIGTERM, timeout=60)
     assert code == 0, lab.controller.log()
     assert not lab.conn.lookupByName(lab.vm).isActive(), "the change in progress must finish"
-    assert time.monotonic() - signalled < 60
     assert "stopped" in lab.controller.log_lines()[-1]["message"]
     # A new controller, with an interval far beyond the test: only the webhook triggers it.
     lab.controller = Controller(lab, 600)
     lab.wait_synced(sha, 60)
     lab.vm_spec["state"] = "running"
     pushed_sha = lab.commit("start it again")
-    pushed = time.monotonic()
     assert _webhook(lab, lab.controller) == 202
+    # the interval is 600 s: only the webhook's round can start it
     wait_until(lambda: lab.conn.lookupByName(lab.vm).isActive(), 30, "started by the webhook")
-    assert time.monotonic() - pushed < 15
     wait_until(lambda: lab.last_sync(pushed_sha), 30, "the webhook's sync recorded")
     bad = lab.controller.post("/api/v1/webhook", b"{}", {"X-Hub-Signature-256": "sha256=00"})
     assert bad == 401

@@ -503,11 +503,10 @@ def test_credentials_never_appear_in_errors(cache: GitCache) -> None:
 
 def test_an_unreachable_server_fails_within_the_timeout(tmp_path: Path) -> None:
     cache = GitCache(str(tmp_path / "cache"), timeout=10)
-    started = time.monotonic()
+    # git's own refusal, not the cache's timeout ("did not finish within"), ends it
     with pytest.raises(SourceError, match=r"^http://127.0.0.1:1/x.git@HEAD:.: git ls-remote "
                                           r"failed: fatal: unable to access"):
         cache.remote_commit(SourceSpec.of("http://127.0.0.1:1/x.git"))
-    assert time.monotonic() - started < 10
 
 
 def test_a_server_that_never_answers_times_out(tmp_path: Path) -> None:
@@ -517,12 +516,10 @@ def test_a_server_that_never_answers_times_out(tmp_path: Path) -> None:
         server.bind(("127.0.0.1", 0))
         server.listen(8)
         port = server.getsockname()[1]
-        started = time.monotonic()
         with pytest.raises(SourceError, match=r"git ls-remote did not finish within 1.5 s"):
             cache.remote_commit(SourceSpec.of(f"http://u:pw@127.0.0.1:{port}/x.git"))
         with pytest.raises(SourceError, match=r"git fetch did not finish within 1.5 s"):
             cache.checkout(SourceSpec.of(f"git://127.0.0.1:{port}/x.git"), "b" * 40)
-        assert time.monotonic() - started < 10
 
 
 def test_a_password_prompt_fails_instead_of_hanging(tmp_path: Path) -> None:
@@ -532,13 +529,11 @@ def test_a_password_prompt_fails_instead_of_hanging(tmp_path: Path) -> None:
     env = cache._env()
     assert env["GIT_TERMINAL_PROMPT"] == "0" and env["LC_ALL"] == "C"
     assert subprocess.run([env["GIT_ASKPASS"]], check=False).returncode != 0
-    started = time.monotonic()
     done = subprocess.run(["git", "credential", "fill"], input="protocol=https\nhost=h\n\n",
                           capture_output=True, text=True, env=env, timeout=20,
                           start_new_session=True)
     assert done.returncode != 0
-    assert "terminal prompts disabled" in done.stderr
-    assert time.monotonic() - started < 5
+    assert "terminal prompts disabled" in done.stderr  # refused, not waited out
 
 
 def test_an_unwritable_cache_is_a_source_error(tmp_path: Path) -> None:
