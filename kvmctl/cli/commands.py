@@ -316,3 +316,8 @@ def cmd_controller(opts: CommandOptions, env: Env) -> int:
 def cmd_status(opts: CommandOptions, env: Env) -> int:
     from .gitops import cmd_status as run_status
     return run_status(opts, env)
+
+
+def cmd_snapshot(opts: CommandOptions, env: Env) -> int:
+    from .snapshots import cmd_snapshot as run_snapshot
+    return run_snapshot(opts, env)

@@ -19,7 +19,7 @@ COMMANDS: dict[str, Command] = {
     "plan": commands.cmd_plan, "apply": commands.cmd_apply,
     "destroy": commands.cmd_destroy, "get": commands.cmd_get,
     "sync": commands.cmd_sync, "controller": commands.cmd_controller,
-    "status": commands.cmd_status,
+    "status": commands.cmd_status, "snapshot": commands.cmd_snapshot,
 }
 
 

@@ -82,6 +82,14 @@ class CommandOptions:
     interval: float | None = None
     log_format: str = "plain"
     controller_url: str | None = None
+    # snapshot
+    action: str = ""
+    vm: str = ""
+    description: str = ""
+    no_memory: bool = False
+    quiesce: bool = False
+    no_safety: bool = False
+    force: bool = False
 
     @property
     def uri(self) -> str:
@@ -258,6 +266,25 @@ def build_parser(commands: dict[str, Command], version: str) -> argparse.Argumen
     p.set_defaults(run=commands["get"])
 
     _gitops_parsers(sub, commands)
+
+    p = sub.add_parser("snapshot", help="create, list, revert or delete a VM's snapshots")
+    p.add_argument("action", choices=("create", "list", "revert", "delete"))
+    p.add_argument("vm", metavar="VM")
+    p.add_argument("name", nargs="?", metavar="NAME",
+                   help="the snapshot (create: default kvmctl-YYYYmmdd-HHMMSS)")
+    _engine_options(p)
+    p.add_argument("--description", default="", help="create: a description")
+    p.add_argument("--no-memory", action="store_true",
+                   help="create: without the guest's memory (a stopped VM's never has it)")
+    p.add_argument("--quiesce", action="store_true",
+                   help="create: freeze the guest's file systems through its agent first")
+    p.add_argument("-y", "--yes", action="store_true", help="revert: do not ask")
+    p.add_argument("--no-safety", action="store_true",
+                   help="revert: no safety snapshot of the present first")
+    p.add_argument("--force", action="store_true",
+                   help="delete: also a snapshot kvmctl did not make for this project")
+    p.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    p.set_defaults(run=commands["snapshot"])
     return parser
 
 

@@ -27,6 +27,7 @@ from . import early, facts, records
 from .connection import call, send_all, silence_default_handler
 from .ownership import OwnershipRecord, record_names, slot_capacity
 from .reading import HostReader
+from .snapshots import SnapshotOps
 
 if TYPE_CHECKING:
     from .leases import LeaseStore
@@ -36,7 +37,7 @@ AFFECT_LIVE = libvirt.VIR_DOMAIN_AFFECT_LIVE
 _UEFI = re.compile(r"<nvram|<loader|firmware=['\"]efi['\"]")
 
 
-class Hypervisor(HostReader):
+class Hypervisor(HostReader, SnapshotOps):
     """One libvirt connection: reads (HostReader) and single operations."""
 
     def __init__(self, uri: str) -> None:

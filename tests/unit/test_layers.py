@@ -25,7 +25,8 @@ RANKS = {
     "kvmctl": 0, "kvmctl.__main__": 10,
     "kvmctl.manifest": 1, "kvmctl.source": 1, "kvmctl.render": 2, "kvmctl.host": 3,
     "kvmctl.plan": 4,
-    "kvmctl.apply": 5, "kvmctl.engine": 6, "kvmctl.sync": 7, "kvmctl.controller": 8,
+    "kvmctl.apply": 5, "kvmctl.engine": 6, "kvmctl.snapshot": 6, "kvmctl.sync": 7,
+    "kvmctl.controller": 8,
     "kvmctl.cli": 9,
 }
 
@@ -91,7 +92,7 @@ def test_only_the_host_package_imports_libvirt() -> None:
     # kvmctl.host.transfer streams volumes through Hypervisor and imports no libvirt itself.
     assert users == ["kvmctl.host.connection", "kvmctl.host.early", "kvmctl.host.hypervisor",
                      "kvmctl.host.leases",
-                     "kvmctl.host.reading"]
+                     "kvmctl.host.reading", "kvmctl.host.snapshots"]
 
 
 def test_nothing_outside_the_cli_imports_it() -> None:

@@ -1,0 +1,77 @@
+"""Snapshots read back from libvirt's XML: kvmctl's mark, memory and external kinds, and the
+combinations libvirt 9.0 cannot snapshot internally, refused with why and what would work."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvmctl.errors import UsageError
+from kvmctl.host.snapshots import internal_refusal, mark, parse
+from kvmctl.snapshot import check_name, default_name
+
+SNAP = """<domainsnapshot><name>s1</name><description>{desc}</description>
+<state>{state}</state><creationTime>1796163754</creationTime>
+<parent><name>s0</name></parent><memory snapshot='{memory}'/>
+<disks><disk name='vda' snapshot='{disk}'/></disks></domainsnapshot>"""
+
+
+def test_the_mark_is_the_last_line_and_read_back() -> None:
+    text = mark("first\nsecond", "lab")
+    assert text == "first\nsecond\nkvmctl: project=lab"
+    s = parse("vm", SNAP.format(desc=text, state="running", memory="internal",
+                                disk="internal"), current=True)
+    assert (s.name, s.project, s.description, s.parent, s.state) == (
+        "s1", "lab", "first\nsecond", "s0", "running")
+    assert s.memory and not s.external and s.revertible and s.current
+    assert s.created == 1796163754
+
+
+@pytest.mark.parametrize("desc", ["someone's snapshot", "kvmctl: project=lab\nmore", ""])
+def test_a_snapshot_without_the_mark_at_its_end_is_nobodys(desc: str) -> None:
+    s = parse("vm", SNAP.format(desc=desc, state="shutoff", memory="no", disk="internal"),
+              current=False)
+    assert s.project is None and not s.memory
+
+
+def test_an_external_snapshot_is_not_revertible_here() -> None:
+    s = parse("vm", SNAP.format(desc="", state="shutoff", memory="no", disk="external"),
+              current=False)
+    assert s.external and not s.revertible
+
+
+def _domain(disks: str, os: str = "<os><type>hvm</type></os>") -> str:
+    return f"<domain type='qemu'><name>vm</name>{os}<devices>{disks}</devices></domain>"
+
+
+QCOW2 = ("<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+         "<target dev='vda'/></disk>")
+RAW = "<disk type='file' device='disk'><driver name='qemu' type='raw'/><target dev='vdb'/></disk>"
+CDROM = ("<disk type='file' device='cdrom'><driver name='qemu' type='raw'/>"
+         "<target dev='sda'/></disk>")
+
+
+def test_qcow2_disks_hold_internal_snapshots() -> None:
+    assert internal_refusal(_domain(QCOW2 + CDROM)) is None
+
+
+def test_a_raw_disk_is_refused_with_its_name_and_what_would_work() -> None:
+    why = internal_refusal(_domain(QCOW2 + RAW))
+    assert why is not None and "vdb" in why and "qcow2 would work" in why
+
+
+def test_uefi_is_refused() -> None:
+    uefi = "<os><type>hvm</type><loader readonly='yes' type='pflash'>/x.fd</loader></os>"
+    why = internal_refusal(_domain(QCOW2, uefi))
+    assert why is not None and "UEFI" in why
+
+
+def test_a_diskless_vm_is_refused() -> None:
+    why = internal_refusal(_domain(""))
+    assert why is not None and "no disk" in why
+
+
+def test_names() -> None:
+    assert check_name(default_name()).startswith("kvmctl-")
+    for bad in ("", "a b", "-x", "x" * 101, "a/b", "<x>"):
+        with pytest.raises(UsageError):
+            check_name(bad)
