@@ -82,6 +82,7 @@ class PlanRequest:
     targets: tuple[str, ...] = ()
     scope: tuple[str, ...] = field(default=(), repr=False)
     kept: tuple[str, ...] = field(default=(), repr=False)  # see plan.context.Options
+    allow_snapshot_loss: bool = False
 
 
 @dataclass(frozen=True)
@@ -170,14 +171,16 @@ class Session:
 
     def _plan(self, request: PlanRequest) -> Plan:
         opts = Options(self.target.project, request.prune, request.prune_disks, request.adopt,
-                       request.allow_empty, request.targets, request.scope, kept=request.kept)
+                       request.allow_empty, request.targets, request.scope, kept=request.kept,
+                       allow_snapshot_loss=request.allow_snapshot_loss)
         self.rendered = self.desired()
         plan = make_plan(self.manifest, self.rendered, self.live, opts, self.uri, self.memo)
         if self.memo is not None:
             self.memo.save()
         return plan
 
-    def destroy_plan(self, with_disks: bool, everywhere: ManifestSet | None = None) -> Plan:
+    def destroy_plan(self, with_disks: bool, everywhere: ManifestSet | None = None,
+                     allow_snapshot_loss: bool = False) -> Plan:
         """Deleting what the manifests name: a prune against an empty wanted set, limited to
         those objects (and their seeds). `everywhere`: the project's manifests on every host
         (a VM that moved is deleted wherever it is)."""
@@ -187,7 +190,8 @@ class Session:
         opts = Options(self.target.project, prune=True, prune_disks=with_disks,
                        allow_empty=True, scope=tuple(sorted(named)),
                        shutdown_timeouts=tuple((vm.meta.name, float(vm.shutdown_timeout))
-                                               for vm in whole.vms))
+                                               for vm in whole.vms),
+                       allow_snapshot_loss=allow_snapshot_loss)
         empty = ManifestSet()
         everything = make_plan(empty, self.desired(empty), self.live, opts, self.uri)
         # The planner's advice names prune's flag; destroy's own is --with-disks.
@@ -347,9 +351,10 @@ class Deployment:
             out.append(c)
         return replace(plan, changes=tuple(out))
 
-    def destroy_plan(self, with_disks: bool) -> ProjectPlan:
+    def destroy_plan(self, with_disks: bool, allow_snapshot_loss: bool = False) -> ProjectPlan:
         whole = self._whole()
-        plans = {name: self._on_host(name, functools.partial(s.destroy_plan, with_disks, whole))
+        plans = {name: self._on_host(name, functools.partial(s.destroy_plan, with_disks, whole,
+                                                             allow_snapshot_loss))
                  for name, s in self.sessions.items()}
         return self._project_plan(plans, ())
 
@@ -553,7 +558,8 @@ def save_plan(path: str, deployment: Deployment, request: PlanRequest,
             != len(config.hosts) else [],
             "options": {"prune": request.prune, "prune_disks": request.prune_disks,
                         "adopt": request.adopt, "allow_empty": request.allow_empty,
-                        "target": list(request.targets)},
+                        "target": list(request.targets),
+                        "allow_snapshot_loss": request.allow_snapshot_loss},
             "documents": bodies, "plan": project_plan_json(plan),
             "fingerprints": {_saved_key(c): _saved_value(c) for c in plan.changes}}
     data["manifest_fingerprint"] = _saved_fingerprint(data)
@@ -616,7 +622,8 @@ def load_saved(path: str, connect: str | None = None,
         options = saved["options"]
         request = PlanRequest(bool(options["prune"]), bool(options["prune_disks"]),
                               bool(options["adopt"]), bool(options["allow_empty"]),
-                              tuple(str(t) for t in options["target"]))
+                              tuple(str(t) for t in options["target"]),
+                              allow_snapshot_loss=bool(options.get("allow_snapshot_loss")))
         project = str(saved["project"])
         default = str(saved["default_host"])
         hosts = tuple(HostConfig(str(h["name"]), connect if connect and h["name"] == default

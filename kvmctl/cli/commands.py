@@ -58,7 +58,8 @@ def project_config(opts: CommandOptions, connect: bool = False, read: bool = Fal
 
 def plan_request(opts: CommandOptions) -> PlanRequest:
     from ..engine import PlanRequest
-    return PlanRequest(opts.prune, opts.prune_disks, opts.adopt, opts.allow_empty, opts.targets)
+    return PlanRequest(opts.prune, opts.prune_disks, opts.adopt, opts.allow_empty, opts.targets,
+                       allow_snapshot_loss=opts.allow_snapshot_loss)
 
 
 def open_deployment(opts: CommandOptions, env: Env, config: ProjectConfig | None = None,
@@ -219,7 +220,7 @@ def cmd_destroy(opts: CommandOptions, env: Env) -> int:
         held.enter_context(_local_locks(config, opts, env))
         deployment = open_deployment(opts, env, config, _lock_request(opts, env))
         held.callback(deployment.close)
-        plan = deployment.destroy_plan(opts.with_disks)
+        plan = deployment.destroy_plan(opts.with_disks, opts.allow_snapshot_loss)
         print_plan(plan, env)
         ok = True
         if plan.changes_present:

@@ -64,6 +64,7 @@ class CommandOptions:
     wait: bool = False
     wait_timeout: float = 300
     with_disks: bool = False
+    allow_snapshot_loss: bool = False
     # render
     kind: str | None = None
     name: str | None = None
@@ -156,6 +157,13 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
                    help="take over existing unmanaged objects with the manifests' names")
     p.add_argument("--target", action="append", default=[], metavar="KIND/NAME",
                    help="limit the plan to this object and what it depends on (repeatable)")
+    _snapshot_loss_option(p)
+
+
+def _snapshot_loss_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-snapshot-loss", action="store_true",
+                   help="delete VMs that have snapshots (they are lost with them); without it "
+                        "such a delete is blocked, with the count")
 
 
 def _apply_options(p: argparse.ArgumentParser) -> None:
@@ -256,6 +264,7 @@ def build_parser(commands: dict[str, Command], version: str) -> argparse.Argumen
     _apply_options(p)
     p.add_argument("--with-disks", action="store_true",
                    help="also delete Disks (their data is lost); protected ones are refused")
+    _snapshot_loss_option(p)
     p.set_defaults(run=commands["destroy"])
 
     p = sub.add_parser("get", help="list managed objects with state and addresses")

@@ -108,6 +108,10 @@ class Hypervisor(HostReader, SnapshotOps):
         if dom.isActive():
             call(f"power off domain {name}", dom.destroy)
         flags = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+        # Its snapshots' metadata goes with it: the plan deletes a VM that has snapshots only
+        # when asked to (--allow-snapshot-loss); the snapshots inside its disks go with those.
+        if dom.hasCurrentSnapshot() or dom.snapshotNum(0):
+            flags |= libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
         # A UEFI guest's NVRAM file goes with it; only such guests get the flag, which some
         # drivers (libvirt's test driver) do not know. libvirt before 9.2 keeps no <nvram> in
         # the definition of a firmware="efi" guest, yet refuses to undefine it without the flag.

@@ -25,6 +25,7 @@ class LiveDomain:
     state: str  # running | shutoff | paused | other libvirt states, lowercased
     autostart: bool
     owner: Owner | None
+    snapshots: int = 0  # how many snapshots libvirt keeps of it (a delete would lose them)
 
     @property
     def running(self) -> bool:

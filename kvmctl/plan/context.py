@@ -32,6 +32,8 @@ class Options:
     # Refs (KIND/NAME) of VMs and Disks the project places on another host: never pruned here,
     # for their data moves with them (plan/moves.py), or stays until it can.
     kept: tuple[str, ...] = ()
+    # A VM with snapshots may be deleted (they go with it); otherwise its delete is blocked.
+    allow_snapshot_loss: bool = False
 
 
 class Context:

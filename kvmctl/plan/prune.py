@@ -33,9 +33,14 @@ def plan_prune(ctx: Context) -> list[Change]:
     for dom in ctx.live.domains.values():
         if _mine(dom.owner, project) and (Kind.VM, dom.name) not in wanted \
                 and in_scope(Kind.VM, dom.name):
+            losing = dom.snapshots and not ctx.opts.allow_snapshot_loss
             out.append(_delete(dom.owner, Kind.VM, dom.name,
                                DeleteDomain(dom.name, _shutdown_timeout(ctx, dom)),
-                               fingerprint(dom.inactive_xml, dom.state)))
+                               fingerprint(dom.inactive_xml, dom.state,
+                                           *([dom.snapshots] if dom.snapshots else [])),
+                               f"has {dom.snapshots} snapshot{'s' if dom.snapshots != 1 else ''}"
+                               ": deleting it loses them (--allow-snapshot-loss)"
+                               if losing else None))
     for net in ctx.live.networks.values():
         if _mine(net.owner, project) and (Kind.NETWORK, net.name) not in wanted \
                 and in_scope(Kind.NETWORK, net.name):
@@ -43,7 +48,7 @@ def plan_prune(ctx: Context) -> list[Change]:
                                fingerprint(net.xml)))
     # VMs this plan deletes (before any volume) do not keep their disks in use.
     leaving = {c.name for c in out if c.kind is Kind.VM and c.steps}
-    # VMs whose delete is blocked (protected) stay: so do the disks they use.
+    # VMs whose delete is blocked (protected, with snapshots) stay: so do the disks they use.
     staying = _disks_of(ctx, {c.name for c in out if c.kind is Kind.VM and c.blocked})
     doomed = [vol for pool in ctx.live.pools.values() for vol in pool.volumes
               if vol.owner is not None and vol.owner.project == project

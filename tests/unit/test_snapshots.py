@@ -3,6 +3,9 @@ combinations libvirt 9.0 cannot snapshot internally, refused with why and what w
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from kvmctl.errors import UsageError
@@ -75,3 +78,38 @@ def test_names() -> None:
     for bad in ("", "a b", "-x", "x" * 101, "a/b", "<x>"):
         with pytest.raises(UsageError):
             check_name(bad)
+
+
+# ---- the plan knows about snapshots (the test driver keeps real snapshot metadata) ------------
+
+def test_a_vm_with_snapshots_is_not_deleted_without_the_flag_nor_its_disks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cli_support import run_cli
+    from manifest_docs import disk, doc, pool
+    from testdriver import install, write_manifests
+    hv, uri = install(monkeypatch, tmp_path)
+    try:
+        docs = [pool("s-pool", tmp_path / "pool"),
+                disk("s-data", "s-pool", "16MiB", format="qcow2"),
+                doc("VirtualMachine", "s-vm", {"memory": "128MiB", "state": "stopped",
+                                               "boot": {"kernel": "/k", "cmdline": "x"},
+                                               "disks": [{"disk": "s-data"}]})]
+        path = write_manifests(tmp_path / "m.yaml", docs)
+
+        def cli(*argv: object) -> Any:
+            return run_cli([str(argv[0]), "--connect", uri, "--project", "unit",
+                            "--domain-type", "qemu", *[str(a) for a in argv[1:]]])
+
+        assert cli("apply", "-y", "-f", path).code == 0
+        dom = hv.conn.lookupByName("s-vm")
+        for name in ("a", "b"):
+            dom.snapshotCreateXML(f"<domainsnapshot><name>{name}</name></domainsnapshot>", 0)
+        kept = cli("destroy", "-y", "--with-disks", "-f", path)
+        assert "has 2 snapshots: deleting it loses them (--allow-snapshot-loss)" in kept.stderr
+        assert "used by VM s-vm, which is not deleted" in kept.stderr
+        assert {d.name() for d in hv.conn.listAllDomains()} == {"s-vm"}
+        gone = cli("destroy", "-y", "--with-disks", "--allow-snapshot-loss", "-f", path)
+        assert gone.code == 0, gone
+        assert hv.conn.listAllDomains() == []
+    finally:
+        hv.close()
