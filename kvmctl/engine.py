@@ -672,6 +672,12 @@ def inventory(what: str, live: LiveState, hv: Hypervisor, project: str) -> list[
     if what == "vms":
         resolve = facts.volume_resolver(live)
         return [_vm_row(d, live, hv, resolve) for d in live.domains.values() if mine(d.owner)]
+    if what == "snapshots":  # of the project's VMs: kvmctl's and anybody's, saying whose
+        return [{"vm": d.name, "name": s.name, "created": s.created, "state": s.state,
+                 "parent": s.parent, "memory": s.memory, "external": s.external,
+                 "owned": s.project == project, "current": s.current}
+                for d in live.domains.values() if mine(d.owner) and d.snapshots
+                for s in hv.snapshots(d.name)]
     if what == "networks":
         return [{"name": n.name, "active": n.active, "autostart": n.autostart}
                 for n in live.networks.values() if mine(n.owner)]

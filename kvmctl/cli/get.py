@@ -24,7 +24,7 @@ def cmd_get(opts: CommandOptions, env: Env) -> int:
         plan = deployment.plan()
         for h in plan.hosts:
             drift[h.host] = {c.name: str(c.change_class) for c in h.plan.changes
-                             if c.kind == INVENTORY_KINDS[opts.what]}
+                             if c.kind == INVENTORY_KINDS.get(opts.what)}
         for c in plan.moves:
             drift.setdefault(c.from_host, {})[c.name] = f"moving to {c.host}"
     else:
@@ -33,7 +33,7 @@ def cmd_get(opts: CommandOptions, env: Env) -> int:
     try:
         for name, (hv, live) in opened.items():
             for row in inventory(opts.what, live, hv, config.name):
-                if drift:
+                if drift and opts.what != "snapshots":  # a snapshot is not in manifests yet
                     state = drift.get(name, {}).get(row["name"], "not in manifests")
                     row["drift"] = None if state == "no-op" else state
                 rows.append({"host": name, **row} if config.multi_host else row)

@@ -15,7 +15,7 @@ from typing import Any
 from ..xmltext import describe_char, first_non_xml_char
 
 DOMAIN_TYPES = ("auto", "kvm", "qemu")
-GET_WHAT = ("vms", "networks", "disks", "pools", "images")
+GET_WHAT = ("vms", "networks", "disks", "pools", "images", "snapshots")
 
 
 def default_uri() -> str:

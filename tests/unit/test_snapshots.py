@@ -3,6 +3,7 @@ combinations libvirt 9.0 cannot snapshot internally, refused with why and what w
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,10 @@ def test_a_vm_with_snapshots_is_not_deleted_without_the_flag_nor_its_disks(
         dom = hv.conn.lookupByName("s-vm")
         for name in ("a", "b"):
             dom.snapshotCreateXML(f"<domainsnapshot><name>{name}</name></domainsnapshot>", 0)
+        listed = cli("get", "snapshots", "-o", "json")
+        assert listed.code == 0, listed
+        assert [(r["vm"], r["name"], r["owned"]) for r in json.loads(listed.stdout)] == [
+            ("s-vm", "a", False), ("s-vm", "b", False)]
         kept = cli("destroy", "-y", "--with-disks", "-f", path)
         assert "has 2 snapshots: deleting it loses them (--allow-snapshot-loss)" in kept.stderr
         assert "used by VM s-vm, which is not deleted" in kept.stderr
