@@ -15,9 +15,11 @@ import re
 from dataclasses import dataclass
 
 from .errors import PlanError, UsageError
+from .host.facts import internal_refusal
 from .host.hypervisor import Hypervisor
-from .host.snapshots import LiveSnapshot, internal_refusal, mark
-from .kinds import Kind
+from .host.snapshots import mark
+from .host.state import LiveSnapshot
+from .kinds import Kind, SnapshotOrigin
 from .xmltext import first_non_xml_char
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,99}$")
@@ -53,14 +55,15 @@ def _owned_vm(hv: Hypervisor, vm: str, project: str) -> None:
 
 
 def create(hv: Hypervisor, vm: str, project: str, name: str | None = None,
-           description: str = "", memory: bool = True, quiesce: bool = False) -> LiveSnapshot:
+           description: str = "", memory: bool = True, quiesce: bool = False,
+           origin: SnapshotOrigin = SnapshotOrigin.MANUAL) -> LiveSnapshot:
     """A new internal snapshot of the project's VM; PlanError when the VM cannot hold one."""
-    from .render.definitions import render_template
+    from .render.definitions import snapshot_xml
     _owned_vm(hv, vm, project)
     name = check_name(name or default_name())
     if first_non_xml_char(description) >= 0:
         raise UsageError("the description holds a character XML cannot carry")
-    why = internal_refusal(hv.domain_xml(vm))
+    why = internal_refusal(hv.domain_xml(vm), hv.checkpoint_count(vm))
     if why:
         raise PlanError(f"VM {vm!r} cannot be snapshotted: {why}")
     if any(s.name == name for s in hv.snapshots(vm)):
@@ -69,8 +72,7 @@ def create(hv: Hypervisor, vm: str, project: str, name: str | None = None,
     if running and not memory:
         raise PlanError(f"VM {vm!r} runs: an internal snapshot of a running guest holds its "
                         "memory (QEMU's savevm); stop it first for one without")
-    xml = render_template("snapshot.xml.j2", name=name, description=mark(description, project),
-                          memory=running)
+    xml = snapshot_xml(name, mark(description, project, origin, quiesce), running)
     hv.create_snapshot(vm, xml, quiesce=quiesce)
     return next(s for s in hv.snapshots(vm) if s.name == name)
 
@@ -93,7 +95,7 @@ def revert(hv: Hypervisor, vm: str, project: str, name: str, safety: bool = True
     if safety:
         taken = create(hv, vm, project, f"{default_name()}-before-revert",
                        f"taken by kvmctl before reverting to {name}").name
-    state = hv.revert_snapshot(vm, name)
+    state = hv.revert_snapshot(vm, name, thaw=target.quiesced)
     return Reverted(target, state, taken)
 
 

@@ -72,6 +72,8 @@ class Executor:
             s.AttachDevice: lambda st: hv.attach_device_live(st.name, st.xml),
             s.DetachDevice: lambda st: hv.detach_device_live(st.name, st.xml),
             s.UpdateDevice: lambda st: hv.update_device_live(st.name, st.xml),
+            s.CreateSnapshot: self.create_snapshot,
+            s.DeleteSnapshot: lambda st: hv.delete_snapshot(st.vm, st.name),
         }
         missing = set(s.STEP_TYPES) - set(self._handlers)
         assert not missing, f"steps without a handler: {missing}"
@@ -292,6 +294,16 @@ class Executor:
         note = self._shut_down(step.name, step.timeout_s)
         self.hv.undefine_domain(step.name)
         return note
+
+    def create_snapshot(self, step: s.CreateSnapshot) -> None:
+        state = self.hv.domain_state(step.vm)
+        if (state == "running") != step.memory:
+            raise ApplyError(
+                f"Snapshot {step.name} is taken {'with' if step.memory else 'without'} the "
+                f"guest's memory, so {step.vm} must be "
+                f"{'running' if step.memory else 'stopped'}, and it is {state}: start or stop "
+                "it (its state in the manifests), or say memory: in the Snapshot")
+        self.hv.create_snapshot(step.vm, step.xml, quiesce=step.quiesce)
 
     def _shut_down(self, name: str, timeout_s: float) -> str:
         if self.hv.shutdown_domain(name, timeout_s):

@@ -397,3 +397,35 @@ def network_diff(desired_xml: str, actual_xml: str) -> list[FactChange]:
         desired.pop("bridge", None)
     return [FactChange(k, actual.get(k), desired.get(k)) for k in sorted(set(desired) | set(actual))
             if desired.get(k) != actual.get(k)]
+
+
+# ---- snapshots --------------------------------------------------------------------------------
+
+_UEFI = re.compile(r"<nvram|<loader[^>]*type=['\"]pflash['\"]|firmware=['\"]efi['\"]")
+
+
+def internal_refusal(domain_xml: str, checkpoints: int = 0) -> str | None:
+    """Why the domain cannot hold internal snapshots (None: it can), and what would work."""
+    if checkpoints:
+        return (f"it has {checkpoints} checkpoint{'s' if checkpoints != 1 else ''} "
+                "(incremental backup): libvirt refuses snapshots while checkpoints exist; "
+                f"delete them (virsh checkpoint-delete) to snapshot it, or back it up instead")
+    if _UEFI.search(domain_xml):
+        return ("it boots UEFI firmware (pflash): internal snapshots of such guests are "
+                "unsupported (libvirt 9.2 and later refuse them); use a backup instead")
+    root = etree.fromstring(domain_xml.encode())
+    raw = []
+    for disk in root.iterfind("devices/disk"):
+        if disk.get("device", "disk") != "disk":
+            continue  # a cdrom holds no snapshot and needs none
+        driver = disk.find("driver")
+        if driver is None or driver.get("type") != "qcow2":
+            target = disk.find("target")
+            raw.append(target.get("dev", "?") if target is not None else "?")
+    if raw:
+        return (f"its disk{'s' if len(raw) > 1 else ''} {', '.join(raw)} "
+                f"{'are' if len(raw) > 1 else 'is'} not qcow2: an internal snapshot lives "
+                "inside qcow2 images (Disk format: qcow2 would work)")
+    if not any(True for _ in root.iterfind("devices/disk")):
+        return "it has no disk to hold the snapshot (give it a qcow2 Disk)"
+    return None

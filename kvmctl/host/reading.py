@@ -24,6 +24,7 @@ from .ownership import (
     parse_record_name,
     record_names,
 )
+from .snapshots import snapshots_of
 from .state import LiveDomain, LiveNetwork, LivePool, LiveState, LiveVolume
 
 T = TypeVar("T")
@@ -47,7 +48,7 @@ class HostReader:
         domains = {d.name: d for d in _in_parallel(
             lambda some: list(each_listed(lambda dom: self._domain(dom, active, autostart),
                                           some)), listed)}
-        domains = self._with_snapshot_counts(domains)
+        domains = self._with_snapshots(domains)
         networks = {n.name: n for n in each_listed(self._network, call("list networks",
                                                                 self.conn.listAllNetworks, 0))}
         pools = {p.name: p for p in each_listed(self._pool, call("list storage pools",
@@ -55,19 +56,28 @@ class HostReader:
         bridges = self.host_bridges()
         return LiveState(domains, networks, pools, bridges, self.interfaces_listed)
 
-    def _with_snapshot_counts(self, domains: dict[str, LiveDomain]) -> dict[str, LiveDomain]:
-        """Snapshot counts, asked only of the domains one filtered list names as having any."""
+    def _with_snapshots(self, domains: dict[str, LiveDomain]) -> dict[str, LiveDomain]:
+        """Snapshots, asked only of the domains one filtered list names as having any."""
         try:
             having = call("list domains", self.conn.listAllDomains,
                           libvirt.VIR_CONNECT_LIST_DOMAINS_HAS_SNAPSHOT)
         except HypervisorError:
             return domains  # a driver without snapshots: none to lose
         out = dict(domains)
+        with contextlib.suppress(HypervisorError, AttributeError):
+            for dom in call("list domains", self.conn.listAllDomains,
+                            libvirt.VIR_CONNECT_LIST_DOMAINS_HAS_CHECKPOINT):
+                with contextlib.suppress(libvirt.libvirtError):
+                    name = dom.name()
+                    if name in out:
+                        out[name] = dataclasses.replace(
+                            out[name], checkpoints=len(dom.listAllCheckpoints(0)))
         for dom in having:
             with contextlib.suppress(libvirt.libvirtError):
                 name = dom.name()
                 if name in out:
-                    out[name] = dataclasses.replace(out[name], snapshots=int(dom.snapshotNum(0)))
+                    taken = tuple(snapshots_of(dom, name))
+                    out[name] = dataclasses.replace(out[name], snapshots=len(taken), taken=taken)
         return out
 
     def _domain(self, dom: Any, active: set[str] | None = None,

@@ -16,41 +16,26 @@ description, `kvmctl: project=NAME` (a line kvmctl writes and reads, nothing els
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import time
 from typing import Any
 
 import libvirt
 from lxml import etree
 
 from ..errors import HypervisorError
+from ..kinds import SnapshotOrigin, snapshot_mark
 from .connection import STATES, call
+from .state import LiveSnapshot
 
-MARK = re.compile(r"(?:^|\n)kvmctl: project=(?P<project>[^\n]+)\Z")
-_UEFI = re.compile(r"<nvram|<loader[^>]*type=['\"]pflash['\"]|firmware=['\"]efi['\"]")
-
-
-@dataclass(frozen=True)
-class LiveSnapshot:
-    domain: str
-    name: str
-    created: int  # seconds since the epoch, as libvirt recorded it
-    state: str  # the domain's state it recorded: running | shutoff | paused ...
-    parent: str | None
-    description: str  # without kvmctl's mark
-    project: str | None  # the project that made it (its mark), None: not kvmctl's
-    memory: bool  # holds the guest's memory (revert resumes it running)
-    external: bool
-    current: bool
-
-    @property
-    def revertible(self) -> bool:
-        return not self.external
+MARK = re.compile(r"(?:^|\n)kvmctl: project=(?P<project>[^\s]+)(?: origin=(?P<origin>[a-z]+))?"
+                  r"(?: spec=(?P<spec>[0-9a-f]+))?(?P<quiesced> quiesced)?\Z")
 
 
-def mark(description: str, project: str) -> str:
+def mark(description: str, project: str, origin: SnapshotOrigin = SnapshotOrigin.MANUAL,
+         quiesced: bool = False) -> str:
     """A description with kvmctl's ownership line at its end."""
     text = description.rstrip("\n")
-    return (text + "\n" if text else "") + f"kvmctl: project={project}"
+    return (text + "\n" if text else "") + snapshot_mark(project, origin, quiesced=quiesced)
 
 
 def parse(domain: str, xml: str, current: bool) -> LiveSnapshot:
@@ -58,6 +43,12 @@ def parse(domain: str, xml: str, current: bool) -> LiveSnapshot:
     description = root.findtext("description") or ""
     found = MARK.search(description)
     project = found.group("project") if found else None
+    origin = None
+    if found:
+        try:
+            origin = SnapshotOrigin(found.group("origin") or SnapshotOrigin.MANUAL)
+        except ValueError:
+            origin = SnapshotOrigin.MANUAL  # a newer kvmctl's: kept, never removed by a rule
     if found:
         description = description[:found.start()]
     memory = root.find("memory")
@@ -67,30 +58,27 @@ def parse(domain: str, xml: str, current: bool) -> LiveSnapshot:
     return LiveSnapshot(
         domain, root.findtext("name") or "", int(root.findtext("creationTime") or 0),
         root.findtext("state") or "", root.findtext("parent/name"), description, project,
-        memory_kind in ("internal", "external"), external, current)
+        origin, (found.group("spec") or "") if found else "",
+        memory_kind in ("internal", "external"), external, current,
+        bool(found and found.group("quiesced")))
 
 
-def internal_refusal(domain_xml: str) -> str | None:
-    """Why the domain cannot hold internal snapshots (None: it can), and what would work."""
-    if _UEFI.search(domain_xml):
-        return ("it boots UEFI firmware (pflash): internal snapshots of such guests are "
-                "unsupported (libvirt 9.2 and later refuse them); use a backup instead")
-    root = etree.fromstring(domain_xml.encode())
-    raw = []
-    for disk in root.iterfind("devices/disk"):
-        if disk.get("device", "disk") != "disk":
-            continue  # a cdrom holds no snapshot and needs none
-        driver = disk.find("driver")
-        if driver is None or driver.get("type") != "qcow2":
-            target = disk.find("target")
-            raw.append(target.get("dev", "?") if target is not None else "?")
-    if raw:
-        return (f"its disk{'s' if len(raw) > 1 else ''} {', '.join(raw)} "
-                f"{'are' if len(raw) > 1 else 'is'} not qcow2: an internal snapshot lives "
-                "inside qcow2 images (Disk format: qcow2 would work)")
-    if not any(True for _ in root.iterfind("devices/disk")):
-        return "it has no disk to hold the snapshot (give it a qcow2 Disk)"
-    return None
+def snapshots_of(dom: Any, domain: str) -> list[LiveSnapshot]:
+    """A domain's snapshots, oldest first."""
+    current = None
+    try:
+        if dom.hasCurrentSnapshot():
+            current = dom.snapshotCurrent().getName()
+    except libvirt.libvirtError:
+        current = None
+    out = []
+    for snap in call(f"list the snapshots of {domain}", dom.listAllSnapshots, 0):
+        try:
+            xml = snap.getXMLDesc(0)
+        except libvirt.libvirtError:
+            continue  # deleted meanwhile
+        out.append(parse(domain, xml, snap.getName() == current))
+    return sorted(out, key=lambda s: (s.created, s.name))
 
 
 class SnapshotOps:
@@ -108,35 +96,51 @@ class SnapshotOps:
                         libvirt.VIR_DOMAIN_XML_INACTIVE))
 
     def snapshots(self, domain: str) -> list[LiveSnapshot]:
-        dom = self._lookup_domain(domain)
-        current = None
-        try:
-            if dom.hasCurrentSnapshot():
-                current = dom.snapshotCurrent().getName()
-        except libvirt.libvirtError:
-            current = None
-        out = []
-        for snap in call(f"list the snapshots of {domain}", dom.listAllSnapshots, 0):
-            try:
-                xml = snap.getXMLDesc(0)
-            except libvirt.libvirtError:
-                continue  # deleted meanwhile
-            out.append(parse(domain, xml, snap.getName() == current))
-        return sorted(out, key=lambda s: (s.created, s.name))
+        return snapshots_of(self._lookup_domain(domain), domain)
 
     def create_snapshot(self, domain: str, xml: str, quiesce: bool = False) -> None:
+        """An internal snapshot. `quiesce`: the guest agent freezes the guest's file systems for
+        that moment (QEMU's quiesce flag is for disk-only snapshots, which are external here)."""
         dom = self._lookup_domain(domain)
-        flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
         if quiesce:
-            flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE
-        call(f"snapshot {domain}", dom.snapshotCreateXML, xml, flags)
+            call(f"freeze the file systems of {domain} (QEMU guest agent)", dom.fsFreeze, None, 0)
+        try:
+            call(f"snapshot {domain}", dom.snapshotCreateXML, xml,
+                 libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)
+        finally:
+            if quiesce:
+                call(f"thaw the file systems of {domain} (QEMU guest agent)", dom.fsThaw, None, 0)
 
-    def revert_snapshot(self, domain: str, name: str) -> str:
-        """Revert to `name`; the domain's state afterwards (the one the snapshot recorded)."""
+    def checkpoint_count(self, domain: str) -> int:
+        """How many checkpoints (incremental backup) libvirt keeps of the domain."""
+        dom = self._lookup_domain(domain)
+        try:
+            return len(dom.listAllCheckpoints(0))
+        except (libvirt.libvirtError, AttributeError):
+            return 0  # a driver or binding without checkpoints has none
+
+    def revert_snapshot(self, domain: str, name: str, thaw: bool = False) -> str:
+        """Revert to `name`; the domain's state afterwards (the one the snapshot recorded).
+        `thaw`: the snapshot was taken frozen, so the guest resumes frozen: thaw it (the agent
+        reconnects first; tried for up to 30 s)."""
         dom = self._lookup_domain(domain)
         snap = call(f"look up snapshot {name} of {domain}", dom.snapshotLookupByName, name, 0)
         call(f"revert {domain} to snapshot {name}", dom.revertToSnapshot, snap, 0)
-        return STATES.get(call(f"read domain {domain}", dom.state)[0], "other")
+        state = STATES.get(call(f"read domain {domain}", dom.state)[0], "other")
+        if thaw and state == "running":
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    dom.fsThaw(None, 0)
+                    break
+                except libvirt.libvirtError as exc:
+                    if time.monotonic() > deadline:
+                        raise HypervisorError(
+                            f"reverted {domain} to {name}, but its file systems stay frozen: "
+                            f"the guest agent did not answer ({exc.get_error_message()}); "
+                            f"run virsh domfsthaw {domain}") from None
+                    time.sleep(0.5)
+        return state
 
     def delete_snapshot(self, domain: str, name: str) -> None:
         dom = self._lookup_domain(domain)

@@ -11,9 +11,31 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..kinds import SnapshotOrigin
 from ..render.specs import HostHints
 from .ownership import Owner
 from .records import DefinitionRecord, find_record
+
+
+@dataclass(frozen=True)
+class LiveSnapshot:
+    domain: str
+    name: str
+    created: int  # seconds since the epoch, as libvirt recorded it
+    state: str  # the domain's state it recorded: running | shutoff | paused ...
+    parent: str | None
+    description: str  # without kvmctl's mark
+    project: str | None  # the project that made it (its mark), None: not kvmctl's
+    origin: SnapshotOrigin | None  # why kvmctl took it (its mark)
+    spec: str  # a declared snapshot's spec digest (its mark), else ""
+    memory: bool  # holds the guest's memory (revert resumes it running)
+    external: bool
+    current: bool
+    quiesced: bool = False  # taken with the guest's file systems frozen: a revert thaws them
+
+    @property
+    def revertible(self) -> bool:
+        return not self.external
 
 
 @dataclass(frozen=True)
@@ -26,6 +48,8 @@ class LiveDomain:
     autostart: bool
     owner: Owner | None
     snapshots: int = 0  # how many snapshots libvirt keeps of it (a delete would lose them)
+    taken: tuple[LiveSnapshot, ...] = ()  # those snapshots, oldest first
+    checkpoints: int = 0  # incremental-backup checkpoints: libvirt refuses snapshots beside them
 
     @property
     def running(self) -> bool:

@@ -8,9 +8,11 @@ same checks run offline in `validate` and against a host in `plan`.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from ..errors import Problem
 from ..kinds import Kind
@@ -18,7 +20,7 @@ from ..units import format_size
 from .cloudinit import SeedError, seed_content_of, seed_pool
 from .devices import Q35_DEVICES, Q35_ROOT_PORTS, TARGET_NAMES
 from .documents import Document, JsonPath, json_path
-from .model import ManifestSet, Network, Resource, VirtualMachine
+from .model import Disk, ManifestSet, Network, Resource, VirtualMachine
 
 DocIndex = Mapping[tuple[str, str], Document]
 ObjIndex = Mapping[tuple[str, str], Resource]
@@ -68,6 +70,8 @@ def _refs(m: ManifestSet) -> Iterator[tuple[Kind, str, JsonPath, Kind, str]]:
             if nic.network:
                 yield (Kind.VM, vm.meta.name, ("spec", "interfaces", i, "network"),
                        Kind.NETWORK, nic.network)
+    for snap in m.snapshots:
+        yield Kind.SNAPSHOT, snap.meta.name, ("spec", "vm"), Kind.VM, snap.vm
 
 
 def references(m: ManifestSet, docs: DocIndex, host: HostFacts | None) -> Iterator[Problem]:
@@ -258,13 +262,105 @@ def cloud_init(m: ManifestSet, docs: DocIndex) -> Iterator[Problem]:
             yield _problem(docs, Kind.VM, vm.meta.name, where, str(exc))
 
 
+def internal_snapshot_refusal(vm: VirtualMachine, m: ManifestSet) -> str | None:
+    """Why `vm` cannot hold internal snapshots as the manifests declare it (None: it can), and
+    what would work. The host checks its live definition too (host/snapshots.py)."""
+    if vm.firmware == "uefi":
+        return ("it boots UEFI firmware (pflash): internal snapshots of such guests are "
+                "unsupported (libvirt 9.2 and later refuse them); kvmctl backup works for it")
+    if not vm.disks:
+        return "it has no disk to hold the snapshot (give it a qcow2 Disk)"
+    raw = [att.disk for att in vm.disks
+           if isinstance(d := m.find(Kind.DISK, att.disk), Disk) and d.format != "qcow2"]
+    if raw:
+        return (f"Disk {', '.join(raw)} {'are' if len(raw) > 1 else 'is'} raw: an internal "
+                "snapshot lives inside qcow2 images (format: qcow2 would work)")
+    return None
+
+
+def snapshots(m: ManifestSet, docs: DocIndex) -> Iterator[Problem]:
+    """What libvirt 9.0 would refuse of a Snapshot or a snapshot policy, before anything runs."""
+    from ..schedule import CronExpr, zone
+    for snap in m.snapshots:
+        vm = m.find(Kind.VM, snap.vm)
+        if not isinstance(vm, VirtualMachine):
+            continue  # references() names it
+        name = snap.meta.name
+        why = internal_snapshot_refusal(vm, m)
+        if why:
+            yield _problem(docs, Kind.SNAPSHOT, name, ("spec", "vm"),
+                           f"VM {vm.meta.name} cannot be snapshotted: {why}")
+        if snap.memory is True and vm.state == "stopped":
+            yield _problem(docs, Kind.SNAPSHOT, name, ("spec", "memory"),
+                           f"VM {vm.meta.name} is declared stopped: it has no memory to keep "
+                           "(omit memory, or declare the VM running)")
+        if snap.memory is False and vm.state == "running":
+            yield _problem(docs, Kind.SNAPSHOT, name, ("spec", "memory"),
+                           f"VM {vm.meta.name} runs: on libvirt 9.0 an internal snapshot of a "
+                           "running guest always holds its memory (a disk-only one would be "
+                           "external, which libvirt 9.0 cannot revert); omit memory, or "
+                           "declare the VM stopped")
+        if snap.quiesce and not vm.guest_agent:
+            yield _problem(docs, Kind.SNAPSHOT, name, ("spec", "quiesce"),
+                           f"quiesce freezes the guest's file systems through the QEMU guest "
+                           f"agent: VM {vm.meta.name} needs guestAgent: true")
+        if snap.quiesce and vm.state == "stopped":
+            yield _problem(docs, Kind.SNAPSHOT, name, ("spec", "quiesce"),
+                           f"VM {vm.meta.name} is declared stopped: there is nothing to freeze "
+                           "(omit quiesce)")
+    for vm in m.vms:
+        policy = vm.snapshot_policy
+        if policy is None:
+            continue
+        at: JsonPath = ("spec", "snapshots")
+        why = internal_snapshot_refusal(vm, m)
+        if why:
+            yield _problem(docs, Kind.VM, vm.meta.name, at, f"a snapshot policy cannot run: {why}")
+        if policy.schedule is None and policy.every_s is None:
+            yield _problem(docs, Kind.VM, vm.meta.name, at, "a snapshot policy needs every (an "
+                           "interval: 6h, 1d) or schedule (a cron expression: 0 3 * * *)")
+        if policy.schedule is not None:
+            try:
+                CronExpr.parse(policy.schedule)
+            except ValueError as exc:
+                yield _problem(docs, Kind.VM, vm.meta.name, at + ("schedule",), str(exc))
+        try:
+            zone(policy.timezone)
+        except ValueError as exc:
+            yield _problem(docs, Kind.VM, vm.meta.name, at + ("timezone",), str(exc))
+        problem = policy_name_problem(policy.name, vm.meta.name)
+        if problem:
+            yield _problem(docs, Kind.VM, vm.meta.name, at + ("name",), problem)
+
+
+SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,99}$")
+
+
+def policy_name(pattern: str, vm: str, when: datetime) -> str:
+    """A policy snapshot's name: {vm} and strftime fields of `when` filled in."""
+    return when.strftime(pattern.replace("{vm}", vm.replace("%", "%%")))
+
+
+def policy_name_problem(pattern: str, vm: str) -> str | None:
+    leftover = re.sub(r"%[A-Za-z%]", "", pattern.replace("{vm}", ""))
+    if "{" in leftover or "}" in leftover:
+        return "only {vm} may stand in braces"
+    if "%" in leftover:
+        return "a % must start a strftime field (%Y, %m, %d, %H, %M, %S, ...)"
+    sample = policy_name(pattern, vm, datetime(2026, 12, 31, 23, 59, 58, tzinfo=UTC))
+    if not SNAPSHOT_NAME.match(sample) or len(sample) > 97:  # room for a -NN suffix
+        return (f"gives names like {sample!r}: a snapshot name has letters, digits and "
+                "_ . : + - only, at most 97 characters here, and starts with a letter or digit")
+    return None
+
+
 def semantic(m: ManifestSet, docs: DocIndex, host: HostFacts | None = None) -> list[Problem]:
     found: list[Problem] = []
     objs = m.index
     checks: Iterable[Iterator[Problem]] = (
         references(m, docs, host), shared_disks(m, docs, objs), network_ranges(m, docs),
         overlapping_subnets(m, docs, host), interfaces(m, docs, objs), limits(m, docs),
-        device_limits(m, docs), cloud_init(m, docs))
+        device_limits(m, docs), cloud_init(m, docs), snapshots(m, docs))
     for check in checks:
         found.extend(check)
     return found

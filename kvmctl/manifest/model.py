@@ -17,6 +17,7 @@ from typing import Any
 
 from ..errors import Location
 from ..kinds import MANIFEST_KINDS, Kind
+from ..schedule import parse_duration
 from ..units import KIB, parse_size
 from .documents import Document
 
@@ -173,6 +174,7 @@ class VirtualMachine:
     protect: bool
     on_restart_needed: str
     shutdown_timeout: int
+    snapshot_policy: SnapshotPolicy | None = None
 
     @property
     def memory_kib(self) -> int:
@@ -183,7 +185,31 @@ class VirtualMachine:
         return self.max_memory_bytes // KIB
 
 
-Resource = StoragePool | Image | Disk | Network | VirtualMachine
+@dataclass(frozen=True)
+class SnapshotPolicy:
+    """A VM's scheduled snapshots (spec.snapshots): exactly one of every_s and schedule."""
+
+    every_s: float | None
+    schedule: str | None
+    timezone: str
+    keep: int | None
+    keep_for_s: float | None
+    name: str
+    when_stopped: bool
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A snapshot of a VM that should exist (immutable once taken)."""
+
+    meta: Meta
+    vm: str
+    description: str
+    memory: bool | None  # None: as the VM's state gives (running: with memory)
+    quiesce: bool
+
+
+Resource = StoragePool | Image | Disk | Network | VirtualMachine | Snapshot
 
 
 @dataclass(frozen=True)
@@ -195,11 +221,12 @@ class ManifestSet:
     disks: tuple[Disk, ...] = ()
     networks: tuple[Network, ...] = ()
     vms: tuple[VirtualMachine, ...] = ()
+    snapshots: tuple[Snapshot, ...] = ()
 
     def of_kind(self, kind: Kind) -> tuple[Resource, ...]:
         by_kind: dict[Kind, tuple[Resource, ...]] = {
             Kind.POOL: self.pools, Kind.IMAGE: self.images, Kind.DISK: self.disks,
-            Kind.NETWORK: self.networks, Kind.VM: self.vms}
+            Kind.NETWORK: self.networks, Kind.VM: self.vms, Kind.SNAPSHOT: self.snapshots}
         return by_kind.get(kind, ())
 
     def all(self) -> Iterator[Resource]:
@@ -225,7 +252,7 @@ class ManifestSet:
 
         return ManifestSet(each(lambda m: m.pools), each(lambda m: m.images),
                            each(lambda m: m.disks), each(lambda m: m.networks),
-                           each(lambda m: m.vms))
+                           each(lambda m: m.vms), each(lambda m: m.snapshots))
 
     @cached_property
     def index(self) -> dict[tuple[str, str], Resource]:
@@ -395,11 +422,29 @@ def _vm(doc: Document, spec: dict[str, Any]) -> VirtualMachine:
         guest_agent=spec.get("guestAgent", False), autostart=spec.get("autostart", False),
         state=spec.get("state", "running"), protect=spec.get("protect", False),
         on_restart_needed=spec.get("onRestartNeeded", "defer"),
-        shutdown_timeout=spec.get("shutdownTimeout", 120))
+        shutdown_timeout=spec.get("shutdownTimeout", 120),
+        snapshot_policy=_snapshot_policy(spec.get("snapshots")))
+
+
+def _snapshot_policy(spec: dict[str, Any] | None) -> SnapshotPolicy | None:
+    if spec is None:
+        return None
+    every, keep_for = spec.get("every"), spec.get("keepFor")
+    return SnapshotPolicy(
+        parse_duration(every) if every is not None else None, spec.get("schedule"),
+        spec.get("timezone", "UTC"), spec.get("keep"),
+        parse_duration(keep_for) if keep_for is not None else None,
+        spec.get("name", "{vm}-auto-%Y%m%d-%H%M%S"), spec.get("whenStopped", False))
+
+
+def _snapshot(doc: Document, spec: dict[str, Any]) -> Snapshot:
+    return Snapshot(_meta(doc), spec["vm"], spec.get("description", ""), spec.get("memory"),
+                    spec.get("quiesce", False))
 
 
 _BUILDERS: dict[Kind, Callable[[Document, dict[str, Any]], Resource]] = {
-    Kind.POOL: _pool, Kind.IMAGE: _image, Kind.DISK: _disk, Kind.NETWORK: _network, Kind.VM: _vm}
+    Kind.POOL: _pool, Kind.IMAGE: _image, Kind.DISK: _disk, Kind.NETWORK: _network, Kind.VM: _vm,
+    Kind.SNAPSHOT: _snapshot}
 
 
 def build(documents: list[Document],
@@ -412,4 +457,5 @@ def build(documents: list[Document],
         by_kind[kind].append(_BUILDERS[kind](doc, doc.body.get("spec") or {}))
     return ManifestSet(pools=tuple(by_kind[Kind.POOL]), images=tuple(by_kind[Kind.IMAGE]),
                        disks=tuple(by_kind[Kind.DISK]), networks=tuple(by_kind[Kind.NETWORK]),
-                       vms=assign_macs(tuple(by_kind[Kind.VM]), host_macs or {}))
+                       vms=assign_macs(tuple(by_kind[Kind.VM]), host_macs or {}),
+                       snapshots=tuple(by_kind[Kind.SNAPSHOT]))

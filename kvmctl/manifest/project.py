@@ -308,6 +308,12 @@ def place(docs: Sequence[Document], config: ProjectConfig) -> Placement:
                         hint="a Disk's data is on one host: give each VM its own Disk, or put "
                              "the VMs on one host"))
         hosts_of[(d.kind, d.name)] = (hosts[0],)
+    # A Snapshot lives where its VM lives (an unknown VM: the reference checks say so).
+    for d in docs:
+        if d.kind == Kind.SNAPSHOT:
+            vm_name = str((d.body.get("spec") or {}).get("vm", ""))
+            hosts_of[(d.kind, d.name)] = hosts_of.get((Kind.VM, vm_name), ()) \
+                if (Kind.VM, vm_name) in by_name else (config.default_host,)
     problems += _unsatisfied(docs, by_name, hosts_of, config)
     if problems:
         raise ManifestError(problems)

@@ -19,6 +19,7 @@ from ..render.specs import Desired
 from .context import Context, Options
 from .network import plan_network
 from .prune import plan_prune
+from .snapshot import plan_snapshot
 from .storage import plan_disk, plan_image, plan_pool, plan_seed
 from .types import Change, Plan
 from .vm import plan_vm
@@ -48,6 +49,7 @@ PLANNERS: dict[Kind, Callable[[Context], list[Change]]] = {
     Kind.SEED: lambda ctx: [c for vm in ctx.m.vms if (c := plan_seed(ctx, vm)) is not None],
     Kind.NETWORK: lambda ctx: [plan_network(ctx, n) for n in ctx.m.networks],
     Kind.VM: lambda ctx: [plan_vm(ctx, vm) for vm in ctx.m.vms],
+    Kind.SNAPSHOT: lambda ctx: [plan_snapshot(ctx, s) for s in ctx.m.snapshots],
 }
 
 

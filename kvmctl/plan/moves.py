@@ -123,6 +123,12 @@ def _move(project: str, vm: VirtualMachine, to_host: str, view: HostView,
     if view.read_only or source.read_only:
         problems.append(f"{vm_ref} is on {from_host!r} and goes to {to_host!r}, and this run "
                         "changes only the hosts given with --host: run it with both")
+    if dom.snapshots:
+        problems.append(
+            f"{vm_ref} has {dom.snapshots} snapshot{'s' if dom.snapshots != 1 else ''} on "
+            f"{from_host!r}: a move would lose them (libvirt's record of them stays behind); "
+            "delete them first (kvmctl snapshot delete), or move it with kvmctl backup and "
+            "restore --host")
     if vm.protect:
         problems.append("protect: true, and a move deletes the VM on its old host once the "
                         "copy is verified; set protect: false to move it")

@@ -7,6 +7,7 @@ from ..host.ownership import Owner
 from ..host.state import LiveDomain, LivePool, LiveVolume, fingerprint, volume_fingerprint
 from ..kinds import Kind, ref
 from .context import Context, attached_to, uuid_marked
+from .snapshot import losing, prune_snapshots, snapshot_loss
 from .steps import DeleteDomain, DeleteNetwork, DeletePool, DeleteVolume, Step
 from .types import Change, ChangeClass
 
@@ -29,18 +30,18 @@ def plan_prune(ctx: Context) -> list[Change]:
     def in_scope(kind: str, name: str) -> bool:
         return not ctx.opts.scope or ref(kind, name) in ctx.opts.scope
 
-    out: list[Change] = []
+    out: list[Change] = prune_snapshots(ctx, wanted, in_scope)
+    pruned = {c.name for c in out}
     for dom in ctx.live.domains.values():
         if _mine(dom.owner, project) and (Kind.VM, dom.name) not in wanted \
                 and in_scope(Kind.VM, dom.name):
-            losing = dom.snapshots and not ctx.opts.allow_snapshot_loss
+            lost = losing(dom, pruned)
             out.append(_delete(dom.owner, Kind.VM, dom.name,
                                DeleteDomain(dom.name, _shutdown_timeout(ctx, dom)),
                                fingerprint(dom.inactive_xml, dom.state,
                                            *([dom.snapshots] if dom.snapshots else [])),
-                               f"has {dom.snapshots} snapshot{'s' if dom.snapshots != 1 else ''}"
-                               ": deleting it loses them (--allow-snapshot-loss)"
-                               if losing else None))
+                               snapshot_loss(lost) if lost and not ctx.opts.allow_snapshot_loss
+                               else None))
     for net in ctx.live.networks.values():
         if _mine(net.owner, project) and (Kind.NETWORK, net.name) not in wanted \
                 and in_scope(Kind.NETWORK, net.name):

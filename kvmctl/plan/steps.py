@@ -280,6 +280,26 @@ class UpdateDevice:
     xml: str
 
 
+# ---- snapshots ----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class CreateSnapshot:
+    """Take an internal snapshot of domain `vm` from `xml`; `memory` says whether the domain
+    must be running (with memory) or shut off (without) when it is taken."""
+
+    vm: str
+    name: str
+    xml: str
+    memory: bool
+    quiesce: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class DeleteSnapshot:
+    vm: str
+    name: str
+
+
 Step = Union[
     CreatePool, StartPool, SetPoolAutostart, ClaimPool, DeletePool,
     CreateVolume, ClaimVolume, GrowVolume, DeleteVolume, ImportImage, WriteSeed,
@@ -287,6 +307,7 @@ Step = Union[
     UpdateNetwork, ReplugNic,
     DefineDomain, SetDomainAutostart, StartDomain, ShutdownDomain, RestartDomain, DeleteDomain,
     SetVcpusLive, SetMemoryLive, SetMetadataLive, AttachDevice, DetachDevice, UpdateDevice,
+    CreateSnapshot, DeleteSnapshot,
 ]
 STEP_TYPES: tuple[type, ...] = Step.__args__  # type: ignore[attr-defined]
 # Steps that change a running guest (the others change definitions, pools, volumes, networks).

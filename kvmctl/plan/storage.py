@@ -7,6 +7,7 @@ from ..kinds import Kind, ref
 from ..manifest.model import Disk, Image, StoragePool, VirtualMachine
 from ..units import format_size
 from .context import Context, attached_to, owned_volume, pool_owner, uuid_marked
+from .snapshot import snapshot_holders, snapshot_loss
 from .steps import (
     ClaimPool,
     ClaimVolume,
@@ -172,6 +173,10 @@ def _replace_disk(ctx: Context, disk: Disk, old: LiveVolume, create: CreateVolum
         blocked = "the disk is protected (protect: true)"
     elif attached_to(ctx, old.pool, old.name):
         blocked = "the disk is attached to a running VM"
+    elif not ctx.opts.allow_snapshot_loss and (holders := snapshot_holders(ctx, old.pool,
+                                                                          old.name)):
+        blocked = "VM " + ", ".join(vm for vm, _ in holders) + " " + snapshot_loss(
+            sum(n for _, n in holders), "replacing the volume that holds them")
     steps = (DeleteVolume(old.pool, old.name), create)
     return Change(Kind.DISK, disk.meta.name, ChangeClass.REPLACE,
                   ("the format changed: a new empty volume replaces the old one (its data is "

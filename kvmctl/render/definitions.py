@@ -18,7 +18,7 @@ from typing import Any
 import jinja2
 
 from ..errors import RenderError
-from ..kinds import NAMESPACE, Kind, pool_uuid
+from ..kinds import NAMESPACE, Kind, SnapshotOrigin, pool_uuid, snapshot_mark
 from ..manifest.cloudinit import seed_content_of, seed_pool
 from ..manifest.devices import pcie_root_ports, target_names
 from ..manifest.model import (
@@ -27,12 +27,21 @@ from ..manifest.model import (
     ManifestSet,
     Network,
     Resource,
+    Snapshot,
     StoragePool,
     VirtualMachine,
     seed_volume_name,
     volume_name,
 )
-from .specs import Desired, DesiredVolume, HostHints, Rendered, SeedSpec, VolumeSpec
+from .specs import (
+    Desired,
+    DesiredSnapshot,
+    DesiredVolume,
+    HostHints,
+    Rendered,
+    SeedSpec,
+    VolumeSpec,
+)
 
 
 @dataclass(frozen=True)
@@ -112,7 +121,7 @@ def seed_spec(vm: VirtualMachine, m: ManifestSet) -> SeedSpec | None:
 # leaves definition records valid (tests/unit/test_records.py keeps this list complete).
 RENDER_MODULES = (__name__, "kvmctl.render.specs", "kvmctl.manifest.model",
                   "kvmctl.manifest.devices", "kvmctl.manifest.cloudinit", "kvmctl.kinds",
-                  "kvmctl.units")
+                  "kvmctl.units", "kvmctl.schedule")
 
 
 @lru_cache(maxsize=1)
@@ -231,7 +240,28 @@ def _definition(obj: Resource, m: ManifestSet, project: str, domain_type: str) -
         return volume_xml(disk_volume(obj, m))
     if isinstance(obj, Network):
         return network_xml(obj, m, project)
+    if isinstance(obj, Snapshot):
+        return snapshot_definition(obj, m, project).xml
     return domain_xml(obj, m, project, domain_type)
+
+
+def snapshot_xml(name: str, description: str, memory: bool) -> str:
+    return render_template("snapshot.xml.j2", name=name, description=description,
+                           memory=memory)
+
+
+def snapshot_definition(snap: Snapshot, m: ManifestSet, project: str) -> DesiredSnapshot:
+    """The snapshot as kvmctl takes it: with memory when its VM is declared running (unless
+    it says), marked with the project and its spec's digest."""
+    vm = m.find(Kind.VM, snap.vm)
+    running = isinstance(vm, VirtualMachine) and vm.state == "running"
+    memory = running if snap.memory is None else snap.memory
+    spec = snap.meta.spec_hash[:16]
+    description = snap.description.rstrip("\n")
+    marked = (description + "\n" if description else "") + snapshot_mark(
+        project, SnapshotOrigin.DECLARED, spec, snap.quiesce)
+    return DesiredSnapshot(snap.vm, snap.meta.name, snapshot_xml(snap.meta.name, marked, memory),
+                           memory, snap.quiesce, spec)
 
 
 # ---- the desired state a plan compares with the host ---------------------------------------------
@@ -257,7 +287,8 @@ def render_desired(m: ManifestSet, project: str, domain_type: str,
         # (host/records.py) is never rendered.
         domains=_Lazy(vms, lambda v: domain_xml(v, m, project, domain_type,
                                                 hints.domain_uuids.get(v.meta.name))),
-        domain_digests=_Lazy(vms, lambda v: domain_digest(v, m, project, domain_type)))
+        domain_digests=_Lazy(vms, lambda v: domain_digest(v, m, project, domain_type)),
+        snapshots={s.meta.name: snapshot_definition(s, m, project) for s in m.snapshots})
 
 
 class _Lazy(Mapping[str, str]):

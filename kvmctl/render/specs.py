@@ -63,6 +63,18 @@ class DesiredVolume:
 
 
 @dataclass(frozen=True)
+class DesiredSnapshot:
+    """A declared snapshot: its VM, the XML that creates it, and how it is taken."""
+
+    vm: str
+    name: str
+    xml: str
+    memory: bool
+    quiesce: bool
+    spec: str  # the digest its mark carries: a changed spec is an error (snapshots are immutable)
+
+
+@dataclass(frozen=True)
 class Desired:
     """Every definition the manifests want, by object name: what the planner compares."""
 
@@ -75,3 +87,4 @@ class Desired:
     domains: Mapping[str, str]
     # render.definitions.domain_digest of each VM: what a definition record must name
     domain_digests: Mapping[str, str] = field(default_factory=dict)
+    snapshots: Mapping[str, DesiredSnapshot] = field(default_factory=dict)

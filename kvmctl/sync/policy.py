@@ -18,8 +18,8 @@ from ..errors import ManifestError, Problem
 from ..kinds import Kind
 from ..manifest.documents import Document, json_path
 from ..plan.types import Change, ChangeClass
+from ..schedule import CronExpr, Window, parse_duration, windows_state
 from .status import WindowState
-from .windows import CronExpr, Window, parse_duration, windows_state
 
 DEFAULT_INTERVAL = 60.0
 DEFAULT_UNATTENDED = frozenset({ChangeClass.CREATE, ChangeClass.UPDATE_LIVE})

@@ -9,6 +9,7 @@ from enum import StrEnum, unique
 from typing import Any
 
 # Re-exported: a sync names the commit it synced.
+from ..schedule import WindowState as WindowState
 from ..source.commit import Commit as Commit
 
 
@@ -86,16 +87,6 @@ class HostStatus:
     uri: str
     reachable: bool
     error: str = ""
-
-
-@dataclass(frozen=True)
-class WindowState:
-    """The maintenance windows of a project's policy, as of one moment."""
-
-    defined: bool = False
-    open: bool = False
-    closes_at: float | None = None  # when open: its end
-    next_open: float | None = None  # when closed: the next start
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from kvmctl.errors import UsageError
-from kvmctl.host.snapshots import internal_refusal, mark, parse
+from kvmctl.host.facts import internal_refusal
+from kvmctl.host.snapshots import mark, parse
 from kvmctl.snapshot import check_name, default_name
 
 SNAP = """<domainsnapshot><name>s1</name><description>{desc}</description>
@@ -21,7 +22,7 @@ SNAP = """<domainsnapshot><name>s1</name><description>{desc}</description>
 
 def test_the_mark_is_the_last_line_and_read_back() -> None:
     text = mark("first\nsecond", "lab")
-    assert text == "first\nsecond\nkvmctl: project=lab"
+    assert text == "first\nsecond\nkvmctl: project=lab origin=manual"
     s = parse("vm", SNAP.format(desc=text, state="running", memory="internal",
                                 disk="internal"), current=True)
     assert (s.name, s.project, s.description, s.parent, s.state) == (

@@ -17,6 +17,7 @@ from kvmctl.kinds import Kind
 from kvmctl.manifest.documents import Document, parse_text
 from kvmctl.manifest.project import load_project_file
 from kvmctl.plan.types import Change, ChangeClass
+from kvmctl.schedule import Window
 from kvmctl.sync.policy import (
     DEFAULT_INTERVAL,
     DEFAULT_UNATTENDED,
@@ -29,7 +30,6 @@ from kvmctl.sync.policy import (
     read_source,
     waiting_reasons,
 )
-from kvmctl.sync.windows import Window
 
 NOW = dt.datetime(2030, 1, 15, 12, 0, 0, tzinfo=dt.UTC)  # a Tuesday, noon UTC (13:00 Berlin)
 C = ChangeClass

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvmctl.schedule import CronExpr, Window, parse_duration, windows_state
 from kvmctl.sync.status import WindowState
-from kvmctl.sync.windows import CronExpr, Window, parse_duration, windows_state
 
 BERLIN = ZoneInfo("Europe/Berlin")
 

@@ -1,5 +1,6 @@
-"""Maintenance windows: a cron expression says when a window opens, a duration how long it stays
-open. Self-contained (no cron library) so the controller's notion of "may apply now" cannot
+"""Schedules: cron expressions and durations (snapshot policies, maintenance windows). A
+maintenance window: a cron expression says when it opens, a duration how long it stays open.
+Self-contained (no cron library) so the controller's notion of "may apply now" cannot
 change under it with a dependency's upgrade.
 
 Firing times are local wall-clock times in the window's timezone, each firing at most once, as
@@ -22,11 +23,19 @@ from dataclasses import dataclass, field
 from datetime import MAXYEAR, UTC, date, datetime, time, timedelta, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .status import WindowState
-
 # A search gives up after this many years: a leap day may be 8 years away (2096 -> 2104), and an
 # expression that never fires (30 February) must still answer.
 HORIZON_YEARS = 8
+
+
+@dataclass(frozen=True)
+class WindowState:
+    """The maintenance windows of a project's policy, as of one moment."""
+
+    defined: bool = False
+    open: bool = False
+    closes_at: float | None = None  # when open: its end
+    next_open: float | None = None  # when closed: the next start
 
 MACROS = {
     "@yearly": "0 0 1 1 *",
@@ -334,7 +343,7 @@ class Window:
                 and self.duration > 0):
             raise ValueError(f"window duration {self.duration!r} must be a number of seconds "
                              f"> 0")
-        object.__setattr__(self, "_tz", _zone(self.timezone))
+        object.__setattr__(self, "_tz", zone(self.timezone))
         if not self.text:
             object.__setattr__(self, "text", self.cron.text)
 
@@ -416,7 +425,7 @@ def windows_state(windows: Sequence[Window], now: datetime) -> WindowState:
     return WindowState(defined=True, open=False, next_open=min(starts) if starts else None)
 
 
-def _zone(name: str) -> tzinfo:
+def zone(name: str) -> tzinfo:
     if name.upper() == "UTC":
         return UTC
     try:
