@@ -10,6 +10,7 @@ reports what these functions return.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import functools
 import ipaddress
 import json
@@ -52,6 +53,7 @@ from .plan.moves import HostView, plan_moves
 from .plan.types import Change, ChangeClass, HostPlan, Plan, ProjectPlan, project_plan_json
 from .plan.vm import pending_restart
 from .render.specs import Desired
+from .units import format_size
 from .xmltext import first_non_xml_char
 
 if TYPE_CHECKING:
@@ -673,11 +675,21 @@ def inventory(what: str, live: LiveState, hv: Hypervisor, project: str) -> list[
         resolve = facts.volume_resolver(live)
         return [_vm_row(d, live, hv, resolve) for d in live.domains.values() if mine(d.owner)]
     if what == "snapshots":  # of the project's VMs: kvmctl's and anybody's, saying whose
-        return [{"vm": d.name, "name": s.name, "created": s.created, "state": s.state,
-                 "parent": s.parent, "memory": s.memory, "external": s.external,
-                 "owned": s.project == project, "current": s.current}
-                for d in live.domains.values() if mine(d.owner) and d.snapshots
-                for s in hv.snapshots(d.name)]
+        rows = []
+        for d in live.domains.values():
+            if not (mine(d.owner) and d.snapshots):
+                continue
+            sizes = hv.snapshot_sizes(d.name)
+            rows += [{"vm": d.name, "name": s.name,
+                      "date": dt.datetime.fromtimestamp(s.created, dt.UTC).strftime(
+                          "%Y-%m-%d %H:%M:%S"), "created": s.created,
+                      "size": format_size(sizes[s.name]) if s.name in sizes else "-",
+                      "state": s.state, "parent": s.parent, "memory": s.memory,
+                      "external": s.external, "owned": s.project == project,
+                      "origin": str(s.origin) if s.project == project and s.origin else "-",
+                      "current": s.current}
+                     for s in hv.snapshots(d.name)]
+        return rows
     if what == "networks":
         return [{"name": n.name, "active": n.active, "autostart": n.autostart}
                 for n in live.networks.values() if mine(n.owner)]

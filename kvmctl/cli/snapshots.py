@@ -15,6 +15,10 @@ from .report import Env
 def cmd_snapshot(opts: CommandOptions, env: Env) -> int:
     from .. import snapshot
     from ..host.hypervisor import Hypervisor
+    if opts.action == "run":
+        return _run_policies(opts, env)
+    if not opts.vm:
+        raise UsageError(f"snapshot {opts.action} needs the VM")
     config = project_config(opts)
     host = opts.hosts[0] if opts.hosts else config.default_host
     if host not in config.host_names:
@@ -67,3 +71,37 @@ def cmd_snapshot(opts: CommandOptions, env: Env) -> int:
         return ExitStatus.OK
     finally:
         hv.close()
+
+
+def _run_policies(opts: CommandOptions, env: Env) -> int:
+    """`kvmctl snapshot run -f DIR [VM]`: the manifests' snapshot policies, once."""
+    from ..sync.snapshots import PolicyRun, run_policies
+    from .commands import _lock_request, open_deployment
+
+    def say(r: PolicyRun) -> None:
+        where = f"{r.host}/" if len(deployment.sessions) > 1 else ""
+        if r.error:
+            env.stderr.write(f"error: {where}{r.vm}: {r.error}\n")
+            return
+        verb = "would take" if opts.dry_run else "took"
+        done = [f"{verb} {r.took} ({r.why})"] if r.took else [f"nothing to take ({r.why})"]
+        if r.removed:
+            done.append(("would remove" if opts.dry_run else "removed") + " expired "
+                        + ", ".join(r.removed))
+        env.stdout.write(f"{where}{r.vm}: " + "; ".join(done) + "\n")
+
+    deployment = open_deployment(opts, env, lock=None if opts.dry_run else
+                                 _lock_request(opts, env))
+    try:
+        only = (opts.vm,) if opts.vm else ()
+        runs = run_policies(deployment.sessions, deployment.project,
+                            ignore_schedule=opts.ignore_schedule, only_vms=only,
+                            dry_run=opts.dry_run, progress=say)
+    finally:
+        deployment.close()
+    if opts.vm and not runs:
+        raise UsageError(f"VM {opts.vm!r} has no snapshot policy (spec.snapshots) in these "
+                         "manifests")
+    if not runs:
+        env.stdout.write("No VM of these manifests has a snapshot policy (spec.snapshots).\n")
+    return ExitStatus.ERROR if any(r.error for r in runs) else ExitStatus.OK

@@ -46,6 +46,7 @@ from ..plan.types import MASK, Change, ChangeClass, ProjectPlan, project_plan_js
 from ..source import Checkout, GitCache, SourceSpec
 from .health import HostProbe, object_health
 from .policy import SyncPolicy, read_policy, waiting_reasons
+from .snapshots import PolicyRun, run_policies
 from .status import (
     Commit,
     FieldChange,
@@ -115,6 +116,8 @@ class Reconciler:
     last_good: Loaded | None = None
     synced_commit: str | None = None  # the last commit a round left with nothing to do
     last_status: ProjectStatus | None = None
+    # What the snapshot policies did after the last round (empty: none was due).
+    snapshot_runs: list[PolicyRun] = field(default_factory=list)
     state: SourceState = field(init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _seen_name: str | None = None  # the project's name in a commit that did not load
@@ -187,14 +190,48 @@ class Reconciler:
         request = PlanRequest(prune=policy.prune, prune_disks=policy.prune_disks,
                               allow_empty=policy.allow_empty)
         try:
-            return self._plan_and_apply(loaded, request, trigger, started, stop, dry_run,
-                                        notes, now)
+            outcome = self._plan_and_apply(loaded, request, trigger, started, stop, dry_run,
+                                           notes, now)
+            if not dry_run and not self.suspended and not (stop and stop()):
+                self.snapshot_runs = self._snapshot_policies(loaded, now)
+            return outcome
         except ManifestError as exc:
             return self._failed(trigger, started, commit, _problems(exc, loaded.checkout), now,
                                 ProjectState.DEGRADED, "the manifests do not fit the hosts")
         except KvmctlError as exc:
             return self._failed(trigger, started, commit, [str(exc)], now,
                                 ProjectState.DEGRADED, str(exc).splitlines()[0])
+
+    def _snapshot_policies(self, loaded: Loaded, now: Callable[[], float]) -> list[PolicyRun]:
+        """The VMs' snapshot policies, after the round: read unlocked; taken and expired
+        under the project's lock, as `kvmctl snapshot run` does, only when one is due."""
+        if not any(d.kind == Kind.VM and (d.body.get("spec") or {}).get("snapshots")
+                   for d in loaded.documents):
+            return []
+        moment = dt.datetime.fromtimestamp(now(), dt.UTC)
+        try:
+            with _deployment(loaded) as (deployment, _):
+                pending = [r.vm for r in run_policies(deployment.sessions, loaded.config.name,
+                                                      moment, dry_run=True)
+                           if r.took or r.removed]
+            if not pending:
+                return []
+            with _deployment(loaded, _lock(self.lock_timeout, self.command)) as (deployment,
+                                                                                 _):
+                runs = run_policies(deployment.sessions, loaded.config.name, moment,
+                                    only_vms=tuple(pending))
+        except KvmctlError as exc:
+            log.warning("project %s: snapshot policies: %s", loaded.config.name, exc)
+            return []
+        for r in runs:
+            if r.error:
+                log.warning("project %s: snapshot policy of %s: %s", loaded.config.name, r.vm,
+                            r.error)
+            elif r.took or r.removed:
+                log.info("project %s: snapshot policy of %s: took %s, removed %s",
+                         loaded.config.name, r.vm, r.took or "none",
+                         ", ".join(r.removed) or "none")
+        return runs
 
     # ---- the commit --------------------------------------------------------------------------
 
