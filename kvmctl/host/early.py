@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 
 _pending: dict[str, Future[Any]] = {}
 _reads: dict[str, tuple[Any, Future[LiveState]]] = {}  # uri -> (its connection, its read)
+# The threads, joined once their work is taken or at exit: a thread still winding down in C
+# (libvirt's per-thread error, glibc's thread cache) while the interpreter finalizes is a race
+# that once ended a process with SIGABRT ("tcache_thread_shutdown: unaligned tcache chunk").
+_threads: dict[str, threading.Thread] = {}
 _lock = threading.Lock()
 
 
@@ -43,8 +47,10 @@ def connect_soon(uris: list[str], read: bool = False) -> None:
             future: Future[Any] = Future()
             _pending[uri] = future
             reading: Future[LiveState] | None = Future() if read else None
-        threading.Thread(target=_open, args=(uri, future, reading), daemon=True,
-                         name="kvmctl-connect").start()
+            thread = threading.Thread(target=_open, args=(uri, future, reading), daemon=True,
+                                      name="kvmctl-connect")
+            _threads[uri] = thread
+        thread.start()
 
 
 def _open(uri: str, future: Future[Any], reading: Future[LiveState] | None) -> None:
@@ -78,7 +84,10 @@ def take_read(uri: str, conn: Any) -> LiveState | None:
         if started is None or started[0] is not conn:
             return None
         del _reads[uri]
-    return started[1].result()
+    try:
+        return started[1].result()
+    finally:
+        _join(uri)
 
 
 def take(uri: str) -> Any | None:
@@ -86,7 +95,18 @@ def take(uri: str) -> Any | None:
     libvirt.open raised."""
     with _lock:
         future = _pending.pop(uri, None)
-    return None if future is None else future.result()
+    if future is None:
+        return None
+    if future.exception() is not None:
+        _join(uri)  # it failed: its thread is ending; let it end before anything else does
+    return future.result()
+
+
+def _join(uri: str, timeout: float = 5.0) -> None:
+    with _lock:
+        thread = _threads.pop(uri, None)
+    if thread is not None and thread is not threading.current_thread():
+        thread.join(timeout)
 
 
 @atexit.register
@@ -98,3 +118,7 @@ def _close_untaken() -> None:
         if future.done() and future.exception() is None:
             with contextlib.suppress(libvirt.libvirtError):
                 future.result().close()
+    with _lock:
+        uris = [u for u, t in _threads.items() if not t.is_alive() or u not in _reads]
+    for uri in uris:  # ended, or ending; a read still running on a live host is not waited for
+        _join(uri, 2.0)
