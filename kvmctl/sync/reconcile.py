@@ -192,6 +192,7 @@ class Reconciler:
         try:
             outcome = self._plan_and_apply(loaded, request, trigger, started, stop, dry_run,
                                            notes, now)
+            self.snapshot_runs = []
             if not dry_run and not self.suspended and not (stop and stop()):
                 self.snapshot_runs = self._snapshot_policies(loaded, now)
             return outcome

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -882,3 +883,38 @@ def test_a_suspend_and_the_project_binding_outlive_a_restart(bed: Bed) -> None:
     assert "the one this source syncs is 'gitops'" in out.record.errors[0]
     mode = os.stat(next((bed.state / "sources").iterdir())).st_mode & 0o777
     assert mode == 0o600
+
+
+# ---- snapshot policies -------------------------------------------------------------------------
+
+def test_a_round_runs_the_snapshot_policies_after_it_and_only_when_one_is_due(
+        bed: Bed, tmp_path: Path) -> None:
+    pool_dir = tmp_path / "pool"
+    policy = {"every": "1h", "keep": 2, "whenStopped": True}
+    bed.commit({"m/kvmctl.yaml": bed.project(),
+                "m/vm.yaml": dump(pool("g-pool", pool_dir), disk("g-d", "g-pool"),
+                                  vm(interfaces=[], disks=[{"disk": "g-d"}], state="stopped",
+                                     snapshots=policy))}, "a VM with a snapshot policy")
+    r = bed.reconciler()
+    assert r.reconcile("test").record.result is SyncResult.APPLIED
+    [run] = r.snapshot_runs
+    assert run.vm == "g-vm" and run.took and run.removed == () and run.error is None, run
+    dom = bed.hv.conn.lookupByName("g-vm")
+    assert [s.getName() for s in dom.listAllSnapshots(0)] == [run.took]
+    # Not due yet; due once the round's clock is an hour on, twice: keep: 2 holds.
+    assert r.reconcile("poll").record.result is SyncResult.SYNCED
+    assert r.snapshot_runs == [] and dom.snapshotNum(0) == 1
+    first = run.took
+    names = []
+    for hours in (1, 2):
+        later = time.time() + hours * 3600 + 60
+        r.reconcile("poll", now=lambda later=later: later)
+        [run] = r.snapshot_runs
+        assert run.took, run
+        names.append(run.took)
+    assert run.removed == (first,), run
+    assert {s.getName() for s in dom.listAllSnapshots(0)} == set(names)
+    # A dry run takes none, whatever is due.
+    r.reconcile("poll", dry_run=True, now=lambda: time.time() + 4 * 3600)
+    assert r.snapshot_runs == []
+    assert dom.snapshotNum(0) == 2
