@@ -8,7 +8,8 @@ that cannot be done is a PlanError here, before anything changes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 from ..errors import PlanError
 from ..host.state import LiveState
@@ -21,7 +22,7 @@ from .network import plan_network
 from .prune import plan_prune
 from .snapshot import plan_snapshot
 from .storage import plan_disk, plan_image, plan_pool, plan_seed
-from .types import Change, Plan
+from .types import Change, ChangeClass, Plan
 from .vm import plan_vm
 
 __all__ = ["Options", "make_plan"]
@@ -58,7 +59,7 @@ def make_plan(m: ManifestSet, desired: Desired, live: LiveState, opts: Options, 
     """The plan; `memo` remembers definition pairs known to be equal (see memo.py)."""
     ctx = Context(m, desired, live, opts, memo)
     host_problems(ctx)
-    changes = [c for kind in ORDER for c in PLANNERS[kind](ctx)]
+    changes = _behind_blocked(c for kind in ORDER for c in PLANNERS[kind](ctx))
     if opts.prune:
         if not any(m.all()) and not opts.allow_empty:
             ctx.error(None, "refusing to prune with an empty manifest set: it would delete "
@@ -69,6 +70,24 @@ def make_plan(m: ManifestSet, desired: Desired, live: LiveState, opts: Options, 
     if opts.targets:
         changes = _select(changes, opts.targets)
     return Plan(opts.project, uri, tuple(changes))
+
+
+def _behind_blocked(planned: Iterable[Change]) -> list[Change]:
+    """A change that needs an object whose replace is blocked is blocked too: a VM redefined
+    onto the volume a blocked Disk replace never creates would lose its disk."""
+    out: list[Change] = []
+    blocked: dict[str, str] = {}
+    for c in planned:  # in kinds.ORDER: what a change depends on comes before it
+        why = next((f"needs {d}, whose replace is blocked ({blocked[d]})" for d in c.depends
+                    if d in blocked), None)
+        if why and c.steps and not c.blocked:
+            c = replace(c, steps=(), blocked=why)
+        if c.blocked and c.change_class is ChangeClass.REPLACE:
+            blocked[c.ref] = c.blocked
+        elif c.blocked and why:
+            blocked[c.ref] = why
+        out.append(c)
+    return out
 
 
 def _select(changes: list[Change], targets: tuple[str, ...]) -> list[Change]:

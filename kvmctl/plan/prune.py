@@ -7,8 +7,8 @@ from ..host.ownership import Owner
 from ..host.state import LiveDomain, LivePool, LiveVolume, fingerprint, volume_fingerprint
 from ..kinds import Kind, ref
 from .context import Context, attached_to, uuid_marked
-from .snapshot import losing, prune_snapshots, snapshot_loss
-from .steps import DeleteDomain, DeleteNetwork, DeletePool, DeleteVolume, Step
+from .snapshot import prune_snapshots, snapshot_loss
+from .steps import DeleteDomain, DeleteNetwork, DeletePool, DeleteSnapshot, DeleteVolume, Step
 from .types import Change, ChangeClass
 
 # How long a pruned VM gets to shut down gracefully before it is powered off, when neither the
@@ -30,18 +30,24 @@ def plan_prune(ctx: Context) -> list[Change]:
     def in_scope(kind: str, name: str) -> bool:
         return not ctx.opts.scope or ref(kind, name) in ctx.opts.scope
 
-    out: list[Change] = prune_snapshots(ctx, wanted, in_scope)
-    pruned = {c.name for c in out}
+    out: list[Change] = []
+    kept_with: set[str] = set()  # VMs whose delete is blocked by their snapshots
     for dom in ctx.live.domains.values():
         if _mine(dom.owner, project) and (Kind.VM, dom.name) not in wanted \
                 and in_scope(Kind.VM, dom.name):
-            lost = losing(dom, pruned)
+            # Every snapshot counts, a declared one too: deleting the VM takes them all.
+            losing = dom.snapshots and not ctx.opts.allow_snapshot_loss
+            if losing:
+                kept_with.add(dom.name)
             out.append(_delete(dom.owner, Kind.VM, dom.name,
                                DeleteDomain(dom.name, _shutdown_timeout(ctx, dom)),
                                fingerprint(dom.inactive_xml, dom.state,
                                            *([dom.snapshots] if dom.snapshots else [])),
-                               snapshot_loss(lost) if lost and not ctx.opts.allow_snapshot_loss
-                               else None))
+                               snapshot_loss(dom.snapshots) if losing else None))
+    # A VM that stays keeps its declared snapshots too, documents or not.
+    out = [c for c in prune_snapshots(ctx, wanted, in_scope)
+           if not (c.steps and isinstance(c.steps[0], DeleteSnapshot)
+                   and c.steps[0].vm in kept_with)] + out
     for net in ctx.live.networks.values():
         if _mine(net.owner, project) and (Kind.NETWORK, net.name) not in wanted \
                 and in_scope(Kind.NETWORK, net.name):

@@ -71,12 +71,6 @@ def prune_snapshots(ctx: Context, wanted: set[tuple[Kind, str]],
     return out
 
 
-def losing(dom: LiveDomain, pruned: set[str]) -> int:
-    """How many of the domain's snapshots a delete of it would lose (those this plan prunes
-    first excepted)."""
-    return sum(1 for s in dom.taken if s.name not in pruned) if dom.taken else dom.snapshots
-
-
 def snapshot_loss(count: int, what: str = "deleting it") -> str:
     """Why a change is blocked: the snapshots it would destroy."""
     return (f"has {count} snapshot{'s' if count != 1 else ''}: {what} loses them "

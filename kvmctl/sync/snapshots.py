@@ -48,7 +48,7 @@ def policy_snapshots(taken: Iterable[LiveSnapshot], project: str,
     """The snapshots this project's policy took of a VM, oldest first."""
     return sorted((s for s in taken if s.project == project
                    and s.origin is SnapshotOrigin.POLICY and s.name not in declared),
-                  key=lambda s: (s.created, s.name))
+                  key=lambda s: (s.created, len(s.name), s.name))  # name-2 before name-10
 
 
 def due(policy: SnapshotPolicy, newest: LiveSnapshot | None, now: dt.datetime) -> str | None:
