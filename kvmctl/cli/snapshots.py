@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from typing import TYPE_CHECKING
 
-from ..errors import UsageError
+from ..errors import KvmctlError, UsageError
+from ..kinds import Kind
 from .commands import _confirm, project_config
 from .exits import ExitStatus
 from .options import CommandOptions
 from .report import Env
+
+if TYPE_CHECKING:
+    from ..host.hypervisor import Hypervisor
+    from ..manifest.project import ProjectConfig
 
 
 def cmd_snapshot(opts: CommandOptions, env: Env) -> int:
@@ -24,6 +30,9 @@ def cmd_snapshot(opts: CommandOptions, env: Env) -> int:
     if host not in config.host_names:
         raise UsageError(f"--host {host}: not a host of the project")
     hv = Hypervisor(config.host(host).uri)
+    if not opts.hosts and config.multi_host and hv.identity(Kind.VM, opts.vm) is None:
+        hv.close()
+        hv = _host_with(config, opts.vm) or Hypervisor(config.host(host).uri)
     try:
         if opts.action == "list":
             rows = snapshot.listed(hv, opts.vm)
@@ -71,6 +80,20 @@ def cmd_snapshot(opts: CommandOptions, env: Env) -> int:
         return ExitStatus.OK
     finally:
         hv.close()
+
+
+def _host_with(config: ProjectConfig, vm: str) -> Hypervisor | None:
+    """The connection to the project host that has the VM (the first), None if none has."""
+    from ..host.hypervisor import Hypervisor
+    for h in config.hosts:
+        try:
+            hv = Hypervisor(h.uri)
+        except KvmctlError:
+            continue  # unreachable: another host may have it
+        if hv.identity(Kind.VM, vm) is not None:
+            return hv
+        hv.close()
+    return None
 
 
 def _run_policies(opts: CommandOptions, env: Env) -> int:
