@@ -39,10 +39,11 @@ sys.path.insert(0, str(BENCH))
 
 from plan_noop import leftovers, other_pytests, scales_arg  # noqa: E402
 
-NAMES = ("plan", "validate", "apply", "hosts", "controller", "startup")
+NAMES = ("plan", "validate", "apply", "hosts", "controller", "startup", "backup")
 SCRIPTS = {"plan": "plan_noop.py", "validate": "validate_render.py", "apply": "apply_new.py",
-           "hosts": "hosts.py", "controller": "controller.py", "startup": "startup.py"}
-USES_LIBVIRT = {"plan", "apply", "hosts", "controller"}
+           "hosts": "hosts.py", "controller": "controller.py", "startup": "startup.py",
+           "backup": "backup.py"}
+USES_LIBVIRT = {"plan", "apply", "hosts", "controller", "backup"}
 
 
 @dataclass
@@ -110,13 +111,15 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="controller: pushes timed through the webhook (default 5)")
     ap.add_argument("--startup-runs", type=int, default=15, metavar="N",
                     help="startup: rounds (default 15; the target asks for 10 or more)")
+    ap.add_argument("--backup-repeat", type=int, metavar="R",
+                    help="backup: paired rounds of the 1 GiB backup and restore (default 3)")
     ap.add_argument("--connect", default="qemu:///system", metavar="URI",
                     help="plan, apply and controller: the libvirt URI")
     ap.add_argument("--json", metavar="FILE", help="also write the table and the facts to "
                     "FILE")
     args = ap.parse_args(argv)
     for key in ("plan_repeat", "validate_repeat", "apply_repeat", "hosts_repeat",
-                "hosts_apply_repeat", "controller_repeat"):
+                "hosts_apply_repeat", "controller_repeat", "backup_repeat"):
         if getattr(args, key) is None and args.repeat is not None:
             setattr(args, key, args.repeat)
     return args
@@ -142,6 +145,7 @@ def commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
                        *opt("--repeat", args.controller_repeat),
                        *(["--no-ip"] if args.no_ip else [])],
         "startup": ["--runs", str(args.startup_runs)],
+        "backup": ["--connect", args.connect, *opt("--repeat", args.backup_repeat)],
     }
     chosen = args.only or list(NAMES)
     return [(n, [sys.executable, str(BENCH / SCRIPTS[n]), *argvs[n]])

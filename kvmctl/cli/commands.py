@@ -322,3 +322,13 @@ def cmd_status(opts: CommandOptions, env: Env) -> int:
 def cmd_snapshot(opts: CommandOptions, env: Env) -> int:
     from .snapshots import cmd_snapshot as run_snapshot
     return run_snapshot(opts, env)
+
+
+def cmd_backup(opts: CommandOptions, env: Env) -> int:
+    from .backups import cmd_backup as run_backup
+    return run_backup(opts, env)
+
+
+def cmd_restore(opts: CommandOptions, env: Env) -> int:
+    from .backups import cmd_restore as run_restore
+    return run_restore(opts, env)

@@ -20,6 +20,7 @@ COMMANDS: dict[str, Command] = {
     "destroy": commands.cmd_destroy, "get": commands.cmd_get,
     "sync": commands.cmd_sync, "controller": commands.cmd_controller,
     "status": commands.cmd_status, "snapshot": commands.cmd_snapshot,
+    "backup": commands.cmd_backup, "restore": commands.cmd_restore,
 }
 
 

@@ -91,6 +91,11 @@ class CommandOptions:
     quiesce: bool = False
     no_safety: bool = False
     force: bool = False
+    ignore_schedule: bool = False
+    # backup, restore
+    backup_dir: str | None = None
+    start: bool = False
+    backup_timeout: float = 3600
 
     @property
     def uri(self) -> str:
@@ -276,12 +281,22 @@ def build_parser(commands: dict[str, Command], version: str) -> argparse.Argumen
 
     _gitops_parsers(sub, commands)
 
-    p = sub.add_parser("snapshot", help="create, list, revert or delete a VM's snapshots")
-    p.add_argument("action", choices=("create", "list", "revert", "delete"))
-    p.add_argument("vm", metavar="VM")
+    p = sub.add_parser("snapshot", help="create, list, revert or delete a VM's snapshots; "
+                                        "run the manifests' snapshot policies")
+    p.add_argument("action", choices=("create", "list", "revert", "delete", "run"))
+    p.add_argument("vm", nargs="?", default="", metavar="VM",
+                   help="the VM (run: only this VM's policy; default all of the manifests')")
     p.add_argument("name", nargs="?", metavar="NAME",
                    help="the snapshot (create: default kvmctl-YYYYmmdd-HHMMSS)")
     _engine_options(p)
+    _manifest_options(p)
+    p.add_argument("--ignore-schedule", action="store_true",
+                   help="run: take a snapshot for every policy now, due or not (retention "
+                        "still applies)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run: say what is due and what expires, change nothing")
+    p.add_argument("--lock-timeout", type=_seconds, default=0, metavar="SECONDS",
+                   help="run: wait this long for another kvmctl's lock on a host")
     p.add_argument("--description", default="", help="create: a description")
     p.add_argument("--no-memory", action="store_true",
                    help="create: without the guest's memory (a stopped VM's never has it)")
@@ -294,7 +309,35 @@ def build_parser(commands: dict[str, Command], version: str) -> argparse.Argumen
                    help="delete: also a snapshot kvmctl did not make for this project")
     p.add_argument("-o", "--output", choices=("text", "json"), default="text")
     p.set_defaults(run=commands["snapshot"])
+    _backup_parsers(sub, commands)
     return parser
+
+
+def _backup_parsers(sub: Any, commands: dict[str, Command]) -> None:
+    p = sub.add_parser("backup", help="copy a VM (definition, manifests, disks) into a new "
+                                      "directory, consistent while it runs")
+    p.add_argument("vm", metavar="VM")
+    p.add_argument("--to", dest="backup_dir", required=True, metavar="DIR",
+                   help="the backup's directory: new, or empty")
+    _manifest_options(p)
+    _engine_options(p)
+    p.add_argument("--timeout", dest="backup_timeout", type=_seconds, default=3600,
+                   metavar="SECONDS",
+                   help="how long libvirt's backup job of a running VM may take (default 3600)")
+    p.set_defaults(run=commands["backup"])
+
+    p = sub.add_parser("restore", help="recreate a VM and its disks from a backup directory, "
+                                       "on this or another host of the project")
+    p.add_argument("backup_dir", metavar="DIR")
+    _manifest_options(p)
+    _engine_options(p)
+    p.add_argument("--name", metavar="NEW",
+                   help="restore a copy under this name (its volumes renamed, new MAC "
+                        "addresses); default: the VM's own name")
+    p.add_argument("--start", action="store_true",
+                   help="start it afterwards, if it ran when it was backed up")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(run=commands["restore"])
 
 
 def _source_options(p: argparse.ArgumentParser, many: bool = False) -> None:

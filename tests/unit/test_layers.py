@@ -21,11 +21,12 @@ PACKAGE = ROOT / "kvmctl"
 # Lower ranks are imported by higher ones, never the other way round; a rank may import itself.
 RANKS = {
     "kvmctl.errors": 0, "kvmctl.kinds": 0, "kvmctl.units": 0, "kvmctl.memo": 0,
-    "kvmctl.xmltext": 0, "kvmctl.lazy": 0,
+    "kvmctl.xmltext": 0, "kvmctl.lazy": 0, "kvmctl.schedule": 0,
     "kvmctl": 0, "kvmctl.__main__": 10,
     "kvmctl.manifest": 1, "kvmctl.source": 1, "kvmctl.render": 2, "kvmctl.host": 3,
     "kvmctl.plan": 4,
-    "kvmctl.apply": 5, "kvmctl.engine": 6, "kvmctl.snapshot": 6, "kvmctl.sync": 7,
+    "kvmctl.apply": 5, "kvmctl.engine": 6, "kvmctl.snapshot": 6,
+    "kvmctl.backup": 6, "kvmctl.sync": 7,
     "kvmctl.controller": 8,
     "kvmctl.cli": 9,
 }
