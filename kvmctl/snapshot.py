@@ -14,7 +14,7 @@ import datetime as dt
 import re
 from dataclasses import dataclass
 
-from .errors import PlanError, UsageError
+from .errors import HypervisorError, PlanError, UsageError
 from .host.facts import internal_refusal
 from .host.hypervisor import Hypervisor
 from .host.snapshots import mark
@@ -74,7 +74,11 @@ def create(hv: Hypervisor, vm: str, project: str, name: str | None = None,
                         "memory (QEMU's savevm); stop it first for one without")
     xml = snapshot_xml(name, mark(description, project, origin, quiesce), running)
     hv.create_snapshot(vm, xml, quiesce=quiesce)
-    return next(s for s in hv.snapshots(vm) if s.name == name)
+    made = next((s for s in hv.snapshots(vm) if s.name == name), None)
+    if made is None:
+        raise HypervisorError(f"snapshot {name!r} of {vm!r} was created but is gone again "
+                              "(deleted meanwhile?)")
+    return made
 
 
 def listed(hv: Hypervisor, vm: str) -> list[LiveSnapshot]:
@@ -100,6 +104,9 @@ def revert(hv: Hypervisor, vm: str, project: str, name: str, safety: bool = True
 
 
 def delete(hv: Hypervisor, vm: str, project: str, name: str, force: bool = False) -> None:
+    """Delete a snapshot of the project's VM; --force only overrides the snapshot's mark, never
+    whose VM it is."""
+    _owned_vm(hv, vm, project)
     target = next((s for s in listed(hv, vm) if s.name == name), None)
     if target is None:
         raise UsageError(f"VM {vm!r} has no snapshot {name!r}")

@@ -152,7 +152,7 @@ def plan_restore(hv: Hypervisor, manifest: BackupManifest, project: str, host: s
                             "restore never overwrites; "
                             + ("pick another --name" if renamed else
                                "delete it first, or restore a copy with --name NEW"))
-        if d.backing_path and not _has_path(hv, d.backing_path):
+        if d.backing_path and not backupio.volume_at(hv, d.backing_path):
             problems.append(f"disk {d.target} ({f.name}) is a qcow2 overlay of "
                             f"{d.backing_path}, which {host} does not have: put that image "
                             f"there first (the same path), or back the VM up while it runs "
@@ -191,20 +191,13 @@ def _pool_volumes(hv: Hypervisor, pool: str, host: str, problems: list[str]) -> 
     return names
 
 
-def _has_path(hv: Hypervisor, path: str) -> bool:
-    try:
-        hv.conn.storageVolLookupByPath(path)
-    except Exception:  # noqa: BLE001 - libvirtError: no volume there
-        return False
-    return True
-
-
 def _owner(project: str, d: DiskRole, volume: str, vm: str, renamed: bool) -> Owner:
     """Whom the restored volume belongs to: the project, as the Disk (or seed) it was, or, for
     a copy under a new name, as the Disk its new volume name makes (name.format)."""
-    o = d.owner
-    kind = known_kind(o.kind) if o is not None else (Kind.SEED if d.device == "cdrom"
-                                                      else Kind.DISK)
+    # backup.json is not trusted for the kind: a data disk recorded as a seed would be
+    # pruned without --prune-disks. A disk is a Disk, a CD-ROM the VM's seed.
+    kind = Kind.SEED if d.device == "cdrom" else Kind.DISK
+    o = d.owner if d.owner is not None and known_kind(d.owner.kind) == kind else None
     if not renamed and o is not None:
         return Owner(project, kind, o.name, o.spec_hash, "", o.protect)
     if kind == Kind.SEED:
@@ -254,10 +247,21 @@ def restored_xml(xml: str, *, name: str, project: str,
                 child.text = project
             elif isinstance(child.tag, str) and etree.QName(child).localname == "name":
                 child.text = name
+    # A UEFI guest's variables file is not in the backup: libvirt makes a fresh one from its
+    # template (a copy must never share, and an undo never delete, the original's).
+    for os_element in root.findall("os"):
+        for nvram in os_element.findall("nvram"):
+            os_element.remove(nvram)
     for disk in root.iterfind("devices/disk"):
         target = disk.find("target")
         dev = target.get("dev", "") if target is not None else ""
         if dev not in volumes:
+            writable = disk.get("device", "disk") == "disk" and disk.find("readonly") is None
+            if writable and disk.find("source") is not None:
+                raise PlanError(f"{DOMAIN_FILE}: disk {dev or '?'} is not in the backup (not "
+                                "a volume of a pool): the restored VM would write to the "
+                                "original's disk; give it a volume in a pool, or detach it "
+                                "before the backup")
             continue
         pool, volume, path = volumes[dev]
         source = disk.find("source")
@@ -306,7 +310,16 @@ def restore(hv: Hypervisor, directory: str, plan: RestorePlan,
     manifest = plan.manifest
     domain_file = manifest.file("domain")
     assert domain_file is not None
-    xml = read_member(directory, domain_file).decode("utf-8", errors="strict")
+    try:
+        xml = read_member(directory, domain_file).decode("utf-8", errors="strict")
+    except UnicodeDecodeError:
+        raise UsageError(f"{os.path.join(directory, domain_file.name)}: not UTF-8 text") from None
+    # Checked, as it will be edited, before anything is created: a definition that cannot be
+    # restored fails here, not after every disk went up.
+    restored_xml(xml, name=plan.name, project=plan.project,
+                 volumes={v.file.disk.target: (v.pool, v.volume, "/")
+                          for v in plan.volumes if v.file.disk is not None},
+                 keep_macs=plan.keep_macs)
     claimed: list[RestoredVolume] = []
     created: list[RestoredVolume] = []
     defined = False

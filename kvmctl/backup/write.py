@@ -102,8 +102,13 @@ def backup(hv: Hypervisor, vm: str, directory: str, *, project: str, host: str,
     made_dir = _prepare(directory)
     written: list[str] = []
     try:
-        return _backup(hv, vm, directory, project, host, documents or (), report, timeout,
-                       now or dt.datetime.now(dt.UTC), written)
+        try:
+            return _backup(hv, vm, directory, project, host, documents or (), report, timeout,
+                           now or dt.datetime.now(dt.UTC), written)
+        except OSError as exc:  # the backup's own files: a full disk, a permission
+            where = exc.filename or directory
+            raise UsageError(f"writing the backup into {directory}: {where}: "
+                             f"{exc.strerror or exc}") from None
     except BaseException:
         for path in reversed(written):
             with contextlib.suppress(OSError):
@@ -224,6 +229,9 @@ def _download(hv: Hypervisor, pool: str, volume: str, directory: str, name: str,
               report: ProgressFn, written: list[str]) -> backupio.FileDigest:
     path = os.path.join(directory, name)
     report(ProgressEvent("download", name, 0, total))
+    if os.path.lexists(path):  # another backup writes into this directory too
+        raise UsageError(f"{path} appeared while the backup ran: another backup into "
+                         f"{directory}? Nothing of it is removed")
     written.append(path)
     got = backupio.download_to_file(
         hv, pool, volume, path,
@@ -299,9 +307,9 @@ def _remove_scratch(hv: Hypervisor, scratch: Sequence[_Scratch], quiet: bool) ->
 
 def _write(directory: str, name: str, data: bytes, written: list[str]) -> tuple[int, str]:
     path = os.path.join(directory, name)
-    written.append(path)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
                  0o600)
+    written.append(path)  # only once made here: a file another writer made is not removed
     try:
         view = memoryview(data)
         while view:

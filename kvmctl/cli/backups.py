@@ -142,6 +142,7 @@ def _documents(opts: CommandOptions, env: Env, config: ProjectConfig) -> list[Do
 def cmd_backup(opts: CommandOptions, env: Env) -> int:
     from ..backup.write import backup, vm_documents
     from ..host.hypervisor import Hypervisor
+    from .snapshots import host_with
     if not opts.backup_dir:
         raise UsageError("backup needs --to DIR")
     config = project_config(opts)
@@ -150,7 +151,13 @@ def cmd_backup(opts: CommandOptions, env: Env) -> int:
     spec = mine[0].body.get("spec") if mine else None
     placed = spec.get("host") if isinstance(spec, dict) else None
     host = _host(opts, config, placed if isinstance(placed, str) else None)
-    hv = Hypervisor(config.host(host).uri)
+    found = None
+    if config.multi_host and not opts.hosts and not isinstance(placed, str):
+        found = host_with(config, opts.vm)  # not in the manifests: the host that has it
+    if found is not None:
+        host, hv = found
+    else:
+        hv = Hypervisor(config.host(host).uri)
     try:
         with _view(env) as view:
             manifest = backup(hv, opts.vm, opts.backup_dir, project=config.name, host=host,
@@ -182,6 +189,7 @@ def _report_backup(m: BackupManifest, directory: str, env: Env) -> None:
 def cmd_restore(opts: CommandOptions, env: Env) -> int:
     from ..apply.lock import project_lock
     from ..backup.restore import plan_restore, read_backup, restore, verify
+    from ..backup.write import vm_documents
     from ..host.hypervisor import Hypervisor
     directory = opts.backup_dir or ""
     manifest = read_backup(directory)  # before any connection: a bad backup fails at once
@@ -206,10 +214,14 @@ def cmd_restore(opts: CommandOptions, env: Env) -> int:
                      f"verified, {state}.\n")
     for note in plan.notes:
         env.stdout.write(f"  note: {note}\n")
-    if plan.name != manifest.vm:
-        env.stdout.write(f"  {plan.name} is a copy of {manifest.vm} owned by project "
-                         f"{plan.project}; manifests that do not declare it let "
-                         "`kvmctl apply --prune` delete it.\n")
+    declared = bool(opts.filenames) and bool(vm_documents(_documents(opts, env, config),
+                                                          plan.name))
+    if not declared:
+        what = (f"a copy of {manifest.vm}" if plan.name != manifest.vm else "restored")
+        env.stdout.write(f"  note: {plan.name} is {what}, owned by project {plan.project}, "
+                         "and the manifests" + (" given" if opts.filenames else " (none: -f)")
+                         + " do not declare it: declare it (manifests.yaml of the backup "
+                         "holds its documents), or `kvmctl apply --prune` deletes it.\n")
     return ExitStatus.OK
 
 

@@ -32,7 +32,8 @@ def cmd_snapshot(opts: CommandOptions, env: Env) -> int:
     hv = Hypervisor(config.host(host).uri)
     if not opts.hosts and config.multi_host and hv.identity(Kind.VM, opts.vm) is None:
         hv.close()
-        hv = _host_with(config, opts.vm) or Hypervisor(config.host(host).uri)
+        found = host_with(config, opts.vm)
+        hv = found[1] if found else Hypervisor(config.host(host).uri)
     try:
         if opts.action == "list":
             rows = snapshot.listed(hv, opts.vm)
@@ -82,8 +83,9 @@ def cmd_snapshot(opts: CommandOptions, env: Env) -> int:
         hv.close()
 
 
-def _host_with(config: ProjectConfig, vm: str) -> Hypervisor | None:
-    """The connection to the project host that has the VM (the first), None if none has."""
+def host_with(config: ProjectConfig, vm: str) -> tuple[str, Hypervisor] | None:
+    """The project host that has the VM (the first) and a connection to it; None if none
+    has."""
     from ..host.hypervisor import Hypervisor
     for h in config.hosts:
         try:
@@ -91,7 +93,7 @@ def _host_with(config: ProjectConfig, vm: str) -> Hypervisor | None:
         except KvmctlError:
             continue  # unreachable: another host may have it
         if hv.identity(Kind.VM, vm) is not None:
-            return hv
+            return h.name, hv
         hv.close()
     return None
 

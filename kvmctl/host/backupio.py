@@ -144,7 +144,7 @@ def _disk_source(hv: Hypervisor, vol: Any, dev: str, device: str, driver_type: s
     xml = etree.fromstring(call(what, vol.XMLDesc, 0).encode())
     fmt = xml.find("target/format")
     info = call(what, vol.infoFlags, VOL_GET_PHYSICAL)  # (type, capacity, physical)
-    return DiskSource(dev, device, str(pool.name()), str(vol.name()), str(vol.path()),
+    return DiskSource(dev, device, str(pool.name()), str(vol.name()), str(call(what, vol.path)),
                       driver_type or (fmt.get("type", "raw") if fmt is not None else "raw"),
                       int(info[1]), int(info[2]), readonly, kind)
 
@@ -170,6 +170,15 @@ def pool_directory(hv: Hypervisor, pool: str) -> str | None:
 
 def refresh_pool(hv: Hypervisor, pool: str) -> None:
     call(f"refresh pool {pool} on {hv.uri}", _active_pool(hv, pool).refresh, 0)
+
+
+def volume_at(hv: Hypervisor, path: str) -> bool:
+    """Whether a volume of some pool of the host is at `path`."""
+    try:
+        hv.conn.storageVolLookupByPath(path)
+    except Exception:  # noqa: BLE001 - libvirt's error: no volume there
+        return False
+    return True
 
 
 def volume_length(hv: Hypervisor, pool: str, name: str) -> int:

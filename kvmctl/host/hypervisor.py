@@ -105,12 +105,12 @@ class Hypervisor(HostReader, SnapshotOps):
 
     def undefine_domain(self, name: str) -> None:
         dom = self._dom(name)
-        if dom.isActive():
+        if call(f"read domain {name}", dom.isActive):
             call(f"power off domain {name}", dom.destroy)
         flags = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
         # Its snapshots' metadata goes with it: the plan deletes a VM that has snapshots only
         # when asked to (--allow-snapshot-loss); the snapshots inside its disks go with those.
-        if dom.hasCurrentSnapshot() or dom.snapshotNum(0):
+        if call(f"read the snapshots of {name}", dom.snapshotNum, 0):
             flags |= libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
         # A UEFI guest's NVRAM file goes with it; only such guests get the flag, which some
         # drivers (libvirt's test driver) do not know. libvirt before 9.2 keeps no <nvram> in

@@ -59,10 +59,14 @@ class HostReader:
     def _with_snapshots(self, domains: dict[str, LiveDomain]) -> dict[str, LiveDomain]:
         """Snapshots, asked only of the domains one filtered list names as having any."""
         try:
-            having = call("list domains", self.conn.listAllDomains,
-                          libvirt.VIR_CONNECT_LIST_DOMAINS_HAS_SNAPSHOT)
-        except HypervisorError:
-            return domains  # a driver without snapshots: none to lose
+            having = self.conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_HAS_SNAPSHOT)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() in (libvirt.VIR_ERR_NO_SUPPORT,
+                                        libvirt.VIR_ERR_INVALID_ARG):
+                return domains  # a driver without snapshots: none to lose
+            # Never read as "no snapshots": a plan would then delete VMs that have some.
+            raise HypervisorError(f"list the domains with snapshots: "
+                                  f"{exc.get_error_message()}") from None
         out = dict(domains)
         with contextlib.suppress(HypervisorError, AttributeError):
             for dom in call("list domains", self.conn.listAllDomains,
@@ -73,7 +77,7 @@ class HostReader:
                         out[name] = dataclasses.replace(
                             out[name], checkpoints=len(dom.listAllCheckpoints(0)))
         for dom in having:
-            with contextlib.suppress(libvirt.libvirtError):
+            with contextlib.suppress(libvirt.libvirtError, HypervisorError):  # gone meanwhile
                 name = dom.name()
                 if name in out:
                     taken = tuple(snapshots_of(dom, name))

@@ -57,12 +57,14 @@ def parse(domain: str, xml: str, current: bool) -> LiveSnapshot:
     memory_kind = memory.get("snapshot") if memory is not None else None
     disks = [d.get("snapshot") for d in root.iterfind("disks/disk")]
     external = memory_kind == "external" or "external" in disks
+    inner = root.find("domain")
     return LiveSnapshot(
         domain, root.findtext("name") or "", int(root.findtext("creationTime") or 0),
         root.findtext("state") or "", root.findtext("parent/name"), description, project,
         origin, (found.group("spec") or "") if found else "",
         memory_kind in ("internal", "external"), external, current,
-        bool(found and found.group("quiesced")))
+        bool(found and found.group("quiesced")),
+        etree.tostring(inner, encoding="unicode") if inner is not None else "")
 
 
 def snapshots_of(dom: Any, domain: str) -> list[LiveSnapshot]:
@@ -117,7 +119,7 @@ class SnapshotOps:
         """Bytes of guest state (memory) each snapshot holds, by name, read with qemu-img from
         the domain's qcow2 files where this machine can read them (a local URI); {} otherwise:
         libvirt has no call for it. A disk-only snapshot holds 0 of it."""
-        uri = str(self.conn.getURI())
+        uri = str(call("read the connection's URI", self.conn.getURI))
         if "://" in uri and uri.split("://", 1)[1].split("/", 1)[0] not in ("", "localhost"):
             return {}
         root = etree.fromstring(self.domain_xml(domain).encode())

@@ -32,6 +32,9 @@ class LiveSnapshot:
     external: bool
     current: bool
     quiesced: bool = False  # taken with the guest's file systems frozen: a revert thaws them
+    # The domain's definition the snapshot keeps (its disks hold the snapshot's data, also
+    # after they left the domain's present definition).
+    domain_xml: str = field(default="", repr=False)
 
     @property
     def revertible(self) -> bool:

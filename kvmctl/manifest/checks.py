@@ -316,6 +316,12 @@ def snapshots(m: ManifestSet, docs: DocIndex) -> Iterator[Problem]:
         why = internal_snapshot_refusal(vm, m)
         if why:
             yield _problem(docs, Kind.VM, vm.meta.name, at, f"a snapshot policy cannot run: {why}")
+        if policy.every_s == 0:
+            yield _problem(docs, Kind.VM, vm.meta.name, at + ("every",),
+                           "every must be at least 1s (0 would take a snapshot on every run)")
+        if policy.keep_for_s == 0:
+            yield _problem(docs, Kind.VM, vm.meta.name, at + ("keepFor",),
+                           "keepFor must be at least 1s (0 would remove every snapshot it took)")
         if policy.schedule is None and policy.every_s is None:
             yield _problem(docs, Kind.VM, vm.meta.name, at, "a snapshot policy needs every (an "
                            "interval: 6h, 1d) or schedule (a cron expression: 0 3 * * *)")
@@ -328,7 +334,7 @@ def snapshots(m: ManifestSet, docs: DocIndex) -> Iterator[Problem]:
             zone(policy.timezone)
         except ValueError as exc:
             yield _problem(docs, Kind.VM, vm.meta.name, at + ("timezone",), str(exc))
-        problem = policy_name_problem(policy.name, vm.meta.name)
+        problem = policy_name_problem(policy.name, vm.meta.name, policy.timezone)
         if problem:
             yield _problem(docs, Kind.VM, vm.meta.name, at + ("name",), problem)
 
@@ -341,13 +347,18 @@ def policy_name(pattern: str, vm: str, when: datetime) -> str:
     return when.strftime(pattern.replace("{vm}", vm.replace("%", "%%")))
 
 
-def policy_name_problem(pattern: str, vm: str) -> str | None:
+def policy_name_problem(pattern: str, vm: str, timezone: str = "UTC") -> str | None:
     leftover = re.sub(r"%[A-Za-z%]", "", pattern.replace("{vm}", ""))
     if "{" in leftover or "}" in leftover:
         return "only {vm} may stand in braces"
     if "%" in leftover:
         return "a % must start a strftime field (%Y, %m, %d, %H, %M, %S, ...)"
-    sample = policy_name(pattern, vm, datetime(2026, 12, 31, 23, 59, 58, tzinfo=UTC))
+    from ..schedule import zone
+    try:
+        tz = zone(timezone)
+    except ValueError:
+        tz = UTC  # the timezone's own problem is reported beside this one
+    sample = policy_name(pattern, vm, datetime(2026, 12, 31, 23, 59, 58, tzinfo=UTC).astimezone(tz))
     if not SNAPSHOT_NAME.match(sample) or len(sample) > 97:  # room for a -NN suffix
         return (f"gives names like {sample!r}: a snapshot name has letters, digits and "
                 "_ . : + - only, at most 97 characters here, and starts with a letter or digit")

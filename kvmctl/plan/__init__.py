@@ -8,7 +8,7 @@ that cannot be done is a PlanError here, before anything changes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import replace
 
 from ..errors import PlanError
@@ -21,6 +21,7 @@ from .context import Context, Options
 from .network import plan_network
 from .prune import plan_prune
 from .snapshot import plan_snapshot
+from .steps import DefineDomain
 from .storage import plan_disk, plan_image, plan_pool, plan_seed
 from .types import Change, ChangeClass, Plan
 from .vm import plan_vm
@@ -59,7 +60,7 @@ def make_plan(m: ManifestSet, desired: Desired, live: LiveState, opts: Options, 
     """The plan; `memo` remembers definition pairs known to be equal (see memo.py)."""
     ctx = Context(m, desired, live, opts, memo)
     host_problems(ctx)
-    changes = _behind_blocked(c for kind in ORDER for c in PLANNERS[kind](ctx))
+    changes = _behind_blocked([c for kind in ORDER for c in PLANNERS[kind](ctx)], desired)
     if opts.prune:
         if not any(m.all()) and not opts.allow_empty:
             ctx.error(None, "refusing to prune with an empty manifest set: it would delete "
@@ -72,20 +73,25 @@ def make_plan(m: ManifestSet, desired: Desired, live: LiveState, opts: Options, 
     return Plan(opts.project, uri, tuple(changes))
 
 
-def _behind_blocked(planned: Iterable[Change]) -> list[Change]:
-    """A change that needs an object whose replace is blocked is blocked too: a VM redefined
-    onto the volume a blocked Disk replace never creates would lose its disk."""
-    out: list[Change] = []
-    blocked: dict[str, str] = {}
-    for c in planned:  # in kinds.ORDER: what a change depends on comes before it
-        why = next((f"needs {d}, whose replace is blocked ({blocked[d]})" for d in c.depends
-                    if d in blocked), None)
-        if why and c.steps and not c.blocked:
-            c = replace(c, steps=(), blocked=why)
-        if c.blocked and c.change_class is ChangeClass.REPLACE:
-            blocked[c.ref] = c.blocked
-        elif c.blocked and why:
-            blocked[c.ref] = why
+def _behind_blocked(changes: list[Change], desired: Desired) -> list[Change]:
+    """A VM definition that names the new volume of a Disk whose replace is blocked is blocked
+    too: the volume is never created, and the VM would lose its disk. Nothing else waits on a
+    blocked replace (a grow, a shutdown, a memory change go on)."""
+    missing = {desired.disks[c.name].spec.name: c for c in changes
+               if c.kind is Kind.DISK and c.change_class is ChangeClass.REPLACE and c.blocked
+               and c.name in desired.disks}
+    if not missing:
+        return changes
+    out = []
+    for c in changes:
+        if c.kind is Kind.VM and not c.blocked:
+            needs = next((d for st in c.steps if isinstance(st, DefineDomain)
+                          for vol, d in missing.items() if f"volume='{vol}'" in st.xml
+                          or f'volume="{vol}"' in st.xml), None)
+            if needs is not None:
+                c = replace(c, steps=(), blocked=f"its new definition names the volume of "
+                                                 f"{needs.ref}, whose replace is blocked "
+                                                 f"({needs.blocked})")
         out.append(c)
     return out
 

@@ -7,7 +7,7 @@ from ..host.ownership import Owner
 from ..host.state import LiveDomain, LivePool, LiveVolume, fingerprint, volume_fingerprint
 from ..kinds import Kind, ref
 from .context import Context, attached_to, uuid_marked
-from .snapshot import prune_snapshots, snapshot_loss
+from .snapshot import prune_snapshots, snapshot_loss, snapshots_in
 from .steps import DeleteDomain, DeleteNetwork, DeletePool, DeleteSnapshot, DeleteVolume, Step
 from .types import Change, ChangeClass
 
@@ -45,7 +45,7 @@ def plan_prune(ctx: Context) -> list[Change]:
                                            *([dom.snapshots] if dom.snapshots else [])),
                                snapshot_loss(dom.snapshots) if losing else None))
     # A VM that stays keeps its declared snapshots too, documents or not.
-    out = [c for c in prune_snapshots(ctx, wanted, in_scope)
+    out = [c for c in prune_snapshots(ctx, in_scope)
            if not (c.steps and isinstance(c.steps[0], DeleteSnapshot)
                    and c.steps[0].vm in kept_with)] + out
     for net in ctx.live.networks.values():
@@ -137,6 +137,11 @@ def _prune_volume(ctx: Context, vol: LiveVolume, going: set[str],
     keeper = (staying or {}).get((vol.pool, vol.name))
     if keeper is not None:
         blocked = f"used by VM {keeper}, which is not deleted"
+    held = snapshots_in(ctx, vol.pool, vol.name, leaving)
+    if held and not ctx.opts.allow_snapshot_loss and blocked is None:
+        blocked = "holds the data of " + ", ".join(
+            f"{n} snapshot{'s' if n != 1 else ''} of VM {vm}" for vm, n in held) + \
+            ": deleting it loses them (--allow-snapshot-loss)"
     return _delete(owner, kind, owner.name, step, volume_fingerprint(vol), blocked)
 
 

@@ -52,15 +52,18 @@ def plan_snapshot(ctx: Context, snap: Snapshot) -> Change:
     return Change(Kind.SNAPSHOT, name, ChangeClass.NOOP, fingerprint=fp, depends=deps)
 
 
-def prune_snapshots(ctx: Context, wanted: set[tuple[Kind, str]],
-                    in_scope: Callable[[str, str], bool]) -> list[Change]:
-    """Deletes of the declared snapshots of this project's VMs whose documents are gone."""
+def prune_snapshots(ctx: Context, in_scope: Callable[[str, str], bool]) -> list[Change]:
+    """Deletes of the declared snapshots of this project's VMs whose documents are gone (a
+    Snapshot is its VM and its name: one whose document now names another VM goes too)."""
     project = ctx.opts.project
+    declared = {(s.vm, s.meta.name) for s in ctx.m.snapshots}
     out = []
     for dom in ctx.live.domains.values():
+        if dom.owner is None or dom.owner.project != project:
+            continue  # a snapshot's mark alone never makes it ours: its VM must be too
         for snap in dom.taken:
             if snap.project != project or snap.origin is not SnapshotOrigin.DECLARED \
-                    or (Kind.SNAPSHOT, snap.name) in wanted:
+                    or (dom.name, snap.name) in declared:
                 continue
             if not in_scope(Kind.SNAPSHOT, snap.name):
                 continue
@@ -88,6 +91,23 @@ def snapshot_holders(ctx: Context, pool: str, volume: str) -> list[tuple[str, in
             if isinstance(value, facts.DiskFact) and value.source == (pool, volume):
                 out.append((dom.name, dom.snapshots))
                 break
+    return out
+
+
+def snapshots_in(ctx: Context, pool: str, volume: str,
+                 leaving: set[str] | frozenset[str] = frozenset()) -> list[tuple[str, int]]:
+    """(VM, count) of the snapshots whose kept definition names this volume: their data is
+    inside it, whether or not the VM's present definition still uses it. VMs in `leaving`
+    (deleted by the same plan, with their snapshots) are left out."""
+    out = []
+    for dom in ctx.live.domains.values():
+        if dom.name in leaving:
+            continue
+        n = sum(1 for s in dom.taken if s.domain_xml and any(
+            isinstance(v, facts.DiskFact) and v.source == (pool, volume)
+            for v in facts.domain_facts(s.domain_xml, ctx.resolve_volume).values()))
+        if n:
+            out.append((dom.name, n))
     return out
 
 

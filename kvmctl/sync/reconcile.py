@@ -148,7 +148,15 @@ class Reconciler:
         """One round; never raises for what a round can meet (git, manifests, hosts, locks):
         those become a failed record. Two calls never overlap."""
         with self._lock:
-            return self._reconcile(trigger, stop, dry_run, now)
+            outcome = self._reconcile(trigger, stop, dry_run, now)
+            # The policies run after every round, a failed one too (a bad commit, a failed
+            # change): on the commit last in force, unless suspended or stopping.
+            self.snapshot_runs = []
+            good = self.last_good
+            if not dry_run and not self.suspended and not (stop and stop()) \
+                    and good is not None and not good.policy.suspend:
+                self.snapshot_runs = self._snapshot_policies(good, now)
+            return outcome
 
     def _reconcile(self, trigger: str, stop: Callable[[], bool] | None, dry_run: bool,
                    now: Callable[[], float]) -> Outcome:
@@ -190,12 +198,8 @@ class Reconciler:
         request = PlanRequest(prune=policy.prune, prune_disks=policy.prune_disks,
                               allow_empty=policy.allow_empty)
         try:
-            outcome = self._plan_and_apply(loaded, request, trigger, started, stop, dry_run,
-                                           notes, now)
-            self.snapshot_runs = []
-            if not dry_run and not self.suspended and not (stop and stop()):
-                self.snapshot_runs = self._snapshot_policies(loaded, now)
-            return outcome
+            return self._plan_and_apply(loaded, request, trigger, started, stop, dry_run,
+                                        notes, now)
         except ManifestError as exc:
             return self._failed(trigger, started, commit, _problems(exc, loaded.checkout), now,
                                 ProjectState.DEGRADED, "the manifests do not fit the hosts")

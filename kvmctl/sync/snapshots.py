@@ -91,6 +91,8 @@ def decide(policy: SnapshotPolicy, vm: str, running: bool, taken: list[LiveSnaps
     if policy.keep_for_s is not None:
         limit = now.timestamp() - policy.keep_for_s
         remove += [n for n in kept if n != take and n not in remove and created[n] < limit]
+    if take is None and kept:  # nothing new (a stopped VM): the newest stays, whatever its age
+        remove = [n for n in remove if n != kept[-1]]
     order = {n: i for i, n in enumerate(kept)}
     return Decision(take, tuple(sorted(remove, key=order.__getitem__)), why)
 

@@ -604,3 +604,16 @@ def test_backup_refusals(tmp_path: Path) -> None:
     assert code != 0 and "not empty" in err
     code, _, _ = _cli("backup", "test", "--connect", "test:///default")
     assert code == 2  # argparse: --to is required
+
+
+def test_a_restored_copy_never_shares_the_originals_nvram_or_an_unrestored_disk() -> None:
+    uefi = DOMAIN.replace("<devices>", "<devices>", 1).replace(
+        "</name>", "</name><os firmware='efi'><type>hvm</type>"
+        "<nvram>/var/lib/libvirt/qemu/nvram/web_VARS.fd</nvram></os>", 1)
+    xml = r.restored_xml(uefi, name="copy", project="proj", volumes=VOLUMES, keep_macs=False)
+    assert "web_VARS.fd" not in xml and "<nvram" not in xml
+    lv = DOMAIN.replace("</devices>", "<disk type='block' device='disk'><source "
+                        "dev='/dev/vg0/data'/><target dev='vdc' bus='virtio'/></disk>"
+                        "</devices>")
+    with pytest.raises(PlanError, match="vdc is not in the backup"):
+        r.restored_xml(lv, name="copy", project="proj", volumes=VOLUMES, keep_macs=False)

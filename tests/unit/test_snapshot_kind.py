@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -430,7 +431,7 @@ def test_a_blocked_format_change_does_not_redefine_the_vm_onto_the_missing_volum
     for step in changes["VirtualMachine/v"].steps:
         assert not (isinstance(step, DefineDomain) and "d.raw" in step.xml), \
             "VM v is redefined onto p/d.raw, which the blocked Disk replace never creates"
-    assert "needs Disk/d, whose replace is blocked" in (changes["VirtualMachine/v"].blocked or "")
+    assert "Disk/d, whose replace is blocked" in (changes["VirtualMachine/v"].blocked or "")
 
 
 # ---- render --------------------------------------------------------------------------------------
@@ -601,3 +602,44 @@ def test_a_declared_snapshot_is_taken_kept_refused_when_changed_and_pruned(
         assert hv.snapshots("v") == []
     finally:
         hv.close()
+
+
+# ---- what a review found -------------------------------------------------------------------------
+
+def test_a_declared_mark_on_a_vm_this_project_does_not_own_is_never_pruned() -> None:
+    docs = base()
+    live = live_for(docs, snaps=(taken("gone"),))
+    dom = live.domains["v"]
+    theirs = replace(dom, owner=Owner("other", Kind.VM, "v"))
+    live = replace(live, domains={"v": theirs})
+    changes = by_ref(plan([pool("p", POOL_PATH), disk("d", "p", "16MiB")], live, prune=True))
+    assert "Snapshot/gone" not in changes
+
+
+def test_a_snapshot_whose_document_names_another_vm_now_is_pruned_from_the_old_one() -> None:
+    docs = base() + [disk("e", "p", "16MiB"), vm_doc("w", disks=("e",)),
+                     snapshot_doc("s", vm="w")]
+    live = live_for(docs, snaps=(taken("s", spec=spec_of(docs)),))
+    steps = [st for c in plan(docs, live, prune=True).changes for st in c.steps]
+    assert DeleteSnapshot("v", "s") in steps, steps
+
+
+def test_a_volume_the_vm_left_but_its_snapshots_hold_is_not_pruned() -> None:
+    docs = base()
+    inner = render_desired(model(docs), P, "qemu").domains["v"]
+    held = replace(taken("by-hand", origin=SnapshotOrigin.MANUAL), domain_xml=inner)
+    without_disk = [pool("p", POOL_PATH), vm_doc(disks=())]
+    live = live_for(docs, snaps=(held,))
+    change = by_ref(plan(without_disk, live, prune=True, prune_disks=True))["Disk/d"]
+    assert change.change_class is ChangeClass.DELETE and not change.steps
+    assert "holds the data of 1 snapshot of VM v" in (change.blocked or ""), change.blocked
+    allowed = by_ref(plan(without_disk, live, prune=True, prune_disks=True,
+                          allow_snapshot_loss=True))["Disk/d"]
+    assert allowed.steps and not allowed.blocked
+
+
+@pytest.mark.parametrize("field", ["every", "keepFor"])
+def test_a_zero_duration_in_a_policy_is_refused(field: str, cli: Cli, write: Any) -> None:
+    _, problems = _validate(cli, write, base(snapshots={field: "0s", **(
+        {"every": "1h"} if field == "keepFor" else {})}))
+    _one(problems, f"spec.snapshots.{field}", "at least 1s")

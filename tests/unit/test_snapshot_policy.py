@@ -340,3 +340,10 @@ def test_decide_is_pure(running: bool) -> None:
     p = policy(keep=1, when_stopped=True)
     assert run(p, taken, running=running) == run(p, taken, running=running)
     assert taken == before
+
+
+def test_a_stopped_vm_keeps_its_newest_policy_snapshot_whatever_its_age() -> None:
+    p = policy(keep_for_s=DAY)
+    taken = [snap("a", ago(3 * DAY)), snap("b", ago(2 * DAY))]
+    d = run(p, taken, running=False)
+    assert d.take is None and d.remove == ("a",)
