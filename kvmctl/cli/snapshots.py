@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 from typing import TYPE_CHECKING
@@ -34,7 +35,12 @@ def cmd_snapshot(opts: CommandOptions, env: Env) -> int:
         hv.close()
         found = host_with(config, opts.vm)
         hv = found[1] if found else Hypervisor(config.host(host).uri)
+    held = contextlib.ExitStack()
     try:
+        if opts.action != "list":  # never beside an apply of the project on this host
+            from ..apply.lock import project_lock
+            held.enter_context(project_lock(hv.uri, config.name, opts.lock_timeout,
+                                            lambda m: env.stderr.write(m + "\n")))
         if opts.action == "list":
             rows = snapshot.listed(hv, opts.vm)
             if opts.output == "json":
@@ -80,6 +86,7 @@ def cmd_snapshot(opts: CommandOptions, env: Env) -> int:
         env.stdout.write(f"Snapshot {opts.name} of {opts.vm} deleted.\n")
         return ExitStatus.OK
     finally:
+        held.close()
         hv.close()
 
 
