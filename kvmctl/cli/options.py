@@ -296,7 +296,8 @@ def build_parser(commands: dict[str, Command], version: str) -> argparse.Argumen
     p.add_argument("--dry-run", action="store_true",
                    help="run: say what is due and what expires, change nothing")
     p.add_argument("--lock-timeout", type=_seconds, default=0, metavar="SECONDS",
-                   help="run: wait this long for another kvmctl's lock on a host")
+                   help="create, revert, delete, run: wait this long for another kvmctl's "
+                        "lock of the project on the host (default: do not wait)")
     p.add_argument("--description", default="", help="create: a description")
     p.add_argument("--no-memory", action="store_true",
                    help="create: without the guest's memory (a stopped VM's never has it)")
