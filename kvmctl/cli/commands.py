@@ -332,3 +332,8 @@ def cmd_backup(opts: CommandOptions, env: Env) -> int:
 def cmd_restore(opts: CommandOptions, env: Env) -> int:
     from .backups import cmd_restore as run_restore
     return run_restore(opts, env)
+
+
+def cmd_import(opts: CommandOptions, env: Env) -> int:
+    from .importing import cmd_import as run_import
+    return run_import(opts, env)

@@ -21,6 +21,7 @@ COMMANDS: dict[str, Command] = {
     "sync": commands.cmd_sync, "controller": commands.cmd_controller,
     "status": commands.cmd_status, "snapshot": commands.cmd_snapshot,
     "backup": commands.cmd_backup, "restore": commands.cmd_restore,
+    "import": commands.cmd_import,
 }
 
 

@@ -96,6 +96,12 @@ class CommandOptions:
     backup_dir: str | None = None
     start: bool = False
     backup_timeout: float = 3600
+    # import
+    refs: tuple[str, ...] = ()
+    import_all: bool = False
+    no_follow: bool = False
+    one_per_file: bool = False
+    keep_unmanaged: bool = False
 
     @property
     def uri(self) -> str:
@@ -311,6 +317,24 @@ def build_parser(commands: dict[str, Command], version: str) -> argparse.Argumen
     p.add_argument("-o", "--output", choices=("text", "json"), default="text")
     p.set_defaults(run=commands["snapshot"])
     _backup_parsers(sub, commands)
+
+    p = sub.add_parser("import", help="write manifests for VMs, networks and pools a host has "
+                                      "(proven: a plan --adopt of them changes nothing else)")
+    p.add_argument("refs", nargs="*", metavar="KIND/NAME",
+                   help="VirtualMachine/NAME, Network/NAME, StoragePool/NAME (repeatable)")
+    p.add_argument("--all", dest="import_all", action="store_true",
+                   help="every VM, network and pool of the host")
+    p.add_argument("--out", metavar="DIR", help="the folder the manifests go to (created; "
+                                                "no file in it is overwritten)")
+    p.add_argument("--no-follow", action="store_true",
+                   help="only the objects named: not a VM's networks, disks and pools")
+    p.add_argument("--one-per-file", action="store_true",
+                   help="one file a object (KIND-NAME.yaml) instead of one a kind")
+    p.add_argument("--keep-unmanaged", action="store_true",
+                   help="import VMs with elements the manifests cannot express, and leave "
+                        "those elements as they are on every later apply")
+    _engine_options(p)
+    p.set_defaults(run=commands["import"])
     return parser
 
 

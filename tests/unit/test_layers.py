@@ -26,7 +26,7 @@ RANKS = {
     "kvmctl.manifest": 1, "kvmctl.source": 1, "kvmctl.render": 2, "kvmctl.host": 3,
     "kvmctl.plan": 4,
     "kvmctl.apply": 5, "kvmctl.engine": 6, "kvmctl.snapshot": 6,
-    "kvmctl.backup": 6, "kvmctl.sync": 7,
+    "kvmctl.backup": 6, "kvmctl.importer": 6, "kvmctl.sync": 7,
     "kvmctl.controller": 8,
     "kvmctl.cli": 9,
 }
