@@ -49,7 +49,7 @@ def cmd_import(opts: CommandOptions, env: Env) -> int:
         env.stderr.write(f"error: {text}: no such object on {uri} (KIND/NAME, KIND one of "
                          "VirtualMachine, Network, StoragePool)\n")
     picked, foreign = _not_foreign(live, picked, config.name)
-    got = importer.build(live, picked)
+    got = importer.build(live, picked, opts.keep_unmanaged)
     refused: dict[str, tuple[str, ...]] = dict(got.refused)
     for ref_text, reason in foreign.items():
         refused[ref_text] = (reason,)

@@ -24,27 +24,10 @@ from lxml import etree
 from ..host import facts
 from ..host.state import LiveDomain, LiveNetwork, LivePool, LiveState, LiveVolume
 from ..kinds import Kind, ref
+from ..plan import xmledit
 from ..units import format_kib, format_size
 
 API_VERSION = "kvmctl/v1"
-
-# Elements of a domain definition kvmctl renders or libvirt adds to every definition by
-# itself (their values are then libvirt's defaults): the XML paths, without indexes.
-_DOMAIN_KNOWN = frozenset({
-    "name", "uuid", "title", "description", "metadata", "memory", "currentMemory", "vcpu",
-    "os", "os/type", "os/kernel", "os/initrd", "os/cmdline", "os/boot", "os/loader",
-    "os/nvram", "os/firmware", "os/firmware/feature", "features", "features/acpi",
-    "features/apic", "features/vmport", "features/pae", "cpu", "cpu/model", "cpu/topology",
-    "cpu/feature", "clock", "clock/timer", "on_poweroff", "on_reboot", "on_crash", "pm",
-    "pm/suspend-to-mem", "pm/suspend-to-disk", "devices", "devices/emulator",
-    "devices/disk", "devices/controller", "devices/interface", "devices/serial",
-    "devices/console", "devices/channel", "devices/input", "devices/graphics",
-    "devices/video", "devices/memballoon", "devices/rng", "devices/audio",
-    "resource", "resource/partition", "seclabel", "vcpus", "vcpus/vcpu",
-})
-# Devices libvirt adds by itself, and the ones kvmctl renders only in one form.
-_CHANNEL_AGENT = "org.qemu.guest_agent.0"
-
 
 @dataclass(frozen=True)
 class Unmanaged:
@@ -296,42 +279,14 @@ def _wrap(disk: etree._Element) -> str:
 
 def unmanaged_elements(ref_text: str, xml: str) -> list[Unmanaged]:
     """Every element of a domain definition outside what kvmctl renders or libvirt adds."""
-    root = facts.tree(xml)
-    out: list[Unmanaged] = []
-
-    def walk(el: etree._Element, path: str, depth: int) -> None:
-        counts: dict[str, int] = {}
-        for child in el:
-            if not isinstance(child.tag, str):
-                continue
-            tag = child.tag if "}" not in child.tag else child.tag  # namespaced: never known
-            counts[tag] = counts.get(tag, 0) + 1
-            here = f"{path}/{tag}" if path else tag
-            if path == "metadata":
-                continue  # other tools' metadata is kept by libvirt, not rendered over
-            if here not in _DOMAIN_KNOWN:
-                out.append(Unmanaged(ref_text, f"/domain/{here}[{counts[tag]}]",
-                                     etree.tostring(child, encoding="unicode").strip()))
-                continue
-            if here == "devices/channel" and _channel_name(child) != _CHANNEL_AGENT:
-                out.append(Unmanaged(ref_text, f"/domain/{here}[{counts[tag]}]",
-                                     etree.tostring(child, encoding="unicode").strip(),
-                                     "only the QEMU guest agent channel is modelled"))
-            elif depth < 1 and here in ("os", "features", "cpu", "devices", "pm"):
-                walk(child, here, depth + 1)
-
-    walk(root, "", 0)
-    return out
-
-
-def _channel_name(channel: etree._Element) -> str | None:
-    target = channel.find("target")
-    return target.get("name") if target is not None else None
+    return [Unmanaged(ref_text, path, etree.tostring(el, encoding="unicode").strip(), why)
+            for path, _, el, why in xmledit.unmanaged(xml)]
 
 
 # ---- the whole import -----------------------------------------------------------------------
 
-def build(live: LiveState, picked: list[tuple[Kind, str]]) -> Imported:
+def build(live: LiveState, picked: list[tuple[Kind, str]], keep_unmanaged: bool = False
+          ) -> Imported:
     docs: list[dict[str, Any]] = []
     notes: list[str] = []
     refused: dict[str, tuple[str, ...]] = {}
@@ -381,6 +336,8 @@ def build(live: LiveState, picked: list[tuple[Kind, str]]) -> Imported:
         doc, problems = vm_document(dom, live, disk_names, reservations)
         elements = unmanaged_elements(vm_ref, dom.inactive_xml)
         unmanaged += elements
+        if elements and keep_unmanaged:
+            doc["spec"]["keepUnmanaged"] = True
         if problems:
             refused[vm_ref] = tuple(problems)
             continue

@@ -175,6 +175,7 @@ class VirtualMachine:
     on_restart_needed: str
     shutdown_timeout: int
     snapshot_policy: SnapshotPolicy | None = None
+    keep_unmanaged: bool = False  # elements the manifests do not model stay as the host has them
 
     @property
     def memory_kib(self) -> int:
@@ -423,7 +424,8 @@ def _vm(doc: Document, spec: dict[str, Any]) -> VirtualMachine:
         state=spec.get("state", "running"), protect=spec.get("protect", False),
         on_restart_needed=spec.get("onRestartNeeded", "defer"),
         shutdown_timeout=spec.get("shutdownTimeout", 120),
-        snapshot_policy=_snapshot_policy(spec.get("snapshots")))
+        snapshot_policy=_snapshot_policy(spec.get("snapshots")),
+        keep_unmanaged=spec.get("keepUnmanaged", False))
 
 
 def _snapshot_policy(spec: dict[str, Any] | None) -> SnapshotPolicy | None:

@@ -29,7 +29,13 @@ from .steps import (
     UpdateDevice,
 )
 from .types import Change, ChangeClass, FieldDiff
-from .xmledit import carry_identity, device_element, metadata_element
+from .xmledit import (
+    carry_identity,
+    device_element,
+    metadata_element,
+    unmanaged,
+    with_unmanaged,
+)
 
 
 class Reach(Enum):
@@ -162,10 +168,20 @@ def _update_vm(ctx: Context, vm: VirtualMachine, live: LiveDomain,
     xml = ""
     if config_changes or live_changes:
         xml = carry_identity(ctx.desired.domains[name], live.inactive_xml)
+    dropped: list[str] = []
+    if config_changes:
+        if vm.keep_unmanaged:
+            xml = with_unmanaged(xml, live.inactive_xml)
+        else:
+            dropped = [path for path, _, _, _ in unmanaged(live.inactive_xml)]
     steps: list[Step] = [_define(ctx, name, xml)] if config_changes else []
     reasons: list[str] = []
     fields = [FieldDiff(c.field, describe(c.field, c.old), describe(c.field, c.new))
               for c in config_changes]
+    if dropped:  # never silently: the plan names what the redefinition leaves out
+        fields.append(FieldDiff("unmanaged", ", ".join(dropped), None))
+        reasons.append("the redefinition drops elements the manifests do not model: "
+                       + ", ".join(dropped) + " (keepUnmanaged: true keeps them)")
     pending: list[str] = []
     if live.running:
         changed_in_config = {c.field for c in config_changes}

@@ -117,3 +117,88 @@ def plug_again(nic_xml: str) -> str:
             if attribute in source.attrib:
                 del source.attrib[attribute]
     return etree.tostring(nic, encoding="unicode")
+
+
+# ---- elements the manifests do not model -------------------------------------------------------
+
+# Elements of a domain definition kvmctl renders or libvirt adds to every definition by
+# itself (their values are then libvirt's defaults): the XML paths, without indexes.
+_DOMAIN_KNOWN = frozenset({
+    "name", "uuid", "title", "description", "metadata", "memory", "currentMemory", "vcpu",
+    "os", "os/type", "os/kernel", "os/initrd", "os/cmdline", "os/boot", "os/loader",
+    "os/nvram", "os/firmware", "os/firmware/feature", "features", "features/acpi",
+    "features/apic", "features/vmport", "features/pae", "cpu", "cpu/model", "cpu/topology",
+    "cpu/feature", "clock", "clock/timer", "on_poweroff", "on_reboot", "on_crash", "pm",
+    "pm/suspend-to-mem", "pm/suspend-to-disk", "devices", "devices/emulator",
+    "devices/disk", "devices/controller", "devices/interface", "devices/serial",
+    "devices/console", "devices/channel", "devices/input", "devices/graphics",
+    "devices/video", "devices/memballoon", "devices/rng", "devices/audio",
+    "resource", "resource/partition", "seclabel", "vcpus", "vcpus/vcpu",
+})
+# Devices libvirt adds by itself, and the ones kvmctl renders only in one form.
+_CHANNEL_AGENT = "org.qemu.guest_agent.0"
+
+
+def unmanaged(xml: str) -> list[tuple[str, str, etree._Element, str]]:
+    """(path, parent path, element, why) of every element of a domain definition that kvmctl
+    neither renders nor leaves to libvirt's defaults: a hostdev, a filesystem, a TPM, another
+    tool's channel, QEMU command-line passthrough, ... The path is `/domain/...` with 1-based
+    indexes among the element's siblings of its name; the parent path has none."""
+    root = tree(xml)
+    out: list[tuple[str, str, etree._Element, str]] = []
+
+    def walk(el: etree._Element, path: str, depth: int) -> None:
+        counts: dict[str, int] = {}
+        for item in el:
+            if not isinstance(item.tag, str):
+                continue
+            tag = _short_tag(item.tag)
+            counts[tag] = counts.get(tag, 0) + 1
+            here = f"{path}/{tag}" if path else tag
+            where = f"/domain/{here}[{counts[tag]}]"
+            if path == "metadata":
+                continue  # other tools' metadata: libvirt keeps it, kvmctl never renders over
+            if here not in _DOMAIN_KNOWN:
+                out.append((where, path, item, "the manifests do not model it"))
+            elif here == "devices/channel" and _channel_name(item) != _CHANNEL_AGENT:
+                out.append((where, path, item, "only the QEMU guest agent channel is "
+                                               "modelled"))
+            elif depth < 1 and here in ("os", "features", "cpu", "devices", "pm"):
+                walk(item, here, depth + 1)
+
+    walk(root, "", 0)
+    return out
+
+
+def with_unmanaged(desired_xml: str, live_xml: str) -> str:
+    """The desired definition with the live one's unmanaged elements (unmanaged()) copied in
+    as they are, at the end of the same parent: what keepUnmanaged keeps across redefinitions."""
+    kept = unmanaged(live_xml)
+    if not kept:
+        return desired_xml
+    desired = tree(desired_xml)
+    have = {etree.tostring(el) for _, _, el, _ in unmanaged(desired_xml)}
+    for _, parent_path, el, _ in kept:
+        if etree.tostring(el) in have:
+            continue
+        parent = desired if not parent_path else desired.find(parent_path)
+        if parent is None:
+            parent = etree.SubElement(desired, parent_path)
+        parent.append(copy.deepcopy(el))
+    return etree.tostring(desired, encoding="unicode")
+
+
+_PREFIXES = {"http://libvirt.org/schemas/domain/qemu/1.0": "qemu"}
+
+
+def _short_tag(tag: str) -> str:
+    """`{ns}name` as `prefix:name` for the namespaces libvirt documents (qemu:commandline)."""
+    if tag.startswith("{"):
+        ns, _, name = tag[1:].partition("}")
+        return f"{_PREFIXES.get(ns, ns)}:{name}"
+    return tag
+
+
+def _channel_name(channel: etree._Element) -> str | None:
+    target = channel.find("target")
+    return target.get("name") if target is not None else None
