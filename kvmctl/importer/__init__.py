@@ -386,7 +386,10 @@ def prove(docs: list[dict[str, Any]], live: LiveState, project: str, domain_type
     from ..plan.types import ChangeClass
     from ..render.definitions import render_desired
     text = yaml.safe_dump_all(docs, sort_keys=False)
-    m = validate.validate(documents.parse_text(text, "import.yaml"))
+    from ..engine import host_facts
+    # Objects the host has beside the imported ones (a network a VM uses, with --no-follow)
+    # count as they do in a plan.
+    m = validate.validate(documents.parse_text(text, "import.yaml"), host_facts(live))
     desired = render_desired(m, project, domain_type, live.hints())
     plan = make_plan(m, desired, live, Options(project, adopt=True))
     out: dict[str, list[str]] = {}
