@@ -116,7 +116,11 @@ def _print_changes(changes: tuple[Change, ...], env: Env, with_host: bool) -> No
         shown_fields = [f for f in c.fields if f.field not in INTERNAL_FIELDS]
         for f in shown_fields:
             console.print("      " + _field_line(f, c.change_class), markup=False)
-        if c.fields and not shown_fields:
+        if c.fields and not shown_fields and all(f.field == "metadata" and f.old is None
+                                                 for f in c.fields):
+            console.print("      adopted: kvmctl's ownership mark is added; nothing else "
+                          "changes", markup=False)
+        elif c.fields and not shown_fields:
             console.print("      only kvmctl's record of the manifest changes (settings that "
                           "are not part of the libvirt definition, e.g. onRestartNeeded or "
                           "protect)", markup=False)
