@@ -7,7 +7,7 @@ import importlib
 import os
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import ManifestError, UsageError
 from .commands import project_config
 from .exits import ExitStatus
 from .options import CommandOptions
@@ -60,9 +60,15 @@ def cmd_import(opts: CommandOptions, env: Env) -> int:
                                           "(listed above; --keep-unmanaged imports it and "
                                           "leaves them as they are)",))
     docs = _without(list(got.documents), refused)
-    proof = importer.prove(docs, live, config.name, config.host(host).domain_type
-                           if config.host(host).domain_type in ("kvm", "qemu") else "qemu",
-                           keep_unmanaged=opts.keep_unmanaged) if docs else {}
+    try:
+        proof = importer.prove(docs, live, config.name, config.host(host).domain_type
+                               if config.host(host).domain_type in ("kvm", "qemu") else "qemu",
+                               keep_unmanaged=opts.keep_unmanaged) if docs else {}
+    except ManifestError as exc:  # an import bug: said as such, and nothing is written
+        first = str(exc).splitlines()[0] if str(exc) else "invalid"
+        proof = {f"{d['kind']}/{d['metadata']['name']}": [
+            f"the manifests written for it do not validate ({first}): please report it"]
+            for d in docs}
     for ref_text, changes in proof.items():
         refused[ref_text] = tuple(f"an apply --adopt would change it: {w}" for w in changes)
     docs = _without(docs, refused)

@@ -15,6 +15,7 @@ Nothing is lost silently. Two checks stand between the host and the files:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,9 @@ from ..plan import xmledit
 from ..units import format_kib, format_size
 
 API_VERSION = "kvmctl/v1"
+# A kvmctl object's name (common.schema.json#/$defs/name): an object the host names otherwise
+# cannot be declared under its name, and is refused alone.
+NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 @dataclass(frozen=True)
 class Unmanaged:
@@ -131,6 +135,9 @@ def disk_document(vol: LiveVolume) -> tuple[dict[str, Any] | None, str | None]:
         return None, (f"volume {vol.pool}/{vol.name} is an overlay of {vol.backing_path}: "
                       "importing backing chains is not supported yet")
     name = vol.name[:-len(suffix)]
+    if not NAME.match(name):
+        return None, (f"volume {vol.pool}/{vol.name}: {name!r} is not a name a Disk can have "
+                      "(lower-case letters, digits, '.', '_' and '-'); copy it to such a name")
     spec: dict[str, Any] = {"pool": vol.pool, "size": format_size(vol.capacity_bytes),
                             "format": vol.format}
     return document(Kind.DISK, name, spec), None
@@ -214,10 +221,8 @@ def vm_document(dom: LiveDomain, live: LiveState, disk_names: Mapping[tuple[str,
         dev = target.get("dev") if target is not None else "?"
         if fact is None:
             continue
-        if fact.device != "disk":
-            problems.append(f"devices/disk[@dev='{dev}']: a {fact.device} (kvmctl attaches "
-                            "Disks as disks; its cloud-init seed is its own CD-ROM)")
-            continue
+        if fact.device != "disk" or el.get("type") not in (None, "file", "volume"):
+            continue  # listed as unmanaged (xmledit.unmanaged): kept with keepUnmanaged
         if not isinstance(fact.source, tuple) or (fact.source[0], fact.source[1]) not in \
                 disk_names:
             problems.append(f"devices/disk[@dev='{dev}']: {fact.source!r} is not a volume "
@@ -292,6 +297,14 @@ def build(live: LiveState, picked: list[tuple[Kind, str]], keep_unmanaged: bool 
     refused: dict[str, tuple[str, ...]] = {}
     unmanaged: list[Unmanaged] = []
     pools_done: set[str] = set()
+    picked = list(picked)
+    for kind, name in list(picked):
+        if not NAME.match(name):
+            refused[ref(kind, name)] = (
+                f"its name {name!r} is not one a kvmctl object can have (lower-case letters, "
+                "digits, '.', '_' and '-', at most 63, starting with a letter or digit): "
+                "rename it on the host first (virsh domrename, or define a copy)",)
+            picked.remove((kind, name))
     for kind, name in picked:
         if kind is Kind.POOL and name not in pools_done:
             pools_done.add(name)

@@ -126,6 +126,8 @@ def _vm_differences(ctx: Context, vm: VirtualMachine, live: LiveDomain
     if config_proven and not live.running:
         return [], [], {}, False
     xml = ctx.desired.domains[name]  # with the live domain's uuid (render.HostHints)
+    if vm.keep_unmanaged:  # what it keeps is part of what it wants (a CD-ROM's disk fact)
+        xml = with_unmanaged(xml, live.inactive_xml)
     memo = ctx.memo
     config_key = memo_key("domain", xml, live.inactive_xml) if memo is not None else ""
     live_key = memo_key("domain", xml, live.live_xml or "") if memo is not None and \

@@ -163,6 +163,8 @@ def unmanaged(xml: str) -> list[tuple[str, str, etree._Element, str]]:
             elif here == "devices/channel" and _channel_name(item) != _CHANNEL_AGENT:
                 out.append((where, path, item, "only the QEMU guest agent channel is "
                                                "modelled"))
+            elif here == "devices/disk" and (why := _unmodelled_disk(item)):
+                out.append((where, path, item, why))
             elif depth < 1 and here in ("os", "features", "cpu", "devices", "pm"):
                 walk(item, here, depth + 1)
 
@@ -197,6 +199,20 @@ def _short_tag(tag: str) -> str:
         ns, _, name = tag[1:].partition("}")
         return f"{_PREFIXES.get(ns, ns)}:{name}"
     return tag
+
+
+def _unmodelled_disk(disk: etree._Element) -> str | None:
+    """Why a disk element is none kvmctl renders (None: it is one)."""
+    device = disk.get("device", "disk")
+    source = disk.find("source")
+    if device in ("cdrom", "floppy"):
+        volume = source.get("volume", "") if source is not None else ""
+        if device == "cdrom" and volume.endswith("-cidata.iso"):
+            return None  # kvmctl's cloud-init seed
+        return (f"a {device} (kvmctl attaches only its own cloud-init seed as one)")
+    if disk.get("type") in ("block", "network", "dir", "nvme", "vhostuser"):
+        return f"a {disk.get('type')} disk (kvmctl attaches volumes of pools)"
+    return None
 
 
 def _channel_name(channel: etree._Element) -> str | None:
