@@ -165,6 +165,12 @@ def unmanaged(xml: str) -> list[tuple[str, str, etree._Element, str]]:
                                                "modelled"))
             elif here == "devices/disk" and (why := _unmodelled_disk(item)):
                 out.append((where, path, item, why))
+            elif here == "devices/input" and item.get("bus") not in (None, "ps2"):
+                out.append((where, path, item, "kvmctl's VMs have libvirt's PS/2 keyboard and "
+                                               "mouse only"))
+            elif here == "devices/video" and _video_model(item) not in (None, "vga", "cirrus",
+                                                                          "bochs", "none"):
+                out.append((where, path, item, "kvmctl leaves video to libvirt's default"))
             elif depth < 1 and here in ("os", "features", "cpu", "devices", "pm"):
                 walk(item, here, depth + 1)
 
@@ -213,6 +219,11 @@ def _unmodelled_disk(disk: etree._Element) -> str | None:
     if disk.get("type") in ("block", "network", "dir", "nvme", "vhostuser"):
         return f"a {disk.get('type')} disk (kvmctl attaches volumes of pools)"
     return None
+
+
+def _video_model(video: etree._Element) -> str | None:
+    model = video.find("model")
+    return model.get("type") if model is not None else None
 
 
 def _channel_name(channel: etree._Element) -> str | None:
