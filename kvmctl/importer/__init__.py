@@ -339,6 +339,8 @@ def build(live: LiveState, picked: list[tuple[Kind, str]], keep_unmanaged: bool 
                 if doc is None:
                     notes.append(why or "")
                     continue
+                if value.shareable:  # attached to several VMs at once, as the host has it
+                    doc["spec"]["shareable"] = True
                 disk_names[(vol.pool, vol.name)] = doc["metadata"]["name"]
                 disk_docs.append(doc)
             elif isinstance(value.source, str):

@@ -182,8 +182,6 @@ def _update_vm(ctx: Context, vm: VirtualMachine, live: LiveDomain,
               for c in config_changes]
     if dropped:  # never silently: the plan names what the redefinition leaves out
         fields.append(FieldDiff("unmanaged", ", ".join(dropped), None))
-        reasons.append("the redefinition drops elements the manifests do not model: "
-                       + ", ".join(dropped) + " (keepUnmanaged: true keeps them)")
     pending: list[str] = []
     if live.running:
         changed_in_config = {c.field for c in config_changes}
@@ -234,6 +232,9 @@ def _update_vm(ctx: Context, vm: VirtualMachine, live: LiveDomain,
         reasons.append("applied to the running guest and to its definition, no restart"
                        if touches_guest else
                        "the definition changes; the running guest already has these values")
+    if dropped:
+        reasons.append("the redefinition drops elements the manifests do not model: "
+                       + ", ".join(dropped) + " (keepUnmanaged: true keeps them)")
     deferred = bool(pending) and vm.on_restart_needed == "defer"
     # A restart that is only pending (nothing left to apply) is reported, but is not a change;
     # nor does it make another change (a start, a live resize) one that needs a restart: only

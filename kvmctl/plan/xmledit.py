@@ -160,6 +160,12 @@ def unmanaged(xml: str) -> list[tuple[str, str, etree._Element, str]]:
                 continue  # other tools' metadata: libvirt keeps it, kvmctl never renders over
             if here not in _DOMAIN_KNOWN:
                 out.append((where, path, item, "the manifests do not model it"))
+            elif here == "clock" and (len(item) or item.get("offset", "utc") != "utc"):
+                out.append((where, path, item, "clock settings (timers, an offset) the "
+                                               "manifests do not model"))
+            elif here == "pm":
+                out.append((where, path, item, "power-management settings the manifests do "
+                                               "not model"))
             elif here == "devices/channel" and _channel_name(item) != _CHANNEL_AGENT:
                 out.append((where, path, item, "only the QEMU guest agent channel is "
                                                "modelled"))
@@ -188,6 +194,9 @@ def with_unmanaged(desired_xml: str, live_xml: str) -> str:
     have = {etree.tostring(el) for _, _, el, _ in unmanaged(desired_xml)}
     for _, parent_path, el, _ in kept:
         if etree.tostring(el) in have:
+            continue
+        if not parent_path and el.tag in _REPLACED:
+            _keep_settings(desired, el)
             continue
         parent = desired if not parent_path else desired.find(parent_path)
         if parent is None:
@@ -219,6 +228,20 @@ def _unmodelled_disk(disk: etree._Element) -> str | None:
     if disk.get("type") in ("block", "network", "dir", "nvme", "vhostuser"):
         return f"a {disk.get('type')} disk (kvmctl attaches volumes of pools)"
     return None
+
+
+# Elements kvmctl renders too, whose unmodelled settings keepUnmanaged keeps whole: the clock
+# and power management (kvmctl models neither). (libvirt rewrites a CPU's check and fallback
+# itself, kvmctl's own definitions too: those are not told apart.)
+_REPLACED = ("clock", "pm")
+
+
+def _keep_settings(desired: etree._Element, live: etree._Element) -> None:
+    mine = desired.find(live.tag)
+    if mine is not None:
+        desired.replace(mine, copy.deepcopy(live))  # clock and pm are children of <domain>
+    else:
+        desired.append(copy.deepcopy(live))
 
 
 def _video_model(video: etree._Element) -> str | None:
