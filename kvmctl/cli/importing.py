@@ -51,8 +51,12 @@ def cmd_import(opts: CommandOptions, env: Env) -> int:
     picked, foreign = _not_foreign(live, picked, config.name)
     got = importer.build(live, picked, opts.keep_unmanaged)
     refused: dict[str, tuple[str, ...]] = dict(got.refused)
+    named = set(opts.refs)
     for ref_text, reason in foreign.items():
-        refused[ref_text] = (reason,)
+        if ref_text in named:
+            refused[ref_text] = (reason,)
+        else:  # found by --all or by following a reference: left out, said
+            env.stderr.write(f"note: {ref_text} left out: {reason}\n")
     held = {u.ref for u in got.unmanaged}
     if held and not opts.keep_unmanaged:
         for ref_text in held:
@@ -72,6 +76,13 @@ def cmd_import(opts: CommandOptions, env: Env) -> int:
     for ref_text, changes in proof.items():
         refused[ref_text] = tuple(f"an apply --adopt would change it: {w}" for w in changes)
     docs = _without(docs, refused)
+    if docs:
+        for ref_text, tags in importer.added_devices(
+                docs, live, config.name, "qemu" if config.host(host).domain_type == "qemu"
+                else "kvm" if config.host(host).domain_type == "kvm" else "qemu").items():
+            env.stderr.write(f"note: {ref_text}: apply --adopt also gives it kvmctl's "
+                             + ", ".join(tags) + " device (the guest sees it at its next "
+                             "boot; not a field of the manifests)\n")
     for u in got.unmanaged:
         line = u.xml.splitlines()[0] if u.xml else ""
         verb = "kept as it is" if opts.keep_unmanaged else "cannot be expressed"

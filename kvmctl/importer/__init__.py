@@ -424,3 +424,32 @@ def prove(docs: list[dict[str, Any]], live: LiveState, project: str, domain_type
         if why:
             out[c.ref] = why
     return out
+
+
+def added_devices(docs: list[dict[str, Any]], live: LiveState, project: str,
+                  domain_type: str) -> dict[str, list[str]]:
+    """Devices an `apply --adopt` gives a VM that its definition lacks (kvmctl's VMs have a
+    virtio RNG and a memory balloon), by ref: not a field of the manifests, so not refused,
+    but said (the guest sees them at its next boot)."""
+    import yaml
+
+    from ..engine import host_facts
+    from ..manifest import documents, validate
+    from ..plan import Options, make_plan
+    from ..plan.steps import DefineDomain
+    from ..render.definitions import render_desired
+    text = yaml.safe_dump_all(docs, sort_keys=False)
+    m = validate.validate(documents.parse_text(text, "import.yaml"), host_facts(live))
+    plan = make_plan(m, render_desired(m, project, domain_type, live.hints()), live,
+                     Options(project, adopt=True))
+    out: dict[str, list[str]] = {}
+    for c in plan.changes:
+        dom = live.domains.get(c.name) if c.kind is Kind.VM else None
+        for step in c.steps:
+            if dom is None or not isinstance(step, DefineDomain):
+                continue
+            have = {el.tag for el in facts.tree(dom.inactive_xml).iterfind("devices/*")}
+            new = sorted({el.tag for el in facts.tree(step.xml).iterfind("devices/*")} - have)
+            if new:
+                out[c.ref] = new
+    return out

@@ -329,10 +329,14 @@ def test_objects_of_another_kvmctl_project_are_refused(host: Host, tmp_path: Pat
     host.domain("mine")
     out = tmp_path / "out"
     r = host.import_(out, "--all")
-    assert r.code == 1, r
-    assert "not imported: VirtualMachine/theirs: it belongs to kvmctl project 'other'" \
+    assert r.code == 0, r  # found by --all: left out, and said
+    assert "note: VirtualMachine/theirs left out: it belongs to kvmctl project 'other'" \
         in r.stderr
     assert set(_read(out)) == {"VirtualMachine/mine"}
+    named = host.import_(tmp_path / "out2", "VirtualMachine/theirs")
+    assert named.code == 1, named  # asked for by name: refused
+    assert "not imported: VirtualMachine/theirs: it belongs to kvmctl project 'other'" \
+        in named.stderr
 
 
 def test_an_unknown_object_is_an_error_and_the_rest_is_imported(host: Host) -> None:
@@ -466,3 +470,11 @@ def test_settings_virt_install_writes_survive_apply_adopt_or_are_listed(host: Ho
     assert host.cli("apply", "-y", "--adopt", "-f", out).code == 0
     after = host.xml("vi")
     assert all(w in after for w in wanted), after
+
+
+def test_a_device_apply_adopt_would_add_is_said(host: Host, tmp_path: Path) -> None:
+    host.domain("bare")  # no RNG: kvmctl's VMs have one
+    r = host.import_(tmp_path / "out", "VirtualMachine/bare")
+    assert r.code == 0, r
+    assert "note: VirtualMachine/bare: apply --adopt also gives it kvmctl's" in r.stderr, r
+    assert "rng" in r.stderr
