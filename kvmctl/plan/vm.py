@@ -141,7 +141,8 @@ def _vm_differences(ctx: Context, vm: VirtualMachine, live: LiveDomain
         lookups.append(path)
         return volumes(path)
 
-    desired = facts.domain_facts(xml)
+    # Kept elements are the host's: a CD-ROM given by its path is the volume at that path.
+    desired = facts.domain_facts(xml, resolve if vm.keep_unmanaged else None)
     config_changes = [] if config_proven else facts.diff(
         desired, facts.domain_facts(live.inactive_xml, resolve))
     config_lookups = len(lookups)

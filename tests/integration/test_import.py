@@ -9,6 +9,7 @@ import ipaddress
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -261,8 +262,25 @@ def _volume(pool: Any, name: str, mib: int) -> None:
                    "<target><format type='qcow2'/></target></volume>", 0)
 
 
-def _virt_install(name: str, pool: str, net: str, guest: Any, log: Path
-                  ) -> subprocess.CompletedProcess[str]:
+def _seed_iso(folder: Path, instance: str) -> Path:
+    """A NoCloud cloud-init seed (ISO9660 labelled cidata), as cloud-localds makes one."""
+    # Its files are made outside `folder`: virt-install turns the ISO's folder into a pool,
+    # whose every entry the cleanup deletes as a volume.
+    src = Path(tempfile.mkdtemp(prefix=f"{instance}-seed-"))
+    (src / "meta-data").write_text(f"instance-id: {instance}\nlocal-hostname: {instance}\n")
+    (src / "user-data").write_text("#cloud-config\n{}\n")
+    iso = folder / f"{instance}-seed.iso"
+    done = subprocess.run(["genisoimage", "-quiet", "-output", str(iso), "-volid", "cidata",
+                           "-joliet", "-rock", str(src / "user-data"), str(src / "meta-data")],
+                          capture_output=True, text=True, timeout=60)
+    shutil.rmtree(src)
+    assert done.returncode == 0, done.stderr
+    iso.chmod(0o644)
+    return iso
+
+
+def _virt_install(name: str, pool: str, net: str, guest: Any, log: Path,
+                  seed: Path | None = None) -> subprocess.CompletedProcess[str]:
     argv = ["virt-install", "--connect", URI, "--name", name, "--memory", "128",
             "--vcpus", "1,maxvcpus=2", "--virt-type", "qemu", "--import",
             "--disk", f"vol={pool}/{name}-root.qcow2,bus=virtio",
@@ -272,6 +290,8 @@ def _virt_install(name: str, pool: str, net: str, guest: Any, log: Path
             "--osinfo", "detect=on,require=off", "--network", f"network={net}",
             "--graphics", "none", "--console", f"pty,target_type=serial,log.file={log}",
             "--noautoconsole"]
+    if seed is not None:  # a cloud-init seed on a CD-ROM, as cloud images are started
+        argv += ["--disk", f"path={seed},device=cdrom,readonly=on"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"{argv}\n{done.stdout}\n{done.stderr}"
     return done
@@ -281,8 +301,6 @@ def _unmanaged_lines(stderr: str, name: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith(f"VirtualMachine/{name}: ")]
 
 
-@pytest.mark.skipif(shutil.which("virt-install") is None,
-                    reason="virt-install (Debian package virtinst) is not installed")
 def test_virt_install_vms_running_and_stopped(conn: Any, prefix: str, scratch_dir: Path,
                                               cleanup: Any, free_subnet: Any,
                                               test_guest: Any) -> None:
@@ -296,11 +314,14 @@ def test_virt_install_vms_running_and_stopped(conn: Any, prefix: str, scratch_di
         _volume(pool, f"{name}-root.qcow2", 32)
         _volume(pool, f"{name}-data.qcow2", 16)
         log = scratch_dir / f"{state}.log"
-        _virt_install(name, pool_name, net, test_guest, log)
+        seed = _seed_iso(scratch_dir, name) if state == "run" else None
+        _virt_install(name, pool_name, net, test_guest, log, seed)
         logs[name] = SerialLog(log)
     run, stop = f"{prefix}run", f"{prefix}stop"
     for name, log in logs.items():
         log.wait_for(r"^KVMCTL-READY$", timeout=120, alive=conn.lookupByName(name).isActive)
+    # The running one booted with its cloud-init seed (the guest reads its meta-data).
+    logs[run].wait_for(rf"^KVMCTL-SEED instance-id={run} local-hostname={run}$", timeout=5)
     conn.lookupByName(stop).destroy()
     produced = {n: conn.lookupByName(n).XMLDesc(INACTIVE) for n in (run, stop)}
     print("virt-install produced:\n" + produced[run])
