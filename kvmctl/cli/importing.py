@@ -64,10 +64,12 @@ def cmd_import(opts: CommandOptions, env: Env) -> int:
                                           "(listed above; --keep-unmanaged imports it and "
                                           "leaves them as they are)",))
     docs = _without(list(got.documents), refused)
+    kind = config.host(host).domain_type
+    domain_type = kind if kind in ("kvm", "qemu") else "qemu"
+    adopting = None
     try:
-        proof = importer.prove(docs, live, config.name, config.host(host).domain_type
-                               if config.host(host).domain_type in ("kvm", "qemu") else "qemu",
-                               keep_unmanaged=opts.keep_unmanaged) if docs else {}
+        adopting = importer.adopt_plan(docs, live, config.name, domain_type) if docs else None
+        proof = importer.prove(adopting) if adopting is not None else {}
     except ManifestError as exc:  # an import bug: said as such, and nothing is written
         first = str(exc).splitlines()[0] if str(exc) else "invalid"
         proof = {f"{d['kind']}/{d['metadata']['name']}": [
@@ -76,13 +78,13 @@ def cmd_import(opts: CommandOptions, env: Env) -> int:
     for ref_text, changes in proof.items():
         refused[ref_text] = tuple(f"an apply --adopt would change it: {w}" for w in changes)
     docs = _without(docs, refused)
-    if docs:
-        for ref_text, tags in importer.added_devices(
-                docs, live, config.name, "qemu" if config.host(host).domain_type == "qemu"
-                else "kvm" if config.host(host).domain_type == "kvm" else "qemu").items():
-            env.stderr.write(f"note: {ref_text}: apply --adopt also gives it kvmctl's "
-                             + ", ".join(tags) + " device (the guest sees it at its next "
-                             "boot; not a field of the manifests)\n")
+    if docs and adopting is not None:
+        kept = {f"{d['kind']}/{d['metadata']['name']}" for d in docs}
+        for ref_text, tags in importer.added_devices(adopting, live).items():
+            if ref_text in kept:
+                env.stderr.write(f"note: {ref_text}: apply --adopt also gives it kvmctl's "
+                                 + ", ".join(tags) + " device (the guest sees it at its next "
+                                 "boot; not a field of the manifests)\n")
     for u in got.unmanaged:
         line = u.xml.splitlines()[0] if u.xml else ""
         verb = "kept as it is" if opts.keep_unmanaged else "cannot be expressed"

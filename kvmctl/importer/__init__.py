@@ -26,6 +26,7 @@ from ..host import facts
 from ..host.state import LiveDomain, LiveNetwork, LivePool, LiveState, LiveVolume
 from ..kinds import Kind, ref
 from ..plan import xmledit
+from ..plan.types import Plan
 from ..units import format_kib, format_size
 
 API_VERSION = "kvmctl/v1"
@@ -389,24 +390,27 @@ _OWNERSHIP_STEPS = ("DefineDomain", "SetMetadataLive", "ClaimVolume", "ClaimPool
 _OWNERSHIP_FIELDS = frozenset({"metadata", "owner", "ownership"})
 
 
-def prove(docs: list[dict[str, Any]], live: LiveState, project: str, domain_type: str,
-          keep_unmanaged: bool = False) -> dict[str, list[str]]:
-    """What an `apply --adopt` of `docs` would change on the host besides ownership, by ref
-    ({} when nothing): the fields it would change, a restart, a replace. ManifestError when the
-    documents do not validate (an import bug: reported as such)."""
+def adopt_plan(docs: list[dict[str, Any]], live: LiveState, project: str,
+               domain_type: str) -> Plan:
+    """The plan an `apply --adopt` of `docs` would run on the host read as `live`: validated
+    with the host's other objects (a network a VM uses, with --no-follow) as a plan sees them.
+    ManifestError when the documents do not validate (an import bug: reported as such)."""
     import yaml
 
+    from ..engine import host_facts
     from ..manifest import documents, validate
     from ..plan import Options, make_plan
-    from ..plan.types import ChangeClass
     from ..render.definitions import render_desired
     text = yaml.safe_dump_all(docs, sort_keys=False)
-    from ..engine import host_facts
-    # Objects the host has beside the imported ones (a network a VM uses, with --no-follow)
-    # count as they do in a plan.
     m = validate.validate(documents.parse_text(text, "import.yaml"), host_facts(live))
-    desired = render_desired(m, project, domain_type, live.hints())
-    plan = make_plan(m, desired, live, Options(project, adopt=True))
+    return make_plan(m, render_desired(m, project, domain_type, live.hints()), live,
+                     Options(project, adopt=True))
+
+
+def prove(plan: Plan) -> dict[str, list[str]]:
+    """What the adopting plan would change on the host besides ownership, by ref ({} when
+    nothing): the fields it would change, a restart, a replace, a create, a block."""
+    from ..plan.types import ChangeClass
     out: dict[str, list[str]] = {}
     for c in plan.changes:
         why: list[str] = []
@@ -426,22 +430,11 @@ def prove(docs: list[dict[str, Any]], live: LiveState, project: str, domain_type
     return out
 
 
-def added_devices(docs: list[dict[str, Any]], live: LiveState, project: str,
-                  domain_type: str) -> dict[str, list[str]]:
-    """Devices an `apply --adopt` gives a VM that its definition lacks (kvmctl's VMs have a
+def added_devices(plan: Plan, live: LiveState) -> dict[str, list[str]]:
+    """Devices the adopting plan gives a VM that its definition lacks (kvmctl's VMs have a
     virtio RNG and a memory balloon), by ref: not a field of the manifests, so not refused,
     but said (the guest sees them at its next boot)."""
-    import yaml
-
-    from ..engine import host_facts
-    from ..manifest import documents, validate
-    from ..plan import Options, make_plan
     from ..plan.steps import DefineDomain
-    from ..render.definitions import render_desired
-    text = yaml.safe_dump_all(docs, sort_keys=False)
-    m = validate.validate(documents.parse_text(text, "import.yaml"), host_facts(live))
-    plan = make_plan(m, render_desired(m, project, domain_type, live.hints()), live,
-                     Options(project, adopt=True))
     out: dict[str, list[str]] = {}
     for c in plan.changes:
         dom = live.domains.get(c.name) if c.kind is Kind.VM else None

@@ -161,7 +161,7 @@ def test_the_documents_are_proven_to_change_nothing(host: Host) -> None:
     _lab(host)
     live = host.hv.read()
     got = _build(host, [], everything=True)
-    assert importer.prove(list(got.documents), live, PROJECT, "qemu") == {}
+    assert importer.prove(importer.adopt_plan(list(got.documents), live, PROJECT, "qemu")) == {}
 
 
 def test_the_proof_names_a_field_the_documents_would_change(host: Host) -> None:
@@ -172,7 +172,7 @@ def test_the_proof_names_a_field_the_documents_would_change(host: Host) -> None:
     vm["spec"] = {**vm["spec"], "memory": {"size": "192MiB", "max": "256MiB"}}
     pool = next(d for d in docs if d["kind"] == "StoragePool")
     pool["spec"] = {**pool["spec"], "autostart": False}
-    proof = importer.prove(docs, live, PROJECT, "qemu")
+    proof = importer.prove(importer.adopt_plan(docs, live, PROJECT, "qemu"))
     assert set(proof) == {"VirtualMachine/vm1", "StoragePool/imgs"}, proof
     assert any(w.startswith("memory") for w in proof["VirtualMachine/vm1"]), proof
     assert any("autostart" in w for w in proof["StoragePool/imgs"]), proof
